@@ -40,6 +40,15 @@ def tiny_f16_gguf(tiny_qwen3, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def kept_sdist(llama_tools) -> sd.Sdist:
+    """The sdist the session's tools were built from, in the user cache (set up before any cache is replaced)."""
+    sdist = sd.cached_sdist() if llama_tools.source == "cache" else None
+    if sdist is None:
+        pytest.skip(f"needs the sdist of a build done here ({lt.ENV_BIN} is set)")
+    return sdist
+
+
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch) -> Path:
     """A grpoctl cache with nothing in it, and no tools directory from the environment."""
@@ -297,13 +306,10 @@ def _wait_gone(sid: int, timeout: float = 60) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the build's processes through /proc")
-def test_killed_build_leaves_nothing_that_looks_finished(llama_tools, empty_cache, tmp_path):
+def test_killed_build_leaves_nothing_that_looks_finished(kept_sdist, empty_cache, tmp_path):
     """Every process of the build killed at once (as by a reboot): no finished-looking folder; the next build
     removes the leftovers before it even checks for cmake."""
-    sdist = sd.cached_sdist() if llama_tools.source == "cache" else None
-    if sdist is None:
-        pytest.skip("needs the kept sdist of a build done here")
-    _seed_sdist(empty_cache, sdist)
+    _seed_sdist(empty_cache, kept_sdist)
     proc, lines = _start_build(empty_cache)
     try:
         seen = _wait_for_compiling(proc, lines)
@@ -325,12 +331,9 @@ def test_killed_build_leaves_nothing_that_looks_finished(llama_tools, empty_cach
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the build's processes through /proc")
-def test_interrupted_build_stops_its_compilers_and_removes_its_staging_folder(llama_tools, empty_cache):
+def test_interrupted_build_stops_its_compilers_and_removes_its_staging_folder(kept_sdist, empty_cache):
     """Ctrl-C: one line, exit 130, no compiler left running, no staging folder left behind."""
-    sdist = sd.cached_sdist() if llama_tools.source == "cache" else None
-    if sdist is None:
-        pytest.skip("needs the kept sdist of a build done here")
-    _seed_sdist(empty_cache, sdist)
+    _seed_sdist(empty_cache, kept_sdist)
     proc, lines = _start_build(empty_cache)
     try:
         _wait_for_compiling(proc, lines)
