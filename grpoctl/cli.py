@@ -132,6 +132,11 @@ def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, datase
               help="dtype of the merged weights; auto keeps the base's 16-bit dtype.")
 @click.option("--lora", "lora", is_flag=True, help="Also write the cleaned adapter alone (lora/) for --enable-lora.")
 @click.option("--gguf", metavar="TYPES", help="GGUF types to write, comma separated (e.g. q8_0,q4_k_m).")
+@click.option("--imatrix", metavar="auto|FILE", help="Quantize the GGUF types with an importance matrix: auto computes "
+              "one with llama.cpp's llama-imatrix over the run's training prompts and completions sampled from the "
+              "trained model; FILE is yours (GGUF or legacy .dat). Needed for the iq* and q2_k types.")
+@click.option("--calibration", type=click.Path(path_type=Path), metavar="FILE",
+              help="Text to compute the importance matrix over instead of the run's data (implies --imatrix auto).")
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path),
               help="Export folder. Default: RUN/export, or ADAPTER-export beside an adapter folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -145,9 +150,9 @@ def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, datase
               "(same as `grpoctl push EXPORT --repo OWNER/NAME`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
 def export(source: Path, base: str | None, merged: str | None, dtype: str, lora: bool, gguf: str | None,
-           output_dir: Path | None, force: bool, verify_only: bool, strict: bool, allow_pickle: bool,
-           llama_cpp_dir: Path | None, no_parity_gate: bool, no_manifests: bool, push_repo: str | None,
-           quiet: bool) -> None:
+           imatrix: str | None, calibration: Path | None, output_dir: Path | None, force: bool, verify_only: bool,
+           strict: bool, allow_pickle: bool, llama_cpp_dir: Path | None, no_parity_gate: bool, no_manifests: bool,
+           push_repo: str | None, quiet: bool) -> None:
     """Verify, merge and convert a trained adapter (run directory or adapter folder).
 
     Writes merged weights, the cleaned adapter and GGUF files as asked, then an Ollama Modelfile and vLLM
@@ -165,7 +170,7 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
                             output_dir=output_dir, force=force, verify_only=verify_only, strict=strict,
                             allow_pickle=allow_pickle, llama_cpp_dir=llama_cpp_dir, parity_gate=not no_parity_gate,
-                            progress=not quiet, manifests=not no_manifests)
+                            progress=not quiet, manifests=not no_manifests, imatrix=imatrix, calibration=calibration)
     manifest = run_export(source, options, log=None if quiet else click.echo)
     kinds: dict[str, list] = {}
     for entry in manifest.files:

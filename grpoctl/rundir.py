@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpoctl.errors import InputNotFoundError, UsageError
+
+if TYPE_CHECKING:
+    from grpoctl.config import DataConfig
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
@@ -127,6 +130,13 @@ class RunDir:
         r = self.section("rewards")
         weights = r.get("weights") or {}
         return [(name, float(weights.get(name, 1.0))) for name in r.get("functions", [])]
+
+    def data_config(self) -> DataConfig:
+        """The data section as training resolved it (dataset, field mapping, system prompt, max_samples)."""
+        from grpoctl.config import DataConfig
+
+        known = set(DataConfig.__dataclass_fields__)
+        return DataConfig(**{k: v for k, v in self.section("data").items() if k in known})
 
     @property
     def dataset(self) -> str | None:

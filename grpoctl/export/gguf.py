@@ -26,6 +26,7 @@ from grpoctl.errors import ConversionError, InputNotFoundError, ParityError, Usa
 from grpoctl.export import parity
 from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
+from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, parse_types, quantize
 
 PARITY_FILE = "parity.json"
@@ -47,15 +48,19 @@ def gguf_filename(name: str, type_name: str) -> str:
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
                 manifest: ArtifactManifest, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
-                floors: dict[str, parity.Floor] | None = None) -> list[Path]:
+                floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
+
+    ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
+    calibration text are written beside the files, and parity.json compares each type with its plain quant.
 
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted and used as the
     parity reference instead of merging again. Raises ParityError when a file is below its floor and
     ``parity_gate`` is on (failing files are not kept; parity.json says why).
     """
     types = parse_types(",".join(types))
+    check_types(types, with_matrix=imatrix is not None)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if merged_dir is not None:
         source, adapter = Path(merged_dir), None
@@ -71,8 +76,11 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         view = model_view(source, adapter_dir, work / "model")
+        plan = Imatrix.prepare(imatrix, source, adapter, view, end_of_turn_ids(view), work / "imatrix", name) \
+            if imatrix is not None else None
         built = convert_all(converter, view, adapter, work, types, name=name,
-                            metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None))
+                            metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None),
+                            imatrix=plan)
         eot_ids = built["_info"]["eot_token_ids"]
 
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
@@ -89,6 +97,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
         print(parity.format_table(rep), flush=True)
+        if plan is not None:
+            rep["imatrix"] = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
+                                          lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
+            print(format_comparison(rep["imatrix"], ref.noise["positions"]), flush=True)
 
         written: list[tuple[Path, str]] = []
         for t in types:
@@ -98,12 +110,15 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             final = out_dir / fname
             os.replace(built[t], final)
             written.append((final, t))
+        if plan is not None:  # the matrix and its calibration text go with the files made from them
+            plan.publish(out_dir, manifest, [t for _, t in written])
     parity.write_report(rep, out_dir / PARITY_FILE)
 
     manifest.remove_kind("gguf:")
     for path, t in written:
         f = files[path.name]
-        manifest.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"])
+        with_matrix = {"imatrix": plan.matrix_name} if plan is not None and t in plan.quants else {}
+        manifest.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"], **with_matrix)
     manifest.add_file(out_dir / PARITY_FILE, "report")
     manifest.sections["parity"] = {k: v for k, v in rep.items() if k != "conversion"}
 
@@ -128,9 +143,10 @@ def _why(f: dict[str, Any]) -> str:
 # --- conversion ----------------------------------------------------------------------------------
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
-                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None
-                ) -> dict[str, Any]:
-    """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``)."""
+                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
+                imatrix: Imatrix | None = None) -> dict[str, Any]:
+    """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``). With ``imatrix``, the
+    types that read a matrix are made with it, and their plain quants (``plain:<type>``) beside for comparison."""
     direct = [t for t in types if TYPES[t].source == "convert"]
     rest = [t for t in types if TYPES[t].source != "convert"]
     built: dict[str, Any] = {}
@@ -150,13 +166,24 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
         built[intermediate_type] = inter
     for t in [t for t in direct if t != intermediate_type] + rest:
         dst = work / gguf_filename(name, t)
+        with_matrix = imatrix is not None and TYPES[t].reads_imatrix
+        if with_matrix and "imatrix_s" not in info:
+            start = time.perf_counter()
+            imatrix.matrix_for(inter, threads)
+            info["imatrix_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        print(f"grpoctl: quantizing -> {dst.name} (llama.cpp, {threads or default_threads()} threads)", flush=True)
-        quantize(inter, dst, t, threads)
+        print(f"grpoctl: quantizing -> {dst.name} (llama.cpp{', importance matrix' if with_matrix else ''}, "
+              f"{threads or default_threads()} threads)", flush=True)
+        if with_matrix:
+            imatrix.quantize(inter, dst, t, threads)
+        else:
+            quantize(inter, dst, t, threads)
         info[f"quantize_{t}_s"] = round(time.perf_counter() - start, 2)
         print(f"grpoctl:   {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s",
               flush=True)
         built[t] = dst
+        if with_matrix and (plain := imatrix.plain(inter, t, threads)) is not None:
+            built[f"plain:{t}"] = plain  # measured beside it, never shipped
     if not keep:
         inter.unlink(missing_ok=True)
     info["intermediate"] = intermediate_type

@@ -192,9 +192,21 @@ def compare(ref: list[Any], test: list[Any]) -> tuple[float, float, int]:
     kl_sum = 0.0
     for r, t in zip(ref, test, strict=True):
         agree += int((r.argmax(-1) == t.argmax(-1)).sum())
-        kl_sum += float((r.exp() * (r - t)).sum(-1).clamp_min(0).sum())
+        kl_sum += float(position_kl(r, t).sum())
         total += r.shape[0]
     return agree / total, kl_sum / total, total
+
+
+def position_kl(ref: Any, test: Any) -> Any:
+    """KL(ref || test) at every position of one probe (log-probabilities in, one value per position out)."""
+    return (ref.exp() * (ref - test)).sum(-1).clamp_min(0)
+
+
+def kl_quantile(ref: list[Any], test: list[Any], q: float = 0.99) -> float:
+    """The ``q`` quantile of the per-position KL over every probe: the tail that a mean hides."""
+    import torch
+
+    return float(torch.quantile(torch.cat([position_kl(r, t) for r, t in zip(ref, test, strict=True)]), q))
 
 
 # --- llama.cpp side ------------------------------------------------------------------------------
@@ -330,7 +342,9 @@ def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> d
     n_ctx = max(256, max(len(p.ids) for p in ref.probes) + GREEDY_TOKENS + 8, len(ref.prompt_ids) + GREEDY_TOKENS + 8)
     llm = open_gguf(path, n_ctx)
     try:
-        top1, kl, n = compare(ref.ref32, gguf_logprobs(llm, ref.probes))
+        logprobs = gguf_logprobs(llm, ref.probes)
+        top1, kl, n = compare(ref.ref32, logprobs)
+        kl_p99 = kl_quantile(ref.ref32, logprobs)
         checks = tokenizer_checks(llm, ref.tokenizer, ref.system_prompt, ref.eot_ids)
         answer = greedy_gguf(llm, ref.prompt_ids)
     finally:
@@ -338,7 +352,7 @@ def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> d
     checks.pop("prompt_ids", None)
     top1_gated = ref.confidence >= MIN_CONFIDENCE or floor.kl is None
     meets = (top1 >= floor.top1 or not top1_gated) and (floor.kl is None or kl <= floor.kl)
-    return {"type": type_name, "top1": round(top1, 5), "kl": round(kl, 6), "positions": n,
+    return {"type": type_name, "top1": round(top1, 5), "kl": round(kl, 6), "kl_p99": round(kl_p99, 6), "positions": n,
             "floor": {"top1": floor.top1 if top1_gated else None, "kl": floor.kl},
             "passed": bool(meets and checks["ok"]),
             "tokenizer": checks, "answer": answer}

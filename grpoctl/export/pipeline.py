@@ -50,6 +50,8 @@ class ExportOptions:
     parity_gate: bool = True
     progress: bool = True
     manifests: bool = True  # Ollama Modelfile + vLLM manifests for what was exported
+    imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
+    calibration: Path | None = None  # text to compute the matrix over instead of the run's data
 
 
 @dataclass
@@ -159,6 +161,12 @@ def _validate(options: ExportOptions) -> list[str]:
         except ImportError as err:
             raise DependencyError(f"GGUF export is not available in this installation ({err})") from None
         types = parse_gguf_types(",".join(options.gguf))
+    if types or options.imatrix or options.calibration:
+        from grpoctl.export.imatrix import check_types
+
+        if not types:
+            raise UsageError("--imatrix and --calibration apply to GGUF quants; add --gguf TYPES")
+        check_types(types, with_matrix=bool(options.imatrix or options.calibration))
     if options.merged == "4bit" and not options.verify_only:
         from grpoctl.export.merge4bit import check_nf4_available
 
@@ -218,6 +226,13 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     say = log or (lambda _line: None)
     gguf_types = _validate(options)
     src = resolve_source(Path(source), options.base)
+    imatrix = None
+    if options.imatrix or options.calibration:
+        from grpoctl.export.imatrix import ImatrixRequest, check_request
+
+        imatrix = ImatrixRequest.from_options(options.imatrix, options.calibration, src.run)
+        if not options.verify_only:
+            check_request(imatrix)
     out = Path(options.output_dir) if options.output_dir else src.default_output
     merged = options.merged or (None if (options.lora or gguf_types) else "16bit")
     force = options.force
@@ -280,7 +295,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
 
                 export_gguf(weights.dir, adapter.path, stage / "gguf", gguf_types, name=src.name, manifest=manifest,
                             merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
-                            parity_gate=options.parity_gate, system_prompt=src.system_prompt)
+                            parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix)
 
             if merged16 is not None and merged16.name.startswith("."):
                 shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

@@ -2,7 +2,10 @@
 
 Types the converter writes itself (``source="convert"``) come straight out of one conversion pass;
 every other type is made by ``llama_cpp.llama_model_quantize`` from the 16-bit intermediate, so a
-request like ``q8_0,q4_k_m,q5_k_m`` converts once and quantizes three times.
+request like ``q8_0,q4_k_m,q5_k_m`` converts once and quantizes three times. With an importance matrix
+the same quantizer runs as llama.cpp's ``llama-quantize --imatrix`` (``grpoctl.export.imatrix``), whose
+loader reads the matrix file; without one both write byte-identical files, and the in-process call needs
+no build.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ class GgufType:
     ftype: str  # llama.cpp LLAMA_FTYPE_* constant name
     bits: float  # approximate bits per weight, for the disk-space estimate
     source: str = "quantize"  # "convert": the HF converter writes it directly
+    needs_imatrix: bool = False  # too lossy without an importance matrix: offered only with one
+
+    @property
+    def reads_imatrix(self) -> bool:
+        """Whether an importance matrix changes this type's file (q8_0 and the 16-bit types ignore one)."""
+        return self.source == "quantize"
 
     @property
     def label(self) -> str:
@@ -47,12 +56,23 @@ TYPES: dict[str, GgufType] = {t.name: t for t in (
     GgufType("q4_k_s", "LLAMA_FTYPE_MOSTLY_Q4_K_S", 4.6),
     GgufType("q4_1", "LLAMA_FTYPE_MOSTLY_Q4_1", 5.0),
     GgufType("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0", 4.5),
-    GgufType("iq4_nl", "LLAMA_FTYPE_MOSTLY_IQ4_NL", 4.5),
-    GgufType("iq4_xs", "LLAMA_FTYPE_MOSTLY_IQ4_XS", 4.3),
+    GgufType("iq4_nl", "LLAMA_FTYPE_MOSTLY_IQ4_NL", 4.5, needs_imatrix=True),
+    GgufType("iq4_xs", "LLAMA_FTYPE_MOSTLY_IQ4_XS", 4.3, needs_imatrix=True),
     GgufType("q3_k_l", "LLAMA_FTYPE_MOSTLY_Q3_K_L", 4.3),
     GgufType("q3_k_m", "LLAMA_FTYPE_MOSTLY_Q3_K_M", 3.9),
     GgufType("q3_k_s", "LLAMA_FTYPE_MOSTLY_Q3_K_S", 3.5),
-    GgufType("q2_k", "LLAMA_FTYPE_MOSTLY_Q2_K", 3.0),
+    GgufType("iq3_m", "LLAMA_FTYPE_MOSTLY_IQ3_M", 3.7, needs_imatrix=True),
+    GgufType("iq3_s", "LLAMA_FTYPE_MOSTLY_IQ3_S", 3.5, needs_imatrix=True),
+    GgufType("iq3_xs", "LLAMA_FTYPE_MOSTLY_IQ3_XS", 3.3, needs_imatrix=True),
+    GgufType("iq3_xxs", "LLAMA_FTYPE_MOSTLY_IQ3_XXS", 3.1, needs_imatrix=True),
+    GgufType("q2_k", "LLAMA_FTYPE_MOSTLY_Q2_K", 3.0, needs_imatrix=True),
+    GgufType("q2_k_s", "LLAMA_FTYPE_MOSTLY_Q2_K_S", 2.8, needs_imatrix=True),
+    GgufType("iq2_m", "LLAMA_FTYPE_MOSTLY_IQ2_M", 2.7, needs_imatrix=True),
+    GgufType("iq2_s", "LLAMA_FTYPE_MOSTLY_IQ2_S", 2.5, needs_imatrix=True),
+    GgufType("iq2_xs", "LLAMA_FTYPE_MOSTLY_IQ2_XS", 2.3, needs_imatrix=True),
+    GgufType("iq2_xxs", "LLAMA_FTYPE_MOSTLY_IQ2_XXS", 2.1, needs_imatrix=True),
+    GgufType("iq1_m", "LLAMA_FTYPE_MOSTLY_IQ1_M", 1.8, needs_imatrix=True),
+    GgufType("iq1_s", "LLAMA_FTYPE_MOSTLY_IQ1_S", 1.6, needs_imatrix=True),
     GgufType("tq1_0", "LLAMA_FTYPE_MOSTLY_TQ1_0", 1.7, "convert"),
     GgufType("tq2_0", "LLAMA_FTYPE_MOSTLY_TQ2_0", 2.1, "convert"),
 )}
@@ -104,7 +124,8 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
 
 
 def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
-    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process."""
+    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process (no importance matrix:
+    ``grpoctl.export.imatrix.quantize_with_matrix`` takes one)."""
     import llama_cpp
 
     gtype = TYPES[type_name]
@@ -117,10 +138,17 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         log.seek(0)
         messages = log.read().decode("utf-8", errors="replace").splitlines()
-    fallbacks = sum("falling back" in line for line in messages)
-    if fallbacks and rc == 0:
-        print(f"grpoctl:   {fallbacks} tensors use a fallback type: their row size is not a multiple of "
-              f"{gtype.label}'s block size (llama.cpp's own rule)", flush=True)
+    if rc == 0 and (note := fallback_note(messages, type_name)):
+        print(note, flush=True)
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
         raise ConversionError(f"llama.cpp failed to quantize {src.name} to {gtype.label} (code {rc}): {tail}")
+
+
+def fallback_note(messages: list[str], type_name: str) -> str | None:
+    """The line saying how many tensors llama.cpp's quantizer gave another type (its log says "falling back")."""
+    fallbacks = sum("falling back" in line for line in messages)
+    if not fallbacks:
+        return None
+    return (f"grpoctl:   {fallbacks} tensors use a fallback type: their row size is not a multiple of "
+            f"{TYPES[type_name].label}'s block size (llama.cpp's own rule)")

@@ -10,15 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from grpoctl.config import DataConfig
 from grpoctl.errors import InputNotFoundError, UsageError
 from grpoctl.fsutil import staged_file
 from grpoctl.rundir import EVAL_FILE, RunDir
-
-
-def _data_config(run: RunDir) -> DataConfig:
-    known = set(DataConfig.__dataclass_fields__)
-    return DataConfig(**{k: v for k, v in run.section("data").items() if k in known})
 
 
 def _load(run: RunDir) -> tuple[Any, Any]:
@@ -108,7 +102,7 @@ def evaluate(run: RunDir | Path, samples: int = 20, max_new_tokens: int | None =
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     if samples < 1:
         raise UsageError("--samples must be at least 1")
-    dcfg = _data_config(run)
+    dcfg = run.data_config()
     ds = map_rows(load_source(dataset or dcfg.dataset, dcfg.subset, dcfg.split), dcfg)
     ds = ds.shuffle(seed=seed).select(range(min(samples, len(ds))))
     prompts, answers = list(ds["prompt"]), list(ds["answer"])

@@ -1,0 +1,575 @@
+"""Quants calibrated on the run's own task: an importance matrix from the training data, proven on held-out probes.
+
+    the run's training prompts, rendered with its chat template and system prompt,
+    + a completion sampled from the trained model for each         -> <name>-calibration.txt
+      (no parity probe text in it: the probes stay held out)
+    llama.cpp's llama-imatrix on the 16-bit GGUF intermediate      -> <name>-imatrix.gguf
+      (one forward pass over the calibration text)
+    llama.cpp's llama-quantize --imatrix, for every type that reads one
+    + the plain quant of the same type, measured on the same probes -> parity.json "imatrix": the gain
+
+Completions are sampled from the trained model rather than taken from the dataset's solutions: GRPO never
+trains on the solutions, while the deployed model reads its own output (its format, reasoning markers and
+language) as it writes; those activations are what the matrix should weigh. ``--calibration FILE`` replaces
+the whole text, ``--imatrix FILE`` the whole computation (llama.cpp's GGUF imatrix format or the legacy
+.dat, both read by llama.cpp's own loader).
+
+The plain quants stay in-process (``llama_model_quantize``, no build needed); a matrix goes through
+``llama-quantize``, whose loader reads it (both write byte-identical files when no matrix is given).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
+from grpoctl.export.quantize import TYPES, default_threads, fallback_note, quantize
+from grpoctl.rundir import RunDir
+
+AUTO = "auto"
+MATRIX_SUFFIX = "-imatrix.gguf"
+CALIBRATION_SUFFIX = "-calibration.txt"
+CHUNK_SIZES = (512, 256, 128, 64, 32)  # llama-imatrix's default n_ctx first; it needs two chunks at least
+# llama.cpp may tokenize the text a little differently from transformers: keep this much spare
+_TOKEN_MARGIN = 1.15
+_MIN_PROBE_LINE = 40  # probe lines at least this long count as probe text on their own
+_TICK_S = 30.0
+
+
+# --- what may be asked ---------------------------------------------------------------------------------
+
+def check_types(types: list[str], with_matrix: bool) -> None:
+    """Types llama.cpp makes badly without an importance matrix are refused without one; a matrix that
+    changes none of the types asked for is refused too (both before any work)."""
+    need = [t for t in types if TYPES[t].needs_imatrix]
+    if need and not with_matrix:
+        raise UsageError(f"{', '.join(need)} need{'s' * (len(need) == 1)} an importance matrix (llama.cpp's IQ and "
+                         "Q2_K types lose too much without one); add --imatrix auto (computed from the run's "
+                         "training data) or --imatrix FILE")
+    if with_matrix and not any(TYPES[t].reads_imatrix for t in types):
+        raise UsageError(f"an importance matrix changes none of {', '.join(types)} (f16, bf16, f32 and q8_0 ignore "
+                         "it); add a quantized type such as q4_k_m, or leave out --imatrix")
+
+
+@dataclass(frozen=True)
+class ImatrixRequest:
+    """How the importance matrix is obtained: a user's ``matrix``, else computed over the user's
+    ``calibration`` text, else over text built from ``run`` (its prompts + sampled completions)."""
+
+    matrix: Path | None = None
+    calibration: Path | None = None
+    run: RunDir | None = None
+    samples: int = 64  # training prompts in the calibration text
+    max_new_tokens: int = 128  # completion length cap (the run's own budget when shorter)
+    seed: int = 3407
+    completions: str = "sampled"  # "sampled" from the trained model | "solutions" from the dataset
+    compare: bool = True  # also make the plain quant of each type and measure both on the probes
+
+    @classmethod
+    def from_options(cls, imatrix: str | None, calibration: Path | None, run: RunDir | None) -> ImatrixRequest | None:
+        """``--imatrix auto|FILE`` and ``--calibration FILE`` as the CLI gives them; None when neither is set."""
+        if imatrix is None and calibration is None:
+            return None
+        if imatrix is not None and imatrix != AUTO and calibration is not None:
+            raise UsageError("--calibration computes a matrix, --imatrix FILE brings one: give one of them")
+        if imatrix not in (None, AUTO):
+            return cls(matrix=Path(imatrix))
+        if calibration is None and run is None:
+            raise UsageError("--imatrix auto builds its calibration text from the training run, and the source is an "
+                             "adapter folder without one; give the run directory, or --calibration FILE")
+        return cls(calibration=Path(calibration) if calibration else None, run=run)
+
+    def describe(self) -> str:
+        if self.matrix is not None:
+            return f"the importance matrix {self.matrix}"
+        if self.calibration is not None:
+            return f"llama-imatrix over {self.calibration}"
+        return (f"llama-imatrix over {self.samples} training prompts + completions "
+                f"{'sampled from the trained model' if self.completions == 'sampled' else 'from the dataset'}")
+
+
+def check_request(request: ImatrixRequest) -> None:
+    """Everything that can be checked before the export starts: files exist and read, the tools are there
+    (built now if they never were: minutes, once)."""
+    from grpoctl.llamacpp_tools import tool
+
+    if request.matrix is not None:
+        if not request.matrix.is_file():
+            raise InputNotFoundError(f"importance matrix {request.matrix} does not exist")
+        matrix_entries(request.matrix)
+    else:
+        if request.calibration is not None:
+            read_calibration(request.calibration)
+        tool("llama-imatrix")
+    tool("llama-quantize")
+
+
+# --- held-out probes ---------------------------------------------------------------------------------
+
+def probe_texts() -> list[str]:
+    """The parity probes' own text: each whole text, each chat turn and each long line of them."""
+    from grpoctl.export import parity
+
+    texts = [*parity.PROSE, *parity.MATH, *parity.CODE, parity.GREEDY_QUESTION]
+    texts += [turn for chat in parity.CHATS for turn in chat]
+    lines = [ln.strip() for t in texts for ln in t.splitlines() if len(ln.strip()) >= _MIN_PROBE_LINE]
+    return list(dict.fromkeys(texts + lines))
+
+
+def probe_hits(text: str) -> list[str]:
+    """Probe texts found in ``text``; a calibration set must have none, or the gain is not measured held out."""
+    return [p for p in probe_texts() if p in text]
+
+
+def read_calibration(path: Path) -> str:
+    """A user's calibration text, refused when unreadable, empty or holding parity probe text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputNotFoundError(f"calibration file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"calibration file {path} is not readable UTF-8 text ({e})") from None
+    if not text.strip():
+        raise DataError(f"calibration file {path} is empty")
+    if hits := probe_hits(text):
+        raise UsageError(f"calibration file {path} contains parity probe text ({hits[0][:60]!r}); the probes must stay "
+                         "out of the calibration set or the gain is not measured on held-out text: remove it")
+    return text
+
+
+# --- calibration text from the run ---------------------------------------------------------------------
+
+def training_rows(run: RunDir) -> Any:
+    """The run's training rows as training mapped them (prompt messages with the system prompt, solution)."""
+    from grpoctl.train.data import load_source, map_rows
+
+    cfg = run.data_config()
+    return map_rows(load_source(cfg.dataset, cfg.subset, cfg.split), cfg)
+
+
+def build_calibration(request: ImatrixRequest, model_dir: Path, adapter_dir: Path | None, tokenizer: Any,
+                      eot_ids: list[int], dest: Path) -> dict[str, Any]:
+    """Write the calibration text built from the run to ``dest``; returns what it holds."""
+    assert request.run is not None
+    rows = training_rows(request.run)
+    total = len(rows)
+    # a training row holding probe text would put the probe into the calibration set
+    rows = rows.filter(lambda r: not probe_hits(r["prompt"][-1]["content"] + "\n" + (r["solution"] or "")))
+    dropped = total - len(rows)
+    rows = rows.shuffle(seed=request.seed).select(range(min(request.samples, len(rows))))
+    if len(rows) == 0:
+        raise DataError("no training prompt is left for the calibration text (every row holds parity probe text); "
+                        "pass --calibration FILE")
+    prompts = [render_prompt(tokenizer, list(r["prompt"])) for r in rows]
+    trained_budget = request.run.section("trainer").get("max_completion_length")
+    max_new = min(int(trained_budget or request.max_new_tokens), request.max_new_tokens)
+    if request.completions == "sampled":
+        completions = sample_completions(model_dir, adapter_dir, tokenizer, prompts, eot_ids,
+                                         sampling=request.run.sampling, max_new_tokens=max_new, seed=request.seed)
+    else:
+        end = tokenizer.convert_ids_to_tokens(eot_ids[0]) if eot_ids else ""
+        completions = [r["solution"] + end for r in rows]
+    docs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    kept = [d for d in docs if not probe_hits(d)]  # a sampled completion could, however unlikely, write one
+    text = "\n".join(kept) + "\n"
+    dest.write_text(text, encoding="utf-8")
+    return {"source": "run", "dataset": request.run.dataset or "shipped arith_gsm.jsonl",
+            "documents": len(kept), "rows": total, "rows_with_probe_text": dropped,
+            "completions": ("sampled from the trained model" if request.completions == "sampled"
+                            else "the dataset's solutions"),
+            "max_new_tokens": max_new, "sampling": request.run.sampling, "seed": request.seed,
+            "system_prompt": request.run.system_prompt}
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt exactly as the model reads it in training and serving: chat template + generation prompt."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def sample_completions(model_dir: Path, adapter_dir: Path | None, tokenizer: Any, prompts: list[str],
+                       eot_ids: list[int], *, sampling: dict[str, float], max_new_tokens: int, seed: int,
+                       batch_size: int = 64) -> list[str]:
+    """One completion per prompt from the trained model in transformers, with the run's sampling settings,
+    each up to and including its end-of-turn token, special tokens written out as the model produced them."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from grpoctl.export.parity import load_reference
+
+    model = load_reference(model_dir, adapter_dir)
+    model = model.to("cuda") if torch.cuda.is_available() else model.float()  # CPU matmuls are fastest in f32
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eot_ids or [0])[0]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched generation continues at the right
+    gen: dict[str, Any] = {"do_sample": True, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
+                           "eos_token_id": eot_ids or None}
+    gen.update({k: v for k, v in sampling.items() if k in ("temperature", "top_p", "min_p")})
+    if sampling.get("top_k"):
+        gen["top_k"] = int(sampling["top_k"])
+    torch.manual_seed(seed)
+    out: list[str] = []
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc="calibration: sampling completions", unit="batch",
+                      leave=False):
+            enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                ids = model.generate(**enc, **gen)
+            for row in ids[:, enc["input_ids"].shape[1]:].tolist():
+                end = next((j for j, t in enumerate(row) if t in eot_ids), None)
+                out.append(tokenizer.decode(row if end is None else row[:end + 1], skip_special_tokens=False))
+    finally:
+        tokenizer.padding_side = side
+    del model
+    return out
+
+
+# --- llama.cpp's tools ---------------------------------------------------------------------------------
+
+def chunk_size(tokens: int) -> int:
+    """llama-imatrix cuts the text into chunks of n_ctx tokens and needs two at least: its default 512,
+    smaller for a short text."""
+    for n in CHUNK_SIZES:
+        if tokens >= 2 * n * _TOKEN_MARGIN:
+            return n
+    raise DataError(f"the calibration text is {tokens} tokens long; llama-imatrix needs at least "
+                    f"{int(2 * CHUNK_SIZES[-1] * _TOKEN_MARGIN) + 1}: give a longer text")
+
+
+def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, threads: int | None = None
+                   ) -> dict[str, Any]:
+    """Run llama-imatrix over ``calibration`` on ``model_gguf``: one forward pass, the matrix in ``out``.
+
+    The calibration file and the matrix are named relative to their folder, so the matrix records the
+    calibration's file name (not a temporary path) and the quants record the matrix's.
+    """
+    from grpoctl.llamacpp_tools import tool
+
+    n_ctx = chunk_size(tokens)
+    chunks = tokens // n_ctx  # what llama.cpp will count, give or take its own tokenization
+    threads = threads or default_threads()
+    print(f"grpoctl: importance matrix: llama-imatrix over {calibration.name} (~{tokens} tokens, about {chunks} "
+          f"chunks of {n_ctx}, {threads} threads)", flush=True)
+    cmd = [str(tool("llama-imatrix")), "-m", str(model_gguf.resolve()), "-f", _relative(calibration, out.parent),
+           "-o", out.name, "--parse-special", "--no-ppl", "-c", str(n_ctx), "-t", str(threads),
+           "--output-frequency", "1000000"]  # one write at the end: never a half-computed matrix under that name
+    start = time.monotonic()
+    ticker = _Ticker(start)
+    rc, lines = run_tool(cmd, out.parent, ticker.line)
+    seconds = time.monotonic() - start
+    if rc != 0 or not out.is_file():
+        out.unlink(missing_ok=True)
+        raise ConversionError(f"llama-imatrix failed (exit {rc}): {_last_error(lines)}")
+    print(f"grpoctl:   {out.name}: {seconds:.1f} s", flush=True)
+    return {"tool": "llama-imatrix", "chunk_tokens": n_ctx, **matrix_metadata(out), "calibration_tokens": tokens,
+            "seconds": round(seconds, 2), "threads": threads}
+
+
+def matrix_entries(path: Path) -> int:
+    """How many tensors a matrix file has entries for; a file llama.cpp's own loader cannot read (GGUF or
+    legacy .dat) is one line, exit 4."""
+    from grpoctl.llamacpp_tools import tool
+
+    # --show-statistics loads only the matrix: the model argument is required by the parser but never opened.
+    # Its exit code is the verdict; its log may be cut short when it exits this fast, so it only adds detail.
+    rc, lines = run_tool([str(tool("llama-imatrix")), "-m", os.devnull, "--in-file", str(Path(path).resolve()),
+                          "--show-statistics"], Path(path).resolve().parent)
+    entries = _count_entries(Path(path)) if rc == 0 else 0
+    if entries <= 0:
+        detail = f" ({_last_error(lines)})" if lines else ""
+        raise DataError(f"{path} is not an importance matrix llama.cpp can read{detail}; give a file written by "
+                        "llama-imatrix (GGUF, or the legacy .dat)")
+    return entries
+
+
+def matrix_metadata(path: Path) -> dict[str, Any]:
+    """What a GGUF matrix says about itself: the chunks and chunk size it was computed on, its datasets."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    out: dict[str, Any] = {}
+    for key, name in (("imatrix.chunk_count", "chunks"), ("imatrix.chunk_size", "chunk_tokens"),
+                      ("imatrix.datasets", "datasets")):
+        if key in fields:
+            out[name] = fields[key].contents()
+    return out
+
+
+def _count_entries(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"GGUF":
+        from gguf import GGUFReader
+
+        return sum(t.name.endswith(".in_sum2") for t in GGUFReader(path).tensors)
+    return int.from_bytes(head, "little", signed=True) if len(head) == 4 else 0  # legacy: entry count first
+
+
+def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, threads: int | None = None
+                         ) -> dict[str, Any]:
+    """llama-quantize --imatrix: ``src`` into ``dst`` as ``type_name``; returns the tensor types written and the
+    tensors the matrix had no entry for. A matrix that does not fit the model is one line, exit 4."""
+    from grpoctl.llamacpp_tools import tool
+
+    gtype = TYPES[type_name]
+    cmd = [str(tool("llama-quantize")), "--imatrix", matrix.name, str(src.resolve()), str(dst.resolve()),
+           gtype.label, str(threads or default_threads())]
+    rc, lines = run_tool(cmd, matrix.parent)
+    text = "\n".join(lines)
+    if rc != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        why = _last_error(lines)
+        if "imatrix" in why:
+            raise DataError(f"the importance matrix {matrix.name} does not fit this model: {why}")
+        raise ConversionError(f"llama-quantize failed to make {gtype.label} (exit {rc}): {why}")
+    written: dict[str, int] = {}
+    for t in re.findall(r"converting to (\w+) \.\.", text):
+        written[t] = written.get(t, 0) + 1
+    # llama-imatrix collects no data for the embeddings (a lookup, not a matrix product) nor, by default, the head
+    missing = [n for n in re.findall(r"did not find weights for (\S+)", text)
+               if n not in ("token_embd.weight", "output.weight")]
+    with_data = sum(written.values()) - len(re.findall(r"did not find weights for", text))
+    if missing and with_data <= 0:
+        dst.unlink(missing_ok=True)
+        raise DataError(f"the importance matrix {matrix.name} has no entry for any tensor of this model (first: "
+                        f"{missing[0]}); it was computed for another model")
+    if missing:
+        print(f"grpoctl:   warning: the importance matrix has no entry for {len(missing)} tensors (first: "
+              f"{missing[0]}); they are quantized without it", flush=True)
+    if note := fallback_note(lines, type_name):
+        print(note, flush=True)
+    return {"tensor_types": written, "without_matrix": missing}
+
+
+def run_tool(cmd: list[str], cwd: Path, on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
+    """Run one of llama.cpp's tools in its own process group, stopping it and its threads on Ctrl-C or any
+    error; returns (exit code, stderr lines then stdout lines). ``on_line`` sees stderr (the log) as it comes.
+
+    The two streams stay separate pipes: with both on one descriptor llama.cpp's logger wrote nothing here.
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace", process_group=0)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    lines: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if on_line is not None:
+                on_line(line)
+        rc = proc.wait()
+        reader.join()
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    return rc, lines + [ln.rstrip("\n") for ln in out]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _last_error(lines: list[str]) -> str:
+    """The line that says what went wrong: the first of llama.cpp's error lines (later ones only repeat that
+    it failed), else the last line with text."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    errors = [ln for ln in text if re.match(r"[\d.]+ E ", ln)
+              or re.search(r"\b(error|failed|invalid|not a valid|cannot)\b", ln, re.I)]
+    picked = errors[0] if errors else (text or ["no output"])[-1]
+    return re.sub(r"^[\d.]+ [EWI] ", "", picked)[:300]
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(path.resolve(), base.resolve())
+
+
+class _Ticker:
+    """Progress for llama-imatrix, which reports only the time of its first pass: that line with its ETA, then
+    the elapsed time against that estimate every 30 s while it runs."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.eta: float | None = None
+        self.last = start
+
+    def line(self, line: str) -> None:
+        if m := re.search(r"([\d.]+) seconds per pass - ETA (?:(\d+) hours )?([\d.]+) minutes", line):
+            self.eta = (int(m.group(2) or 0) * 60 + float(m.group(3))) * 60
+            print(f"grpoctl:   first pass {float(m.group(1)):.1f} s; ETA ~{_clock(self.eta)}", flush=True)
+        now = time.monotonic()
+        if now - self.last >= _TICK_S:
+            self.last = now
+            left = f", ETA ~{_clock(max(self.eta - (now - self.start), 0))}" if self.eta else ""
+            print(f"grpoctl:   importance matrix: {_clock(now - self.start)}{left}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# --- one export's matrix ---------------------------------------------------------------------------------
+
+@dataclass
+class Imatrix:
+    """The matrix of one GGUF export: prepared before conversion, computed on its 16-bit intermediate, used for
+    every type that reads it, compared with the plain quants, and finally published beside the GGUF files."""
+
+    request: ImatrixRequest
+    work: Path
+    name: str
+    tokens: int = 0
+    matrix: Path | None = None  # in ``work`` once there
+    calibration: Path | None = None  # in ``work``, when computed
+    info: dict[str, Any] = field(default_factory=dict)
+    quants: dict[str, dict[str, Any]] = field(default_factory=dict)  # type -> tensor types written, ...
+
+    @property
+    def matrix_name(self) -> str:
+        return f"{self.name}{MATRIX_SUFFIX}" if self.request.matrix is None or self.request.matrix.suffix == ".gguf" \
+            else f"{self.name}-imatrix{self.request.matrix.suffix}"
+
+    @classmethod
+    def prepare(cls, request: ImatrixRequest, model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path,
+                eot_ids: list[int], work: Path, name: str) -> Imatrix:
+        """Everything before the conversion: the user's matrix copied in, or the calibration text written."""
+        from transformers import AutoTokenizer
+
+        work.mkdir(parents=True, exist_ok=True)
+        plan = cls(request=request, work=work, name=name)
+        if request.matrix is not None:
+            plan.matrix = work / plan.matrix_name
+            shutil.copyfile(request.matrix, plan.matrix)
+            plan.info = {"source": "file", "given": str(request.matrix), "entries": matrix_entries(plan.matrix),
+                         "calibration": None, "held_out": None}
+            return plan
+        plan.calibration = work / f"{name}{CALIBRATION_SUFFIX}"
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if request.calibration is not None:
+            plan.calibration.write_text(read_calibration(request.calibration), encoding="utf-8")
+            calibration = {"source": "file", "given": str(request.calibration)}
+        else:
+            print(f"grpoctl: calibration text: {request.describe()}", flush=True)
+            calibration = build_calibration(request, model_dir, adapter_dir, tokenizer, eot_ids, plan.calibration)
+        text = plan.calibration.read_text(encoding="utf-8")
+        if hits := probe_hits(text):  # the guarantee the report states, checked on what is written
+            raise DataError(f"the calibration text holds parity probe text ({hits[0][:60]!r})")
+        plan.tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        chunk_size(plan.tokens)  # too short is a one-line error now, not after the conversion
+        calibration.update(file=plan.calibration.name, tokens=plan.tokens, characters=len(text))
+        plan.info = {"source": "computed", "calibration": calibration, "held_out": True}
+        return plan
+
+    def matrix_for(self, intermediate: Path, threads: int | None = None) -> Path:
+        """The matrix for the quantizer: computed on ``intermediate`` the first time, unless one was given."""
+        if self.matrix is None:
+            assert self.calibration is not None
+            self.matrix = self.work / self.matrix_name
+            self.info.update(compute_matrix(intermediate, self.calibration, self.matrix, self.tokens, threads))
+            self.info["entries"] = matrix_entries(self.matrix)
+        return self.matrix
+
+    def quantize(self, src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
+        self.quants[type_name] = quantize_with_matrix(src, dst, type_name, self.matrix_for(src, threads), threads)
+
+    def plain(self, src: Path, type_name: str, threads: int | None = None) -> Path | None:
+        """The same type without the matrix, for the comparison; None where llama.cpp refuses it without one."""
+        if not self.request.compare:
+            return None
+        dst = self.work / f"plain-{type_name}.gguf"
+        try:
+            quantize(src, dst, type_name, threads)
+        except ConversionError as e:
+            if "requires an imatrix" in str(e) or "Missing importance matrix" in str(e):
+                return None
+            raise
+        return dst
+
+    def compare(self, built: dict[str, Any], files: dict[str, dict[str, Any]], names: dict[str, str],
+                measure: Callable[[Path, str], dict[str, Any]]) -> dict[str, Any]:
+        """Plain vs imatrix for every type made with the matrix, on the same held-out probes."""
+        types: dict[str, Any] = {}
+        for t in self.quants:
+            mine = files[names[t]]
+            plain_path = built.get(f"plain:{t}")
+            plain = measure(plain_path, t) if plain_path is not None else None
+            types[t] = {"imatrix": _figures(mine), "plain": _figures(plain) if plain else None,
+                        "tensor_types": self.quants[t]["tensor_types"],
+                        "without_matrix": self.quants[t]["without_matrix"]}
+            if plain:
+                types[t]["gain"] = gains(types[t]["plain"], types[t]["imatrix"])
+            elif self.request.compare:
+                types[t]["plain_note"] = "llama.cpp refuses this type without an importance matrix"
+        return {"matrix": self.matrix_name, "source": self.info.get("source"), "held_out": self.info.get("held_out"),
+                "calibration": (self.info.get("calibration") or {}).get("file"), "types": types}
+
+    def publish(self, out_dir: Path, manifest: Any, written: list[str]) -> None:
+        """Move the matrix and its calibration text beside the GGUF files (when a file made with them was
+        ``written``) and record them (sha256) in the manifest; the ``imatrix`` section says how they were made."""
+        if self.matrix is None or not set(written) & set(self.quants):
+            return
+        manifest.files = [f for f in manifest.files if f.kind not in ("imatrix", "calibration")]
+        final = out_dir / self.matrix.name
+        os.replace(self.matrix, final)
+        manifest.add_file(final, "imatrix", entries=self.info.get("entries"))
+        if self.calibration is not None:
+            cal = out_dir / self.calibration.name
+            os.replace(self.calibration, cal)
+            manifest.add_file(cal, "calibration", tokens=self.tokens)
+        manifest.sections["imatrix"] = {"file": final.name, **self.info,
+                                        "types": [t for t in written if t in self.quants]}
+
+
+def _figures(f: dict[str, Any]) -> dict[str, Any]:
+    return {"top1": f["top1"], "kl": f["kl"], "kl_p99": f.get("kl_p99")}
+
+
+def gains(plain: dict[str, Any], mine: dict[str, Any]) -> dict[str, float]:
+    """What the matrix bought: KL reductions as fractions of the plain quant's (positive = better), top-1 in points."""
+    out = {"top1": round(mine["top1"] - plain["top1"], 5)}
+    for k in ("kl", "kl_p99"):
+        if plain.get(k) and mine.get(k) is not None:
+            out[k] = round((plain[k] - mine[k]) / plain[k], 4)
+    return out
+
+
+def format_comparison(section: dict[str, Any], positions: int) -> str:
+    """The plain vs imatrix table printed after the parity table."""
+    if section["held_out"]:
+        what = f"held-out probes ({positions} positions; no probe text in {section['calibration']})"
+    else:
+        what = f"the parity probes ({positions} positions; the matrix was given, its calibration text is unknown)"
+    lines = [f"importance matrix {section['matrix']}: plain vs imatrix quant on {what}",
+             f"{'type':8} {'plain: top-1':>13} {'mean KL':>9} {'p99 KL':>8}   {'imatrix: top-1':>15} {'mean KL':>9} "
+             f"{'p99 KL':>8}   mean KL with the matrix"]
+    for t, row in section["types"].items():
+        mine, plain = row["imatrix"], row["plain"]
+        left = (f"{plain['top1'] * 100:12.1f}% {plain['kl']:9.5f} {plain['kl_p99']:8.4f}" if plain
+                else f"{'-':>13} {'-':>9} {'-':>8}")
+        if plain:
+            gain = row["gain"]["kl"]
+            change = f"{abs(gain) * 100:.1f}% {'lower' if gain >= 0 else 'HIGHER'}"
+        else:
+            change = row.get("plain_note", "-")
+        lines.append(f"{TYPES[t].label:8} {left}   {mine['top1'] * 100:14.1f}% {mine['kl']:9.5f} "
+                     f"{mine['kl_p99']:8.4f}   {change}")
+    return "\n".join(lines)
