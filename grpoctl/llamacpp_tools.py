@@ -1,8 +1,9 @@
 """llama.cpp's own C++ tools (llama-quantize, llama-imatrix, llama-server, llama-perplexity), built once.
 
-Some work needs the real command-line tools rather than the Python bindings: an importance matrix can only
-reach the quantizer through ``llama-quantize --imatrix`` (the C API's ``imatrix`` field is a C++ map),
-``llama-imatrix`` computes one, ``llama-perplexity`` measures KL-divergence against a base's logits, and
+Some work needs the real command-line tools rather than the Python bindings: ``llama-quantize --imatrix`` reads an
+importance matrix file with llama.cpp's own loader (the C API takes the already loaded values: the loader, its
+normalisation and the ``quantize.imatrix.*`` metadata live in the tool), ``llama-imatrix`` computes one,
+``llama-perplexity`` measures KL-divergence against a base's logits, and
 ``llama-server``'s ``POST /apply-template`` renders a chat template with llama.cpp's C++ Jinja engine.
 
 They come from one of, in order:

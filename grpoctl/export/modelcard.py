@@ -192,7 +192,7 @@ def _files_table(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: 
     for e in entries:
         name = e.path[len(prefix):]
         if kind == "gguf":
-            q = quant_of(e) or "—"
+            q = (quant_of(e) or "—") + (" (imatrix)" if e.extra.get("imatrix") else "")
             par = _parity_text(parity_for(e, ctx.manifest)) if quant_of(e) else "—"
             lines.append(f"| `{name}` | {q} | {_size(e.size)} | {e.size} | `{e.sha256}` | {par} |")
         else:
@@ -340,6 +340,38 @@ def _parity_notes(ctx: CardContext) -> list[str]:
     return lines
 
 
+def _imatrix_notes(ctx: CardContext) -> list[str]:
+    """How the importance matrix was made and what it bought, from the ``imatrix`` and ``parity`` sections."""
+    section = ctx.manifest.sections.get("imatrix")
+    if not isinstance(section, dict) or not section.get("file"):
+        return []
+    comparison = ((ctx.manifest.sections.get("parity") or {}).get("imatrix") or {}).get("types") or {}
+    quants = ", ".join(t.upper() for t in section.get("types", []))
+    lines = ["## Importance matrix", "",
+             f"{quants} {'were' if len(section.get('types', [])) > 1 else 'was'} quantized by llama.cpp's "
+             f"`llama-quantize --imatrix {section['file']}` (the matrix is in this repo)."]
+    cal = section.get("calibration")
+    if isinstance(cal, dict) and cal.get("source") == "run":
+        lines[-1] += (f" `llama-imatrix` computed it over `{cal.get('file')}` (also here, {cal.get('tokens')} tokens): "
+                      f"{cal.get('documents')} prompts of the training data, rendered with the chat template and the "
+                      f"training system prompt, each followed by a completion {cal.get('completions')}.")
+    elif isinstance(cal, dict):
+        lines[-1] += f" `llama-imatrix` computed it over the text `{cal.get('file')}` (also here)."
+    else:
+        lines[-1] += " The matrix was supplied by the publisher; its calibration text is not recorded."
+    rows = [(t, r) for t, r in comparison.items() if isinstance(r, dict) and r.get("plain")]
+    if rows:
+        held = " (none of which is in the calibration text)" if section.get("held_out") else ""
+        lines += ["", f"Against the same quant made without the matrix, on the parity probes{held}:", "",
+                  "| Quant | top-1 without | mean KL without | top-1 with | mean KL with | mean KL |",
+                  "|---|---|---|---|---|---|"]
+        for t, r in rows:
+            p, m, gain = r["plain"], r["imatrix"], r.get("gain", {}).get("kl", 0.0)
+            lines.append(f"| {t.upper()} | {p['top1'] * 100:.1f}% | {p['kl']:.4f} | {m['top1'] * 100:.1f}% | "
+                         f"{m['kl']:.4f} | {abs(gain) * 100:.1f}% {'lower' if gain >= 0 else 'higher'} |")
+    return lines + [""]
+
+
 def _related(kind: str, ctx: CardContext) -> list[str]:
     others = [(k, r) for k, r in ctx.repos.items() if k != kind]
     if not others:
@@ -377,6 +409,7 @@ def render_card(kind: str, ctx: CardContext) -> str:
     body += _files_table(kind, ctx, entries, prefix)
     if kind == "gguf":
         body += _parity_notes(ctx)
+        body += _imatrix_notes(ctx)
     body += _usage(kind, ctx, entries)
     body += _recipe(ctx)
     body += _verification(ctx)

@@ -300,6 +300,17 @@ def test_tiny_run_imatrix_auto_beats_the_plain_quants_on_held_out_probes(qwen3_r
     assert meta["quantize.imatrix.file"] == f"{name}-imatrix.gguf"
     assert meta["quantize.imatrix.dataset"] == f"{name}-calibration.txt"
     assert not list((out / "gguf").glob("plain-*")) and not list(out.rglob(".gguf-work-*"))
+    # pushed with the GGUF repo and named in its model card
+    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.export.hub import push
+    from grpoctl.export.modelcard import CardContext, render_card
+
+    pushed = {f.path_in_repo for r in push(out, "alice/tiny", what=["gguf"], dry_run=True).repos for f in r.files}
+    assert {f"{name}-imatrix.gguf", f"{name}-calibration.txt"} <= pushed
+    card = render_card("gguf", CardContext(ArtifactManifest.load(out), None, {"gguf": "alice/tiny-GGUF"}))
+    assert f"`llama-quantize --imatrix {name}-imatrix.gguf`" in card and f"`{name}-calibration.txt`" in card
+    assert "| Q4_K_M (imatrix) |" in card and "| Q8_0 |" in card
+    assert f"{rep['types']['q4_k_m']['gain']['kl'] * 100:.1f}% lower |" in card
 
 
 def test_a_users_matrix_is_used_and_published(qwen3_run, tiny_matrix, tmp_path):
@@ -313,3 +324,34 @@ def test_a_users_matrix_is_used_and_published(qwen3_run, tiny_matrix, tmp_path):
     assert manifest["imatrix"]["source"] == "file" and manifest["imatrix"]["held_out"] is None
     assert json.loads((out / "gguf" / "parity.json").read_text())["imatrix"]["types"]["q4_k_m"]["plain"]
 
+
+
+def test_smollm2_run_imatrix_auto_beats_the_plain_q4_k_m_and_q3_k_m(smollm2_dir, tmp_path, llama_tools):
+    """The embedded SmolLM2 with a trained-looking adapter: the matrix from the run's prompts and sampled
+    completions lowers the mean KL of q4_k_m and q3_k_m on the held-out probes, although most of SmolLM2's
+    tensors (576 columns) fall back from the K-quants to Q5_0/Q4_0 (which read the matrix as well)."""
+    from grpoctl.config import DEFAULT_SYSTEM_PROMPT
+    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.rundir import RunDir
+    from tests.export.gguf_support import make_adapter as small_adapter
+
+    run_dir = tmp_path / "run"
+    small_adapter(smollm2_dir, run_dir / "adapter", r=8, alpha=16, std=0.002)
+    (run_dir / "run.json").write_text(json.dumps({
+        "base_model": {"id": "embedded:SmolLM2-135M-Instruct", "path": str(smollm2_dir)},
+        "config": {"data": {"system_prompt": DEFAULT_SYSTEM_PROMPT, "max_samples": 64},
+                   "trainer": {"max_completion_length": 32, "temperature": 1.0, "min_p": 0.1}}}))
+    request = im.ImatrixRequest(run=RunDir(run_dir), samples=16)
+    out = tmp_path / "export" / "gguf"
+    manifest = ArtifactManifest(root=tmp_path / "export")
+    gg.export_gguf(smollm2_dir, run_dir / "adapter", out, ["q4_k_m", "q3_k_m"], name="SmolLM2-135M-Instruct-grpo",
+                   manifest=manifest, system_prompt=DEFAULT_SYSTEM_PROMPT, imatrix=request)
+    rep = json.loads((out / "parity.json").read_text())
+    assert rep["passed"] and rep["imatrix"]["held_out"]
+    for t in ("q4_k_m", "q3_k_m"):
+        row = rep["imatrix"]["types"][t]
+        assert row["imatrix"]["kl"] < row["plain"]["kl"], (t, row)
+    q4 = rep["imatrix"]["types"]["q4_k_m"]["tensor_types"]
+    assert q4.get("q5_0", 0) > q4.get("q4_K", 0) + q4.get("q6_K", 0)  # the fallback, as the docs say
+    cal = manifest.sections["imatrix"]["calibration"]
+    assert cal["documents"] == 16 and cal["max_new_tokens"] == 32 and cal["system_prompt"] == DEFAULT_SYSTEM_PROMPT

@@ -29,9 +29,9 @@ def gguf_stand_in(monkeypatch):
         return parsed
 
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, manifest, merged_dir=None,
-                    llama_cpp_dir=None, parity_gate=True, system_prompt=None):
+                    llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
-                          merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt,
+                          merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt, imatrix=imatrix,
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
         f = out_dir / f"{name}-{types_[0].upper()}.gguf"
@@ -67,3 +67,14 @@ def test_gguf_with_merged_16bit_reuses_the_merged_folder(gguf_stand_in, qwen3_ru
     export(qwen3_run, ExportOptions(merged="16bit", gguf=["f16"], output_dir=tmp_path / "export", progress=False))
     (call,) = gguf_stand_in
     assert call["merged_exists"] and call["merged_dir"].name == "merged"
+
+
+def test_imatrix_auto_hands_the_run_to_the_gguf_stage(gguf_stand_in, qwen3_run, tmp_path, monkeypatch):
+    from grpoctl.export import imatrix
+
+    monkeypatch.setattr(imatrix, "check_request", lambda request: None)  # the tools are the GGUF stage's concern
+    export(qwen3_run, ExportOptions(gguf=["q4_k_m"], imatrix="auto", output_dir=tmp_path / "export", progress=False))
+    (call,) = gguf_stand_in
+    request = call["imatrix"]
+    assert request.matrix is None and request.calibration is None and request.run.root == qwen3_run
+    assert gguf_stand_in[0]["types"] == ["q4_k_m"]
