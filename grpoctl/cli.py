@@ -240,11 +240,16 @@ def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], p
               help="vLLM replicas behind the endpoint (default: the run's training process count divided by "
                    "the tensor parallel size).")
 @click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--ollama-template", type=click.Choice(["auto", "go", "native"]), default="auto", show_default=True,
+              help="Modelfile TEMPLATE: auto = what Ollama 0.30+ renders exactly like the chat template (usually "
+                   "none: Ollama renders the GGUF's own template); go = the checked Go translation, for Ollama "
+                   "before 0.30; native = never.")
 @click.option("--force", is_flag=True,
               help="Replace existing manifests, and write them even if the Ollama template check fails.")
 def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_template: Path | None, quant: str | None,
               served_model_name: str | None, hub_repo: str | None, gpu_memory_utilization: float,
-              tensor_parallel_size: int | None, data_parallel_size: int | None, port: int, force: bool) -> None:
+              tensor_parallel_size: int | None, data_parallel_size: int | None, port: int, ollama_template: str,
+              force: bool) -> None:
     """Write an Ollama Modelfile and vLLM serving manifests for an export.
 
     SOURCE is a run directory (its export/ is used) or an export directory.
@@ -257,7 +262,7 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
                               served_model_name=served_model_name, hub_repo=hub_repo,
                               gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                              port=port, force=force)
+                              port=port, ollama_template=ollama_template, force=force)
     written = write_manifests(export_dir, run=run, options=options)
     for path in written:
         rel = os.path.relpath(path)
@@ -265,10 +270,8 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
     from grpoctl.export.artifacts import ArtifactManifest
 
     section = ArtifactManifest.load(export_dir).sections.get("manifests", {})
-    fidelity = section.get("ollama", {}).get("fidelity")
-    if isinstance(fidelity, dict) and fidelity.get("passed"):
-        click.echo(f"grpoctl: Ollama template ({section['ollama'].get('family')}) renders like the chat template "
-                   f"in Go text/template on {len(fidelity.get('conversations', []))} conversations", err=True)
+    if summary := section.get("ollama", {}).get("summary"):
+        click.echo(f"grpoctl: {summary}", err=True)
     for note in section.get("notes", []):
         click.echo(f"grpoctl: note: {note}", err=True)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import (
-    DependencyError,
     InputNotFoundError,
     OutputExistsError,
     UsageError,
@@ -56,6 +55,9 @@ class ManifestOptions:
     port: int = 8000
     force: bool = False  # replace existing manifests; write even when the template check fails
     unchecked_ok: bool = False  # no Go toolchain: write the template marked unchecked instead of failing
+    # Modelfile TEMPLATE: "auto" (what Ollama >= 0.30 renders faithfully), "go" (the translated Go template,
+    # for Ollama < 0.30), "native" (never; the GGUF's chat template)
+    ollama_template: str = "auto"
 
 
 @dataclass
@@ -131,45 +133,6 @@ def _license(ctx: _Context) -> str | None:
 
 # --- Ollama -------------------------------------------------------------------------------------------
 
-def _chat_template_for_ollama(ctx: _Context, tok: Any, system: str | None) -> tuple[str | None, list[str], dict, Any]:
-    """(Go template or None, stop tokens, report section, ChatFormat or None)."""
-    from grpoctl.manifests.gorender import check_fidelity
-    from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
-
-    markers = ctx.run.reasoning_markers if ctx.run else None
-    try:
-        fmt = probe_chat_format(tok, markers)
-    except UntranslatableTemplate as err:
-        msg = (f"chat template not translated to Ollama's template language ({err}); the Modelfile has no "
-               "TEMPLATE, so recent Ollama renders the chat template embedded in the GGUF -- check with "
-               "`ollama show --template <name>` after `ollama create`")
-        ctx.notes.append(msg)
-        log.warning(msg)
-        return None, _fallback_stops(tok), {"translated": False, "reason": str(err)}, None
-    go_template = to_go_template(fmt)
-    section: dict[str, Any] = {"translated": True, "family": fmt.family, "reasoning": fmt.think,
-                               "bos_added_by_runtime": bool(fmt.bos), "stops": fmt.stops}
-    try:
-        report = check_fidelity(tok, fmt, go_template, system if fmt.system_supported else None)
-    except DependencyError as err:
-        if not (ctx.options.force or ctx.options.unchecked_ok):
-            raise
-        section["fidelity"] = f"not checked: {err}"
-        ctx.notes.append(f"Ollama template not checked against transformers ({err})")
-        return go_template, fmt.stops, section, fmt
-    section["fidelity"] = {"passed": report.passed, "conversations": [c["name"] for c in report.cases],
-                           "failures": report.failures}
-    if not report.passed:
-        first = report.failures[0]
-        detail = (f"conversation {first['name']!r}: transformers renders {first.get('expected', '')!r}, "
-                  f"Go renders {first.get('got', '')!r}{' (' + first['error'] + ')' if first.get('error') else ''}")
-        if not ctx.options.force:
-            raise VerificationError(f"the translated Ollama template does not reproduce the model's chat template "
-                                    f"({detail}); pass --force to write it anyway")
-        ctx.notes.append(f"Ollama template differs from the chat template ({detail}); written because of --force")
-    return go_template, fmt.stops, section, fmt
-
-
 def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     """A TEMPLATE whose default system block is ``system``, for prompts no Modelfile quoting can carry.
 
@@ -177,12 +140,10 @@ def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     sys_before + .System + sys_after; baking that text into the no-system branch gives the same bytes.
     Checked here with Go: baked template without SYSTEM == plain template with SYSTEM.
     """
-    import dataclasses
-
     from grpoctl.manifests.gorender import conversations, render_go
     from grpoctl.manifests.templates import to_go_template
 
-    baked = to_go_template(dataclasses.replace(fmt, default_block=fmt.sys_before + system + fmt.sys_after))
+    baked = to_go_template(fmt.with_default_system(system))
     plain = to_go_template(fmt)
     convs = [c for c in conversations(fmt) if c.messages[0]["role"] != "system"]
     cases = [{"messages": c.messages, "think": c.think} for c in convs]
@@ -196,11 +157,6 @@ def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     return baked
 
 
-def _fallback_stops(tok: Any) -> list[str]:
-    eos = getattr(tok, "eos_token", None)
-    return [eos] if eos else []
-
-
 def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
     if run is None:
         return {}
@@ -211,14 +167,17 @@ def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
 
 
 def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any]]:
-    from grpoctl.manifests.ollama import Modelfile
+    from grpoctl.manifests.ollama import Modelfile, plan_template
 
     ggufs = sorted(ctx.manifest.by_kind("gguf"), key=lambda f: f.path)
     if not ggufs:
         ctx.notes.append("no GGUF in the export: no Modelfile written (export with --gguf q4_k_m)")
         return {}, {"written": False}
     system = None if ctx.options.no_system else (ctx.run.system_prompt if ctx.run else None)
-    template, stops, section, fmt = _chat_template_for_ollama(ctx, tok, system)
+    plan = plan_template(tok, ctx.run.reasoning_markers if ctx.run else None, system, ctx.options.ollama_template,
+                         force=ctx.options.force, unchecked_ok=ctx.options.unchecked_ok)
+    template, stops, section, fmt = plan.template, plan.stops, plan.section, plan.fmt
+    ctx.notes += plan.notes
     if system and fmt is not None and not fmt.system_supported:
         ctx.notes.append("the chat template has no system role, so the training system prompt is left out of "
                          "the Modelfile")
@@ -229,10 +188,10 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
         try:
             quote_value(system, "the system prompt")
         except UsageError:
-            if fmt is None:
+            if not plan.go_faithful:
                 raise
             template, system = _bake_system(ctx, fmt, system), None
-            section["system_in_template"] = True
+            section.update(system_in_template=True, template_written=True)
     by_quant = {f.kind.split(":", 1)[1].upper(): f for f in ggufs}
     wanted = ctx.options.quant.upper() if ctx.options.quant else None
     if wanted and wanted not in by_quant:
@@ -244,7 +203,13 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     comments = ["Ollama Modelfile written by grpoctl from the model's own chat template and training settings.",
                 "Create the model: ollama create <name> -f <this file>"]
     if template is None:
-        comments.append("No TEMPLATE: Ollama renders the chat template embedded in the GGUF.")
+        comments.append("No TEMPLATE: Ollama 0.30 and later render the chat template embedded in the GGUF "
+                        "(llama.cpp's Jinja engine).")
+        if plan.go_faithful:
+            comments.append("For Ollama before 0.30: grpoctl manifests RUN --ollama-template go")
+    else:
+        comments.append("TEMPLATE: the chat template in Ollama's Go template language, checked byte for byte "
+                        "against transformers.")
     files: dict[Path, str] = {}
     for quant, entry in sorted(by_quant.items()):
         rel = os.path.relpath(ctx.export_dir / entry.path, gguf_out)

@@ -10,8 +10,9 @@ Modelfile that means something else).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from grpoctl.errors import UsageError
+from grpoctl.errors import DependencyError, UsageError, VerificationError
 
 _NEWLINES = "\r\n"
 
@@ -89,3 +90,250 @@ def _number(v: float | int) -> str:
     if isinstance(v, bool):
         raise UsageError(f"parameter value {v!r} is not a number")
     return str(v) if isinstance(v, int) else repr(float(v))
+
+
+# --- Which template Ollama renders a Modelfile's model with ---------------------------------------------
+#
+# Followed from ollama/ollama's source (no Ollama runs here):
+# - ``ollama create`` from a GGUF (server/create.go -> server/model.go ``detectChatTemplate``) attaches a Go
+#   template of its own registry when the GGUF's chat template is within Levenshtein distance 100 of one it
+#   knows (template/template.go ``Named``); a Modelfile TEMPLATE replaces it (create.go ``setTemplate``).
+# - Before v0.30.0 every chat is rendered from that Go template (TEMPLATE, registry, or ``{{ .Prompt }}``).
+# - From v0.30.0 (runner: llama-server) a model is rendered "natively" -- the GGUF's own Jinja chat template
+#   through llama.cpp's engine -- unless it has a Go template that is used (server/routes.go
+#   ``chatModeForModel``, ``usesOllamaRenderedChat``, ``shouldUseGoTemplate``): a Go template is used unless
+#   OLLAMA_GO_TEMPLATE=0, or unless the chat template has more capabilities than the Go template
+#   (server/images.go ``shouldPreferChatTemplate``; ignored when OLLAMA_GO_TEMPLATE is set at all).
+
+NATIVE_CHAT_SINCE = (0, 30, 0)  # v0.30.0: llama-server runner, GGUF chat templates rendered by llama.cpp
+REGISTRY_MAX_DISTANCE = 100  # template.Named: a registry template matches below this edit distance
+
+
+def bounded_edit_distance(a: str, b: str, bound: int) -> int:
+    """Levenshtein distance between ``a`` and ``b`` (by code point, as Go's agnivade/levenshtein on runes),
+    or ``bound`` when it is at least ``bound``. Only a band of width ``bound`` around the diagonal can hold a
+    smaller distance, so that band is all that is computed."""
+    if abs(len(a) - len(b)) >= bound:
+        return bound
+    if len(a) < len(b):
+        a, b = b, a
+    big = bound
+    prev = [j if j < big else big for j in range(len(b) + 1)]
+    for i in range(1, len(a) + 1):
+        lo, hi = max(1, i - bound), min(len(b), i + bound)
+        cur = [big] * (len(b) + 1)
+        cur[0] = i if i < big else big
+        ca = a[i - 1]
+        for j in range(lo, hi + 1):
+            cost = 0 if ca == b[j - 1] else 1
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost, big)
+        if min(cur[lo - 1:hi + 1]) >= bound:
+            return bound
+        prev = cur
+    return min(prev[len(b)], bound)
+
+
+@dataclass(frozen=True)
+class RegistryTemplate:
+    name: str
+    distance: int
+    capabilities: tuple[str, ...]
+    tool_round_trip: bool
+
+
+def registry_template(chat_template: str) -> RegistryTemplate | None:
+    """The registry Go template ``ollama create`` attaches for ``chat_template`` (template.Named: the closest
+    entry, the first one on ties, if closer than 100 edits), or None."""
+    from grpoctl.manifests.ollama_registry import REGISTRY
+
+    best: RegistryTemplate | None = None
+    bound = REGISTRY_MAX_DISTANCE
+    for name, jinja, caps, round_trip in REGISTRY:
+        d = bounded_edit_distance(chat_template, jinja, bound)
+        if d < bound:
+            best, bound = RegistryTemplate(name, d, caps, round_trip), d
+    return best
+
+
+def chat_template_capabilities(chat_template: str) -> tuple[str, ...]:
+    """What Ollama reads off a GGUF chat template (server/images.go ``chatTemplateCapabilities``)."""
+    caps = []
+    if "tools" in chat_template or "tool_call" in chat_template:
+        caps.append("tools")
+    split_think = ("content.split('</think>')" in chat_template or 'content.split("</think>")' in chat_template)
+    if ("<think>" in chat_template and "</think>" in chat_template) or (
+            split_think and "reasoning_content" not in chat_template and "<SPECIAL_12>" not in chat_template):
+        caps.append("thinking")
+    return tuple(caps)
+
+
+def chat_template_has_tool_round_trip(chat_template: str) -> bool:
+    """server/images.go ``chatTemplateHasToolRoundTrip``."""
+    if "tools" not in chat_template and "tool_call" not in chat_template:
+        return False
+    calls = "tool_calls" in chat_template or "assistant_tool_call" in chat_template
+    return calls and any(s in chat_template for s in (
+        "tool_response", "tool_results", "role'] == 'tool'", "role'] == \"tool\"", "role\"] == 'tool'",
+        "role\"] == \"tool\"", "message.role == 'tool'", "message.role == \"tool\"", "ipython"))
+
+
+def prefers_chat_template(chat_template: str, go_capabilities: tuple[str, ...], go_tool_round_trip: bool) -> bool:
+    """server/images.go ``shouldPreferChatTemplate`` (v0.30.11 and later; v0.30.0-v0.30.10 had only the first
+    rule): the GGUF's chat template wins over a Go template that has fewer capabilities."""
+    chat_caps = chat_template_capabilities(chat_template)
+    chat_rt = chat_template_has_tool_round_trip(chat_template)
+    if len(chat_caps) > len(go_capabilities):
+        return not go_tool_round_trip or chat_rt
+    if set(chat_caps) != set(go_capabilities) or "tools" not in chat_caps:
+        return False
+    return chat_rt and not go_tool_round_trip
+
+
+@dataclass(frozen=True)
+class OllamaPrompt:
+    """Which template renders prompts for a model created from a Modelfile, on Ollama >= 0.30 (default env)."""
+
+    mode: str  # "native": the GGUF's chat template through llama.cpp; "template": the Modelfile's TEMPLATE;
+    #            "registry": a Go template of Ollama's registry that ``ollama create`` attached
+    registry: RegistryTemplate | None = None
+
+    def describe(self) -> str:
+        if self.mode == "native":
+            return "the GGUF's own chat template, rendered by llama.cpp (native chat)"
+        if self.mode == "template":
+            return "the Modelfile's TEMPLATE"
+        assert self.registry is not None
+        return (f"Ollama's registry template {self.registry.name!r} (attached by `ollama create`: the chat template "
+                f"is {self.registry.distance} edits from it), not the model's chat template")
+
+
+def ollama_prompt(chat_template: str, template_capabilities: tuple[str, ...] | None) -> OllamaPrompt:
+    """Predict, from Ollama's source, what renders prompts on Ollama >= 0.30 (OLLAMA_GO_TEMPLATE unset) for a
+    GGUF with ``chat_template`` created with a TEMPLATE of ``template_capabilities`` (None: no TEMPLATE)."""
+    if template_capabilities is not None:
+        return OllamaPrompt("native" if prefers_chat_template(chat_template, template_capabilities, False)
+                            else "template")
+    reg = registry_template(chat_template)
+    if reg is None or prefers_chat_template(chat_template, reg.capabilities, reg.tool_round_trip):
+        return OllamaPrompt("native")
+    return OllamaPrompt("registry", reg)
+
+
+# --- The Modelfile's template ------------------------------------------------------------------------------
+
+TEMPLATE_MODES = ("auto", "go", "native")
+
+
+@dataclass
+class TemplatePlan:
+    """What the Modelfile carries for the chat format, and what each Ollama version renders prompts with."""
+
+    template: str | None  # the TEMPLATE to write; None: none
+    stops: list[str]
+    fmt: Any = None  # the probed ChatFormat (None when the template has no role/turn structure)
+    go_template: str | None = None  # the translated Go template, written or not
+    go_faithful: bool = False  # the Go check passed on every probe conversation
+    section: dict[str, Any] = field(default_factory=dict)  # artifacts.json manifests.ollama
+    notes: list[str] = field(default_factory=list)
+
+
+def _template_capabilities(fmt: Any) -> tuple[str, ...]:
+    # The translated template declares reasoning tags (.Thinking between them in the range over .Messages, the
+    # rule of Ollama's thinking.InferTags) exactly when the chat template drops or moves earlier reasoning.
+    return ("thinking",) if fmt is not None and fmt.think != "none" and fmt.reasoning_markers else ()
+
+
+def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None, mode: str = "auto", *,
+                  force: bool = False, unchecked_ok: bool = False) -> TemplatePlan:
+    """Decide the Modelfile's TEMPLATE for the tokenizer's chat template.
+
+    ``auto`` writes what makes Ollama >= 0.30 render exactly the chat template: no TEMPLATE when Ollama then
+    renders the GGUF's own template natively, else the translated Go template if it passed the check (a
+    registry template of Ollama's would take over otherwise). ``go`` always writes the translated Go template
+    (Ollama < 0.30 renders nothing else); ``native`` never does. A Go template that failed the check is
+    written only with ``force``; one that could not be checked (no Go) only with ``force``/``unchecked_ok``.
+    """
+    from grpoctl.manifests.gorender import check_fidelity
+    from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
+
+    if mode not in TEMPLATE_MODES:
+        raise UsageError(f"--ollama-template {mode!r}: choose one of {', '.join(TEMPLATE_MODES)}")
+    chat_template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    plan = TemplatePlan(template=None, stops=[tok.eos_token] if getattr(tok, "eos_token", None) else [])
+    sec = plan.section
+    sec["template_mode"] = mode
+    refusal = ""  # why the Go template is not a faithful copy ("" when it is)
+    unchecked: DependencyError | None = None
+    try:
+        plan.fmt = probe_chat_format(tok, markers)
+    except UntranslatableTemplate as err:
+        sec.update(translated=False, reason=str(err))
+        refusal = f"the chat template cannot be translated to a Go template ({err})"
+    else:
+        fmt = plan.fmt
+        plan.stops = fmt.stops
+        plan.go_template = to_go_template(fmt)
+        sec.update(translated=True, family=fmt.family, reasoning=fmt.think, bos_added_by_runtime=bool(fmt.bos),
+                   stops=fmt.stops)
+        try:
+            report = check_fidelity(tok, fmt, plan.go_template, system if fmt.system_supported else None)
+        except DependencyError as err:
+            unchecked = err
+            sec["fidelity"] = f"not checked: {err}"
+            refusal = f"the Go template could not be checked against transformers ({err})"
+        else:
+            plan.go_faithful = report.passed
+            sec["fidelity"] = {"passed": report.passed, "conversations": [c["name"] for c in report.cases],
+                               "failed_shapes": report.failed_shapes, "failures": report.failures}
+            if not report.passed:
+                refusal = f"the Go template cannot reproduce the chat template: {report.meaning}"
+                sec["reason"] = report.reason
+
+    no_template = ollama_prompt(chat_template, None) if chat_template else OllamaPrompt("native")
+    wants_go = mode == "go" or (mode == "auto" and no_template.mode != "native")
+    if wants_go and plan.go_template is None:
+        if mode == "go":
+            raise UsageError(f"--ollama-template go: {refusal}; Ollama >= 0.30 renders the chat template itself "
+                             "(leave --ollama-template at auto)")
+    elif wants_go and plan.go_faithful:
+        plan.template = plan.go_template
+    elif wants_go and unchecked is not None:
+        if not (force or unchecked_ok):
+            raise unchecked
+        plan.template = plan.go_template
+        plan.notes.append(f"Ollama TEMPLATE written unchecked: {refusal}")
+    elif wants_go and (mode == "go" or force):
+        if not force:
+            raise VerificationError(f"{refusal}; pass --force to write it anyway, or leave --ollama-template at "
+                                    "auto (Ollama >= 0.30 renders the chat template itself)")
+        plan.template = plan.go_template
+        plan.notes.append(f"TEMPLATE written because of --force although {refusal}")
+
+    new = no_template if plan.template is None else ollama_prompt(chat_template, _template_capabilities(plan.fmt))
+    new_faithful = new.mode == "native" or (new.mode == "template" and plan.go_faithful)
+    if plan.template is not None:
+        old, old_faithful = "the Modelfile's TEMPLATE", plan.go_faithful
+    else:
+        old = ("Ollama's registry template " + repr(no_template.registry.name) if no_template.registry
+               else "Ollama's default template {{ .Prompt }}")
+        old_faithful = False
+    sec.update(template_written=plan.template is not None, renders_with={">=0.30": new.describe(), "<0.30": old},
+               faithful={">=0.30": new_faithful, "<0.30": old_faithful})
+    if plan.template is None and plan.go_faithful:
+        sec["go_template"] = plan.go_template  # for Ollama < 0.30: `--ollama-template go`, or grpoctl serve
+
+    if new.mode == "registry":
+        why = refusal or "--ollama-template native was asked for"
+        plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()} ({why}); start Ollama with "
+                          "OLLAMA_GO_TEMPLATE=0 so it renders the GGUF's chat template itself")
+    elif not new_faithful:
+        plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()}, not checked to equal the chat "
+                          f"template: {refusal}")
+    if not old_faithful:
+        fix = ("write the checked Go template for them with --ollama-template go" if plan.go_faithful
+               else f"no Modelfile can fix that there: {refusal}")
+        plan.notes.append(f"Ollama < 0.30 renders prompts with {old}, not the chat template; {fix}")
+    checked = (f", checked byte for byte in Go text/template on {len(sec['fidelity']['conversations'])} "
+               "conversations" if new.mode == "template" and plan.go_faithful else "")
+    sec["summary"] = f"Ollama >= 0.30 renders prompts with {new.describe()}{checked}"
+    return plan
