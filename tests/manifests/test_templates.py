@@ -8,6 +8,8 @@ today's date, whitespace after the reasoning end marker -- must fail the check, 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from grpoctl.manifests.gorender import check_fidelity, infer_reasoning_tags, render_go
@@ -95,11 +97,11 @@ def test_template_rejecting_system_refuses_it_in_go_too(base_tokenizer_dir, go_r
     tok = family_tokenizer(base_tokenizer_dir, "qwen2")
     tok.chat_template = SHAPES["gemma-style"]
     fmt, go = _translate(tok)
-    assert fmt.system_error == "System role not supported"
     out = render_go(go, [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]},
                          {"messages": [{"role": "user", "content": "hi"}]}])
-    assert "System role not supported" in out[0]["error"] and not out[0]["output"]
+    assert not out[0]["output"] and "System role not supported" in out[0].get("error", "")
     assert out[1]["output"].endswith("<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
+    assert fmt.system_error == "System role not supported"
     report = check_fidelity(tok, fmt, go, "Be brief.")
     assert report.passed, report.failures
     refused = {c["name"] for c in report.cases if c.get("refused")}
@@ -111,8 +113,8 @@ def test_check_fails_a_template_that_drops_the_rejected_system_message(base_toke
     tok = family_tokenizer(base_tokenizer_dir, "qwen2")
     tok.chat_template = SHAPES["gemma-style"]
     fmt, go = _translate(tok)
-    dropping = go.split("{{ end -}}\n", 1)[1]  # without the `if $.System` refusal
-    assert "template" not in dropping.split("range")[0]
+    dropping = re.sub(r'\{\{ if \$\.System -\}\}\n\{\{ template "[^"]*" \. -\}\}\n\{\{ end -\}\}\n', "", go)
+    assert "$.System" not in dropping
     report = check_fidelity(tok, fmt, dropping, "Be brief.")
     assert not report.passed and "system+user" in {c["name"] for c in report.failures}
 
