@@ -148,7 +148,7 @@ def registry_template(chat_template: str) -> RegistryTemplate | None:
 
     best: RegistryTemplate | None = None
     bound = REGISTRY_MAX_DISTANCE
-    for name, jinja, caps, round_trip in REGISTRY:
+    for name, jinja, caps, round_trip, _go in REGISTRY:
         d = bounded_edit_distance(chat_template, jinja, bound)
         if d < bound:
             best, bound = RegistryTemplate(name, d, caps, round_trip), d

@@ -196,22 +196,22 @@ def runtime_adds_bos(tok: Any) -> bool:
     return bool(ids) and ids[0] == bos_id
 
 
-def _split_turn_boundary(seg: str, pre: str, specials: list[str]) -> tuple[str, str]:
+def _split_turn_boundary(seg: str, pre: str, specials: list[str], also: tuple[str, ...] = ()) -> tuple[str, str]:
     """Split the text between an assistant answer and the next user message into (assistant close, user open).
 
-    Any split renders the same bytes for alternating conversations; the one chosen puts the cut right before
-    the special token that introduces the user role, so stops and readability come out natural.
+    The user open must end ``pre`` (what precedes the first user message) and every text in ``also`` (what
+    precedes it after a system message). Among the splits that allow, the one chosen puts the cut right before
+    the special token that introduces the user role, so stops and readability come out natural; else the
+    user open is the longest text all of them end with.
     """
+    ends = (pre, *also)
     low = seg.lower()
     pos = low.find("user")
     if pos >= 0:
         starts = [i for i, _ in _specials_in(seg, specials) if i <= pos]
-        if starts and pre.endswith(seg[starts[-1]:]):
+        if starts and all(t.endswith(seg[starts[-1]:]) for t in ends):
             return seg[:starts[-1]], seg[starts[-1]:]
-    # fallback: the longest tail shared with the first user's prefix
-    k = 0
-    while k < len(seg) and k < len(pre) and seg[len(seg) - 1 - k] == pre[len(pre) - 1 - k]:
-        k += 1
+    k = len(os.path.commonprefix([t[::-1] for t in (seg, *ends)]))
     return seg[:len(seg) - k], seg[len(seg) - k:]
 
 
@@ -280,19 +280,24 @@ def _probe_mode(tok: Any, bos: str, specials: list[str], markers: tuple[str, str
         raise UntranslatableTemplate("user turns are not rendered the same way each time")
     asst_open = r_uau[len(pre + U1 + user_close):r_uau.index(A1)]
     seg = r_uau[r_uau.index(A1) + len(A1):r_uau.index(U2)]
-    asst_close, user_open = _split_turn_boundary(seg, pre, specials)
-    if not pre.endswith(user_open):
-        raise UntranslatableTemplate("the first user turn is opened differently from later ones")
-    default_block = pre[:len(pre) - len(user_open)]
 
-    system_error, sys_before, sys_after = "", "", ""
+    system_error, sys_block_user = "", None
     try:
         r_su = r([("system", S), ("user", U1)])
     except TemplateRaised as err:  # e.g. Gemma: "System role not supported"
         system_error = err.message or "the chat template rejects system messages"
     else:
         sys_block_user = _before(r_su, U1)
-        if not sys_block_user.endswith(user_open) or S not in sys_block_user or _after(r_su, U1) != user_close:
+        if S not in sys_block_user or _after(r_su, U1) != user_close:
+            raise UntranslatableTemplate("the system message is not rendered as a block before the first user turn")
+    also = (sys_block_user[sys_block_user.index(S) + len(S):],) if sys_block_user is not None else ()
+    asst_close, user_open = _split_turn_boundary(seg, pre, specials, also)
+    if not pre.endswith(user_open):
+        raise UntranslatableTemplate("the first user turn is opened differently from later ones")
+    default_block = pre[:len(pre) - len(user_open)]
+    sys_before, sys_after = "", ""
+    if sys_block_user is not None:
+        if not sys_block_user.endswith(user_open):
             raise UntranslatableTemplate("the system message is not rendered as a block before the first user turn")
         sys_before, sys_after = sys_block_user[:len(sys_block_user) - len(user_open)].split(S, 1)
 

@@ -169,14 +169,14 @@ def _serve_ollama(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, name:
     version = ollama.ping(opts.host, timeout=5.0)
     ollama.check_version(version)
     echo(f"Ollama daemon {version} at {ollama.resolve_host(opts.host)}")
-    reg = ollama.plan_registration(target, info, name, n_ctx, opts.modelfile)
+    reg = ollama.plan_registration(target, info, name, n_ctx, opts.modelfile, version)
     if reg.source == "gguf":
-        echo(f"registering {target.gguf.name} as {name!r}: no Modelfile in the export, so Ollama takes the "
-             "template from the GGUF's chat template; stop tokens from the GGUF, context, sampling and system "
-             "prompt from the run (`grpoctl manifests` writes an explicit Modelfile)")
+        echo(f"registering {target.gguf.name} as {name!r}: no Modelfile in the export; stop tokens from the "
+             "GGUF, context, sampling and system prompt from the run (`grpoctl manifests` writes a Modelfile)")
     else:
         echo(f"registering {target.gguf.name} as {name!r} with TEMPLATE/SYSTEM/PARAMETER from "
              f"{reg.source.removeprefix('modelfile:')}")
+    echo(f"prompts: {reg.renders_with}")
     digest = target.verify_digest()
     ollama.register(reg, digest, opts.host, echo=echo)
     if opts.smoke:
