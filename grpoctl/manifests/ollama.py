@@ -251,7 +251,8 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
     renders the GGUF's own template natively, else the translated Go template if it passed the check (a
     registry template of Ollama's would take over otherwise). ``go`` always writes the translated Go template
     (Ollama < 0.30 renders nothing else); ``native`` never does. A Go template that failed the check is
-    written only with ``force``; one that could not be checked (no Go) only with ``force``/``unchecked_ok``.
+    written only as ``go`` with ``force``; one that could not be checked (no Go) only with ``force`` or
+    ``unchecked_ok``.
     """
     from grpoctl.manifests.gorender import check_fidelity
     from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
@@ -302,7 +303,7 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
             raise unchecked
         plan.template = plan.go_template
         plan.notes.append(f"Ollama TEMPLATE written unchecked: {refusal}")
-    elif wants_go and (mode == "go" or force):
+    elif wants_go and mode == "go":
         if not force:
             raise VerificationError(f"{refusal}; pass --force to write it anyway, or leave --ollama-template at "
                                     "auto (Ollama >= 0.30 renders the chat template itself)")
@@ -313,8 +314,9 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
     new_faithful = new.mode == "native" or (new.mode == "template" and plan.go_faithful)
     if plan.template is not None:
         old, old_faithful = "the Modelfile's TEMPLATE", plan.go_faithful
-    else:
-        old = ("Ollama's registry template " + repr(no_template.registry.name) if no_template.registry
+    else:  # before 0.30 a registry match is used whatever its capabilities
+        match = no_template.registry or (registry_template(chat_template) if chat_template else None)
+        old = (f"Ollama's registry template {match.name!r}" if match
                else "Ollama's default template {{ .Prompt }}")
         old_faithful = False
     sec.update(template_written=plan.template is not None, renders_with={">=0.30": new.describe(), "<0.30": old},

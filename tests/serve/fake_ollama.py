@@ -141,8 +141,8 @@ class FakeOllama:
         think = body.get("think")
         if think is None and "thinking" in caps:
             think = True
-        if mode == "default":  # template.DefaultTemplate, {{ .Prompt }}: the last user message alone
-            prompt = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        if mode == "default":  # template.DefaultTemplate `{{ .Prompt }}` (+ `{{ .Response }}`): bare message text
+            prompt = "".join(m["content"] for m in messages if m.get("role") in ("user", "assistant"))
         elif mode == "native":
             kw = {} if think is None else {"enable_thinking": bool(think)}
             prompt = Jinja2ChatFormatter(spec["_chat_template"], spec["_eos"], spec["_bos"])(
