@@ -1,0 +1,117 @@
+"""Which template Ollama renders a Modelfile's model with, and the TEMPLATE grpoctl writes for it.
+
+Ollama cannot run here; these follow its source (ollama/ollama v0.30.0 to v0.32.15): the registry match
+``ollama create`` attaches (server/model.go detectChatTemplate, template/template.go Named), and the
+native-or-Go choice (server/routes.go chatModeForModel, server/images.go shouldPreferChatTemplate).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from grpoctl.errors import UsageError, VerificationError
+from grpoctl.manifests.ollama import (
+    bounded_edit_distance,
+    chat_template_capabilities,
+    ollama_prompt,
+    plan_template,
+    registry_template,
+)
+from tests.manifests.conftest import TEMPLATES, family_tokenizer
+
+
+def _levenshtein(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def test_bounded_edit_distance_equals_levenshtein_below_the_bound():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = "".join(rng.choice("ab｜<>") for _ in range(rng.randrange(0, 40)))
+        b = "".join(rng.choice("ab｜<>") for _ in range(rng.randrange(0, 40)))
+        bound = rng.randrange(1, 30)
+        assert bounded_edit_distance(a, b, bound) == min(_levenshtein(a, b), bound), (a, b, bound)
+
+
+@pytest.mark.parametrize("family, name, distance", [("smollm2", "chatml", 41), ("qwen2", "chatml", 10),
+                                                    ("gemma-2", "gemma-instruct", 0),
+                                                    ("llama-3.1", "llama3-instruct", 0)])
+def test_ollama_create_attaches_the_closest_registry_template(family, name, distance):
+    text = (TEMPLATES / f"{family}.jinja").read_text()
+    match = registry_template(text)
+    assert (match.name, match.distance) == (name, distance)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5", "deepseek-v3.2", "granite-3.3"])
+def test_templates_far_from_every_registry_entry_get_none(family):
+    assert registry_template((TEMPLATES / f"{family}.jinja").read_text()) is None
+
+
+@pytest.mark.parametrize("family, caps, mode", [
+    ("smollm2", (), "registry"),  # plain ChatML attached, no more capabilities than it: Go path
+    ("gemma-2", (), "registry"),
+    ("llama-3.1", ("tools",), "native"),  # llama3-instruct attached, but the chat template also has tools
+    ("qwen3", ("tools", "thinking"), "native"),  # nothing attached
+])
+def test_what_ollama_030_renders_without_a_template(family, caps, mode):
+    text = (TEMPLATES / f"{family}.jinja").read_text()
+    assert chat_template_capabilities(text) == caps
+    assert ollama_prompt(text, None).mode == mode
+
+
+def test_a_template_with_fewer_capabilities_than_the_chat_template_is_ignored():
+    qwen3 = (TEMPLATES / "qwen3.jinja").read_text()
+    assert ollama_prompt(qwen3, ("thinking",)).mode == "native"  # tools + thinking beat thinking alone
+    smollm2 = (TEMPLATES / "smollm2.jinja").read_text()
+    assert ollama_prompt(smollm2, ()).mode == "template"
+
+
+def test_auto_writes_no_template_where_ollama_renders_natively(base_tokenizer_dir, go_renderer):
+    tok = family_tokenizer(base_tokenizer_dir, "qwen2.5")
+    plan = plan_template(tok, None, "Be brief.")
+    assert plan.template is None and plan.go_faithful
+    assert plan.section["go_template"] == plan.go_template  # kept for Ollama < 0.30
+    assert plan.section["faithful"] == {">=0.30": True, "<0.30": False}
+    assert any("--ollama-template go" in n for n in plan.notes)
+    go = plan_template(tok, None, "Be brief.", "go")
+    assert go.template == plan.go_template and go.section["faithful"]["<0.30"] is True
+
+
+def test_auto_writes_the_checked_template_where_a_registry_one_would_take_over(base_tokenizer_dir, go_renderer):
+    tok = family_tokenizer(base_tokenizer_dir, "smollm2")
+    plan = plan_template(tok, None, "Be brief.")
+    assert plan.template and plan.go_faithful and not plan.notes
+    assert plan.section["renders_with"][">=0.30"] == "the Modelfile's TEMPLATE"
+    native = plan_template(tok, None, "Be brief.", "native")
+    assert native.template is None and "registry template 'chatml'" in native.section["renders_with"][">=0.30"]
+    assert any("OLLAMA_GO_TEMPLATE=0" in n for n in native.notes)
+
+
+def test_go_mode_refuses_a_template_the_check_fails(base_tokenizer_dir, go_renderer):
+    tok = family_tokenizer(base_tokenizer_dir, "llama-3.2")
+    with pytest.raises(VerificationError, match="current date"):
+        plan_template(tok, None, None, "go")
+    forced = plan_template(tok, None, None, "go", force=True)
+    assert forced.template and any("--force" in n for n in forced.notes)
+    assert plan_template(tok, None, None).template is None  # auto: Ollama >= 0.30 renders it natively
+
+
+def test_unknown_template_mode_is_a_usage_error(base_tokenizer_dir):
+    with pytest.raises(UsageError, match="auto, go, native"):
+        plan_template(family_tokenizer(base_tokenizer_dir, "qwen2"), None, None, "jinja")
+
+
+def test_coverage_script_runs_on_the_shipped_templates(capsys, go_renderer):
+    from tests.manifests.template_coverage import main
+
+    assert main([str(TEMPLATES)]) == 0
+    out = capsys.readouterr().out
+    assert "templates: 12" in out and "Go TEMPLATE faithful: 4, refused: 8" in out and "refused, by class" in out
