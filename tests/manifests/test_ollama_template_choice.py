@@ -20,16 +20,7 @@ from grpoctl.manifests.ollama import (
     registry_template,
 )
 from tests.manifests.conftest import TEMPLATES, family_tokenizer
-
-
-def _levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+from tests.serve.fake_ollama import _levenshtein  # the protocol server's plain restatement of Ollama's
 
 
 def test_bounded_edit_distance_equals_levenshtein_below_the_bound():

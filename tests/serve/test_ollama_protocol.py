@@ -20,6 +20,7 @@ from grpoctl.serve.api import ServeOptions, serve
 from grpoctl.serve.gguf_info import read_gguf_info
 from grpoctl.serve.modelfile import read_modelfile
 from grpoctl.serve.source import resolve_target
+from tests.manifests import conftest as manifest_fixtures
 from tests.manifests.conftest import TEMPLATES
 from tests.serve.exports import SYSTEM_PROMPT, make_export, write_run
 from tests.serve.fake_ollama import _NAME, FakeOllama
@@ -41,21 +42,12 @@ PARAMETER top_k 20
 '''
 
 
-@pytest.fixture(scope="session")
-def go_program():
-    """The Go text/template renderer, built once in the user cache (each test gets its own GRPOCTL_CACHE)."""
-    from grpoctl.errors import DependencyError
-    from grpoctl.manifests.gorender import build_renderer
-
-    try:
-        return build_renderer()
-    except DependencyError as err:
-        pytest.skip(f"no usable Go toolchain to render Go templates with: {err}")
+go_renderer = manifest_fixtures.go_renderer  # Go's text/template renderer, built once per session
 
 
 @pytest.fixture
-def fake(tmp_path, go_program):
-    with FakeOllama(tmp_path / "blobs", go_renderer=go_program) as server:
+def fake(tmp_path, go_renderer):
+    with FakeOllama(tmp_path / "blobs", go_renderer=go_renderer) as server:
         yield server
 
 
@@ -308,7 +300,7 @@ def test_native_chat_renders_the_ggufs_template_with_thinking_on_per_ollama_sour
     assert chat["prompt"].endswith("<｜Assistant｜><think>")
 
 
-def test_daemon_before_native_chat_gets_the_checked_go_template_per_ollama_source(tmp_path, go_program,
+def test_daemon_before_native_chat_gets_the_checked_go_template_per_ollama_source(tmp_path, go_renderer,
                                                                                  dsv32_gguf, smollm2_dir):
     """Ollama < 0.30 renders Go templates only: the Modelfile has no TEMPLATE (written for current Ollama),
     so grpoctl sends the Go template it checked and recorded in artifacts.json; the prompt is transformers'
@@ -317,7 +309,7 @@ def test_daemon_before_native_chat_gets_the_checked_go_template_per_ollama_sourc
     run = write_run(tmp_path / "run")
     make_export(run / "export", {"q4_1": dsv32_gguf})
     _manifests(run, smollm2_dir, template)
-    with FakeOllama(tmp_path / "blobs", version="0.29.0", go_renderer=go_program) as old:
+    with FakeOllama(tmp_path / "blobs", version="0.29.0", go_renderer=go_renderer) as old:
         lines: list[str] = []
         assert serve(ServeOptions(source=run, engine="ollama", host=old.host, smoke=True, max_tokens=4),
                      echo=lines.append) == 0
