@@ -219,6 +219,23 @@ def ollama_prompt(chat_template: str, template_capabilities: tuple[str, ...] | N
     return OllamaPrompt("registry", reg)
 
 
+def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
+    """Where llama.cpp's chat layer, which renders Ollama's native chat, departs from transformers for this
+    chat template (llama.cpp common/chat.cpp and tools/server/server-common.cpp, as vendored in
+    llama-cpp-python 0.3.36; each measured with llama-server's /apply-template)."""
+    out = []
+    if "date_string" in chat_template:
+        out.append("llama.cpp sets date_string to today's date (common_chat_extra_context) where transformers "
+                   "leaves it undefined, so the template's own default date is replaced")
+    if fmt is not None and not fmt.system_supported:
+        out.append("llama.cpp folds a system message into the first user turn "
+                   "(workaround::system_message_not_supported) where the chat template raises")
+    if "enable_thinking" in chat_template and "thinking" not in chat_template_capabilities(chat_template):
+        out.append("Ollama does not treat the model as thinking, so a request without `think` reaches llama-server "
+                   "without enable_thinking, which llama-server then turns on; transformers leaves it unset")
+    return out
+
+
 # --- The Modelfile's template ------------------------------------------------------------------------------
 
 TEMPLATE_MODES = ("auto", "go", "native")
@@ -291,7 +308,11 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
                 sec["reason"] = report.reason
 
     no_template = ollama_prompt(chat_template, None) if chat_template else OllamaPrompt("native")
-    wants_go = mode == "go" or (mode == "auto" and no_template.mode != "native")
+    # auto: the native render unless a registry template would take over, or llama.cpp departs from
+    # transformers for this template and the checked Go template does not
+    native_departs = no_template.mode == "native" and bool(llama_cpp_departures(chat_template, plan.fmt))
+    wants_go = mode == "go" or (mode == "auto" and (no_template.mode != "native"
+                                                    or (native_departs and plan.go_faithful)))
     if wants_go and plan.go_template is None:
         if mode == "go":
             raise UsageError(f"--ollama-template go: {refusal}; Ollama >= 0.30 renders the chat template itself "
@@ -311,7 +332,10 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         plan.notes.append(f"TEMPLATE written because of --force although {refusal}")
 
     new = no_template if plan.template is None else ollama_prompt(chat_template, _template_capabilities(plan.fmt))
-    new_faithful = new.mode == "native" or (new.mode == "template" and plan.go_faithful)
+    # Native: the chat template itself, through llama.cpp's engine and chat layer; not checked here.
+    departures = llama_cpp_departures(chat_template, plan.fmt) if new.mode == "native" else []
+    new_faithful: bool | None = (None if new.mode == "native" and not departures
+                                 else new.mode == "template" and plan.go_faithful)
     if plan.template is not None:
         old, old_faithful = "the Modelfile's TEMPLATE", plan.go_faithful
     else:  # before 0.30 a registry match is used whatever its capabilities
@@ -324,11 +348,15 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
     if plan.template is None and plan.go_faithful:
         sec["go_template"] = plan.go_template  # for Ollama < 0.30: `--ollama-template go`, or grpoctl serve
 
+    if departures:
+        sec["llama_cpp_departures"] = departures
+        plan.notes.append("Ollama >= 0.30 renders the chat template with llama.cpp, which differs from "
+                          "transformers here: " + "; ".join(departures))
     if new.mode == "registry":
         why = refusal or "--ollama-template native was asked for"
         plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()} ({why}); start Ollama with "
                           "OLLAMA_GO_TEMPLATE=0 so it renders the GGUF's chat template itself")
-    elif not new_faithful:
+    elif new_faithful is False and not departures:
         plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()}, not checked to equal the chat "
                           f"template: {refusal}")
     if not old_faithful:
@@ -337,5 +365,7 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         plan.notes.append(f"Ollama < 0.30 renders prompts with {old}, not the chat template; {fix}")
     checked = (f", checked byte for byte in Go text/template on {len(sec['fidelity']['conversations'])} "
                "conversations" if new.mode == "template" and plan.go_faithful else "")
+    if new.mode == "native" and not departures:
+        checked = " (not checked here: llama.cpp's C++ engine does not run in this step)"
     sec["summary"] = f"Ollama >= 0.30 renders prompts with {new.describe()}{checked}"
     return plan

@@ -61,7 +61,7 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     assert kinds["gguf/Modelfile"] == "modelfile" and kinds["vllm/k8s.yaml"] == "manifest"
     section = manifest.sections["manifests"]
     ollama = section["ollama"]
-    assert ollama["template_written"] is False and ollama["faithful"] == {">=0.30": True, "<0.30": False}
+    assert ollama["template_written"] is False and ollama["faithful"] == {">=0.30": None, "<0.30": False}
     assert "native" in ollama["renders_with"][">=0.30"] and ollama["fidelity"]["failed_shapes"] == ["reasoning"]
     assert "go_template" not in ollama
     assert any(n.startswith("Ollama < 0.30 renders prompts with Ollama's default template") for n in section["notes"])

@@ -70,7 +70,7 @@ def test_auto_writes_no_template_where_ollama_renders_natively(base_tokenizer_di
     plan = plan_template(tok, None, "Be brief.")
     assert plan.template is None and plan.go_faithful
     assert plan.section["go_template"] == plan.go_template  # kept for Ollama < 0.30
-    assert plan.section["faithful"] == {">=0.30": True, "<0.30": False}
+    assert plan.section["faithful"] == {">=0.30": None, "<0.30": False}  # native: llama.cpp, not checked here
     assert any("--ollama-template go" in n for n in plan.notes)
     go = plan_template(tok, None, "Be brief.", "go")
     assert go.template == plan.go_template and go.section["faithful"]["<0.30"] is True
@@ -106,3 +106,27 @@ def test_coverage_script_runs_on_the_shipped_templates(capsys, go_renderer):
     assert main([str(TEMPLATES)]) == 0
     out = capsys.readouterr().out
     assert "templates: 12" in out and "Go TEMPLATE faithful: 4, refused: 8" in out and "refused, by class" in out
+
+
+def test_where_llamacpp_departs_from_transformers_the_checked_template_is_preferred(base_tokenizer_dir,
+                                                                                   go_renderer):
+    """llama.cpp folds a system message into the first user turn where a Gemma-style template raises
+    (common/chat.cpp workaround::system_message_not_supported); the checked Go template refuses it as
+    transformers does, so auto writes it."""
+    from tests.manifests.test_templates import SHAPES
+
+    tok = family_tokenizer(base_tokenizer_dir, "qwen2")
+    tok.chat_template = SHAPES["gemma-style"]
+    assert ollama_prompt(tok.chat_template, None).mode == "native"
+    plan = plan_template(tok, None, None)
+    assert plan.template == plan.go_template and plan.go_faithful
+    assert plan.section["renders_with"][">=0.30"] == "the Modelfile's TEMPLATE"
+
+
+def test_llama31_native_render_is_said_to_differ_by_its_date(base_tokenizer_dir, go_renderer):
+    """No Modelfile reproduces Llama 3.1 exactly: Go cannot trim, and llama.cpp sets date_string to today
+    where transformers keeps the template's "26 Jul 2024"; the step says both."""
+    plan = plan_template(family_tokenizer(base_tokenizer_dir, "llama-3.1"), None, None)
+    assert plan.template is None and plan.section["faithful"] == {">=0.30": False, "<0.30": False}
+    assert any("date_string" in d for d in plan.section["llama_cpp_departures"])
+    assert any("llama.cpp, which differs from transformers here" in n for n in plan.notes)
