@@ -224,7 +224,7 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     chat template (llama.cpp common/chat.cpp and tools/server/server-common.cpp, as vendored in
     llama-cpp-python 0.3.36; each measured with llama-server's /apply-template)."""
     out = []
-    if "date_string" in chat_template:
+    if "date_string" in chat_template and "strftime_now" not in chat_template:
         out.append("llama.cpp sets date_string to today's date (common_chat_extra_context) where transformers "
                    "leaves it undefined, so the template's own default date is replaced")
     if fmt is not None and not fmt.system_supported:

@@ -2,11 +2,17 @@
 Ollama >= 0.30 renders each with (its own registry rules, followed from the source).
 
     python -m tests.manifests.template_coverage DIR [--json OUT]
+    python -m tests.manifests.template_coverage DIR --llama-server BIN --gguf GGUF --tokenizer HF_DIR
 
 DIR holds ``*.jinja`` chat templates (llama.cpp's ``models/templates`` corpus is the reference set: it
 ships in the llama-cpp-python sdist under ``vendor/llama.cpp/models/templates``). Each is dressed on the
 test tokenizer (its special tokens found in the template text, BOS ``<s>``, EOS ``</s>``), probed,
 translated and checked with Go exactly as ``grpoctl manifests`` does.
+
+With ``--llama-server`` it measures Ollama's native path instead: llama.cpp's C++ Jinja engine and chat
+layer (``POST /apply-template`` of a llama-server started on GGUF with ``--chat-template-file``) against
+transformers (the tokenizer in HF_DIR carrying the same template), on the check's conversations that end
+with a user turn, ``enable_thinking`` passed as ``chat_template_kwargs`` where the conversation sets think.
 """
 
 from __future__ import annotations
@@ -63,14 +69,72 @@ def classify(tok: Any) -> dict[str, Any]:
     return out
 
 
+def native_renders(server: Path, gguf: Path, tok: Any, template: Path) -> dict[str, tuple[str, str]]:
+    """{conversation: (transformers, llama.cpp)} for each check conversation ending with a user turn."""
+    import socket
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    from grpoctl.manifests.gorender import conversations
+    from grpoctl.manifests.templates import ChatFormat, TemplateRaised, hf_render
+
+    fmt = ChatFormat(family="", bos="", sys_before="", sys_after="", default_block="", user_open="",
+                     user_close="", asst_open="", asst_close="", gen="", think="drop",
+                     reasoning_markers=("<think>", "</think>"))
+    convs = [c for c in conversations(fmt, "Be brief.") if c.ends_with_user and c.day is None]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(server), "-m", str(gguf), "--chat-template-file", str(template), "--jinja",
+                             "--host", "127.0.0.1", "--port", str(port), "-c", "2048"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except (urllib.error.URLError, OSError):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"llama-server exited ({proc.returncode}) on {template.name}") from None
+                time.sleep(0.5)
+        tok.chat_template = template.read_text()
+        out = {}
+        for c in convs:
+            kw = {} if c.think is None else {"enable_thinking": c.think}
+            try:
+                hf = hf_render(tok, c.messages, "", add_generation_prompt=True, **kw)
+            except TemplateRaised as err:
+                hf = f"<error: {err.message}>"
+            body = {"messages": c.messages, **({"chat_template_kwargs": kw} if kw else {})}
+            req = urllib.request.Request(url + "/apply-template", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                ll = json.loads(urllib.request.urlopen(req, timeout=120).read())["prompt"]
+            except urllib.error.HTTPError as err:
+                ll = f"<error: HTTP {err.code}>"
+            out[c.name] = (hf, ll)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.tinymodels import build_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("corpus", type=Path)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--llama-server", type=Path, default=None, help="measure the native path with this binary")
+    ap.add_argument("--gguf", type=Path, default=None, help="model llama-server loads (its template is replaced)")
+    ap.add_argument("--tokenizer", type=Path, default=None, help="HF tokenizer matching the GGUF's vocabulary")
     args = ap.parse_args(argv)
     files = sorted(args.corpus.glob("*.jinja"))
+    if args.llama_server:
+        return _native(args, files)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         build_tokenizer(Path(tmp))
@@ -92,6 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     switched = sum(bool(r.get("think_switch")) for r in results.values() if r["go"] == "faithful")
     print(f"faithful with a think switch: {switched}")
     print("Modelfile by default (Ollama >= 0.30): " + ", ".join(f"{k}: {v}" for k, v in auto.most_common()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    return 0
+
+
+
+def _native(args: argparse.Namespace, files: list[Path]) -> int:
+    from transformers import AutoTokenizer
+
+    from grpoctl.manifests.ollama import chat_template_capabilities
+
+    tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    results: dict[str, Any] = {}
+    equal = reachable_equal = 0
+    for i, path in enumerate(files, 1):
+        renders = native_renders(args.llama_server, args.gguf, tok, path)
+        thinks = "thinking" in chat_template_capabilities(path.read_text())
+        differ = sorted(name for name, (hf, ll) in renders.items() if hf != ll)
+        # Ollama turns thinking on for a model it sees as thinking, so `think` unset never reaches it
+        reached = [n for n in differ if not (thinks and not n.startswith("think-"))]
+        equal += not differ
+        reachable_equal += not reached
+        results[path.stem] = {"differ": {n: renders[n] for n in differ}, "reached_by_ollama": reached}
+        where = f"; differ where Ollama reaches: {', '.join(reached)}" if reached else ""
+        print(f"[{i}/{len(files)}] {path.stem:46s} {len(renders) - len(differ)}/{len(renders)} equal{where}",
+              file=sys.stderr, flush=True)
+    print(f"templates: {len(files)}; llama.cpp renders like transformers on every conversation: {equal}; "
+          f"on every conversation Ollama can send: {reachable_equal}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return 0
