@@ -221,8 +221,9 @@ def ollama_prompt(chat_template: str, template_capabilities: tuple[str, ...] | N
 
 def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     """Where llama.cpp's chat layer, which renders Ollama's native chat, departs from transformers for this
-    chat template (llama.cpp common/chat.cpp and tools/server/server-common.cpp, as vendored in
-    llama-cpp-python 0.3.36; each measured with llama-server's /apply-template)."""
+    chat template, as far as its source says so for every template (llama.cpp common/chat.cpp, as vendored
+    in llama-cpp-python 0.3.36; both measured with llama-server's /apply-template). Departures that depend
+    on more than the template text (see docs/manifests.md, *Native renders measured*) are not predicted."""
     out = []
     if "date_string" in chat_template and "strftime_now" not in chat_template:
         out.append("llama.cpp sets date_string to today's date (common_chat_extra_context) where transformers "
@@ -230,9 +231,6 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     if fmt is not None and not fmt.system_supported:
         out.append("llama.cpp folds a system message into the first user turn "
                    "(workaround::system_message_not_supported) where the chat template raises")
-    if "enable_thinking" in chat_template and "thinking" not in chat_template_capabilities(chat_template):
-        out.append("Ollama does not treat the model as thinking, so a request without `think` reaches llama-server "
-                   "without enable_thinking, which llama-server then turns on; transformers leaves it unset")
     return out
 
 

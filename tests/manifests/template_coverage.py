@@ -42,30 +42,20 @@ def corpus_tokenizer(base_dir: Path, template: str) -> Any:
 
 
 def classify(tok: Any) -> dict[str, Any]:
-    """One template's outcome: translation, check, and what Ollama renders with each Modelfile."""
-    from grpoctl.manifests.gorender import check_fidelity
-    from grpoctl.manifests.ollama import _template_capabilities, ollama_prompt
-    from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
+    """One template's outcome: the Go check, and the Modelfile ``grpoctl manifests`` writes by default."""
+    from grpoctl.manifests.ollama import plan_template
 
-    out: dict[str, Any] = {}
-    try:
-        fmt = probe_chat_format(tok)
-    except UntranslatableTemplate as err:
-        out.update(go="refused", classes=["structure"], reason=str(err))
-        fmt = None
-    else:
-        report = check_fidelity(tok, fmt, to_go_template(fmt), "Be brief.")
-        out.update(go="faithful" if report.passed else "refused", classes=report.failed_shapes,
-                   reason=report.reason[:160], think_switch=fmt.uses_think_flag,
-                   system_rejected=not fmt.system_supported)
-    plain = ollama_prompt(tok.chat_template, None)
-    out["no_template"] = plain.mode + (f":{plain.registry.name}" if plain.registry else "")
-    if plain.mode == "native":
-        out["auto"] = "no TEMPLATE, native"
-    elif out["go"] == "faithful":
-        out["auto"] = "TEMPLATE, " + ollama_prompt(tok.chat_template, _template_capabilities(fmt)).mode
-    else:
-        out["auto"] = f"no TEMPLATE, {out['no_template']} (not faithful)"
+    plan = plan_template(tok, None, "Be brief.")
+    sec = plan.section
+    fidelity = sec.get("fidelity") if isinstance(sec.get("fidelity"), dict) else {}
+    out: dict[str, Any] = {"go": "faithful" if plan.go_faithful else "refused",
+                           "classes": fidelity.get("failed_shapes", []) if sec["translated"] else ["structure"],
+                           "reason": sec.get("reason", "")[:160],
+                           "think_switch": bool(plan.fmt and plan.fmt.uses_think_flag)}
+    renders = sec["renders_with"][">=0.30"]
+    kind = ("native" if "native" in renders else "registry" if "registry" in renders else "template")
+    out["auto"] = ("TEMPLATE, " if sec["template_written"] else "no TEMPLATE, ") + kind + (
+        ", llama.cpp departs" if sec.get("llama_cpp_departures") else "")
     return out
 
 
