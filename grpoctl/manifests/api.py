@@ -173,9 +173,15 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     if not ggufs:
         ctx.notes.append("no GGUF in the export: no Modelfile written (export with --gguf q4_k_m)")
         return {}, {"written": False}
+    by_quant = {f.kind.split(":", 1)[1].upper(): f for f in ggufs}
+    wanted = ctx.options.quant.upper() if ctx.options.quant else None
+    if wanted and wanted not in by_quant:
+        raise UsageError(f"--quant {ctx.options.quant}: the export has {', '.join(sorted(by_quant))} GGUFs only")
+    default = wanted or next((q for q in QUANT_PREFERENCE if q in by_quant), sorted(by_quant)[0])
     system = None if ctx.options.no_system else (ctx.run.system_prompt if ctx.run else None)
     plan = plan_template(tok, ctx.run.reasoning_markers if ctx.run else None, system, ctx.options.ollama_template,
-                         force=ctx.options.force, unchecked_ok=ctx.options.unchecked_ok)
+                         force=ctx.options.force, unchecked_ok=ctx.options.unchecked_ok,
+                         gguf=ctx.export_dir / by_quant[default].path)
     template, stops, section, fmt = plan.template, plan.stops, plan.section, plan.fmt
     ctx.notes += plan.notes
     if system and fmt is not None and not fmt.system_supported:
@@ -192,11 +198,6 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
                 raise
             template, system = _bake_system(ctx, fmt, system), None
             section.update(system_in_template=True, template_written=True)
-    by_quant = {f.kind.split(":", 1)[1].upper(): f for f in ggufs}
-    wanted = ctx.options.quant.upper() if ctx.options.quant else None
-    if wanted and wanted not in by_quant:
-        raise UsageError(f"--quant {ctx.options.quant}: the export has {', '.join(sorted(by_quant))} GGUFs only")
-    default = wanted or next((q for q in QUANT_PREFERENCE if q in by_quant), sorted(by_quant)[0])
     gguf_out = ctx.out_dir / "gguf"
     license_ = _license(ctx)
     params = _sampling_parameters(ctx.run)

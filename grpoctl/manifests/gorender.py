@@ -173,8 +173,9 @@ def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     return [{"role": role, "content": content} for role, content in pairs]
 
 
-def conversations(fmt: ChatFormat, system_prompt: str | None = None) -> list[Conversation]:
-    """The conversations both renderers must agree on.
+def conversations(fmt: ChatFormat | None, system_prompt: str | None = None,
+                  markers: tuple[str, str] | None = None) -> list[Conversation]:
+    """The conversations both renderers must agree on (reasoning shapes with ``markers``, default the format's).
 
     Plain shapes: system + user, multi-turn with and without system, a prefilled assistant turn (Ollama's
     continuation; HF ``continue_final_message``). Hard shapes, where translations break: message text with
@@ -199,7 +200,7 @@ def conversations(fmt: ChatFormat, system_prompt: str | None = None) -> list[Con
     ]
     convs += [Conversation(f"{c.name}@{day}", c.messages, day=day, shape="date")
               for day in CHECK_DAYS for c in convs[:2]]
-    markers = fmt.reasoning_markers
+    markers = markers or (fmt.reasoning_markers if fmt is not None else None)
     if markers:
         o, c = markers
         for sep in ("", "\n\n "):

@@ -9,7 +9,18 @@ Modelfile that means something else).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DependencyError, UsageError, VerificationError
@@ -234,6 +245,86 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     return out
 
 
+@contextmanager
+def _llama_server(gguf: Path) -> Iterator[str]:
+    """llama-server (llama.cpp's own, built by grpoctl.llamacpp_tools; never built here) on ``gguf`` at a free
+    127.0.0.1 port, with its Jinja chat templating on; yields its URL and stops it however the block ends."""
+    from grpoctl.llamacpp_tools import tool
+
+    server = tool("llama-server", build=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    tail = " ".join(log.read().strip().splitlines()[-2:])
+                    raise DependencyError(f"llama-server could not load {gguf.name} (exit {proc.returncode}: "
+                                          f"{tail[-300:]})")
+                with contextlib.suppress(OSError):
+                    with opener.open(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise DependencyError(f"llama-server did not load {gguf.name} within 300 s")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: str | None) -> Any:
+    """Ollama's native chat, checked: the check's conversations that end with a user turn, rendered from the
+    GGUF's own chat template by llama.cpp's chat layer and C++ Jinja engine (llama-server's
+    ``POST /apply-template``, what Ollama >= 0.30 calls) and by transformers; a FidelityReport. The think flag
+    is passed as ``chat_template_kwargs`` the way Ollama passes it, and left out only for a model Ollama does
+    not treat as thinking (for one it does, Ollama always sets it). DependencyError when llama.cpp's tools
+    are not built or the GGUF does not load."""
+    from grpoctl.manifests.gorender import FidelityReport, conversations
+    from grpoctl.manifests.templates import TemplateRaised, hf_render
+
+    source = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    thinks = "thinking" in chat_template_capabilities(source)
+    convs = [c for c in conversations(None, system, markers or ("<think>", "</think>"))
+             if c.ends_with_user and c.day is None and not (thinks and c.think is None)]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    cases: list[dict[str, Any]] = []
+    with _llama_server(gguf) as url:
+        for c in convs:
+            kw = {} if c.think is None else {"enable_thinking": c.think}
+            try:
+                hf, hf_error = hf_render(tok, c.messages, "", add_generation_prompt=True, **kw), ""
+            except TemplateRaised as err:
+                hf, hf_error = "", err.message or "error"
+            req = urllib.request.Request(url + "/apply-template", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"messages": c.messages, **(
+                                             {"chat_template_kwargs": kw} if kw else {})}).encode())
+            try:
+                with opener.open(req, timeout=120) as r:
+                    ll, ll_error = json.loads(r.read())["prompt"], ""
+            except urllib.error.HTTPError as err:
+                ll, ll_error = "", f"HTTP {err.code}: {err.read()[:200].decode(errors='replace')}"
+            match = bool(hf_error) == bool(ll_error) and (bool(hf_error) or hf == ll)
+            entry: dict[str, Any] = {"name": c.name, "shape": c.shape, "match": match}
+            if not match:
+                entry.update(expected=hf or f"<error: {hf_error}>", got=ll or f"<error: {ll_error}>")
+            cases.append(entry)
+    return FidelityReport(all(c["match"] for c in cases), cases)
+
+
 # --- The Modelfile's template ------------------------------------------------------------------------------
 
 TEMPLATE_MODES = ("auto", "go", "native")
@@ -259,7 +350,7 @@ def _template_capabilities(fmt: Any) -> tuple[str, ...]:
 
 
 def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None, mode: str = "auto", *,
-                  force: bool = False, unchecked_ok: bool = False) -> TemplatePlan:
+                  force: bool = False, unchecked_ok: bool = False, gguf: Path | None = None) -> TemplatePlan:
     """Decide the Modelfile's TEMPLATE for the tokenizer's chat template.
 
     ``auto`` writes what makes Ollama >= 0.30 render exactly the chat template: no TEMPLATE when Ollama then
@@ -267,7 +358,9 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
     registry template of Ollama's would take over otherwise). ``go`` always writes the translated Go template
     (Ollama < 0.30 renders nothing else); ``native`` never does. A Go template that failed the check is
     written only as ``go`` with ``force``; one that could not be checked (no Go) only with ``force`` or
-    ``unchecked_ok``.
+    ``unchecked_ok``. With ``gguf`` and llama.cpp's tools built, the native render is checked too
+    (:func:`check_native`); where it differs from transformers and the Go template does not, auto writes
+    the Go template.
     """
     from grpoctl.manifests.gorender import check_fidelity
     from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
@@ -306,9 +399,19 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
                 sec["reason"] = report.reason
 
     no_template = ollama_prompt(chat_template, None) if chat_template else OllamaPrompt("native")
+    native: Any = None  # the native check's FidelityReport, when it ran
+    if gguf is not None and mode != "go" and no_template.mode == "native":
+        try:
+            native = check_native(tok, gguf, markers or (plan.fmt.reasoning_markers if plan.fmt else None), system)
+        except DependencyError as err:
+            sec["native_check"] = f"not run: {err}"
+        else:
+            sec["native_check"] = {"passed": native.passed, "conversations": [c["name"] for c in native.cases],
+                                   "failures": native.failures}
     # auto: the native render unless a registry template would take over, or llama.cpp departs from
-    # transformers for this template and the checked Go template does not
-    native_departs = no_template.mode == "native" and bool(llama_cpp_departures(chat_template, plan.fmt))
+    # transformers for this template (checked, else known from its source) and the checked Go template does not
+    native_departs = no_template.mode == "native" and (
+        not native.passed if native is not None else bool(llama_cpp_departures(chat_template, plan.fmt)))
     wants_go = mode == "go" or (mode == "auto" and (no_template.mode != "native"
                                                     or (native_departs and plan.go_faithful)))
     if wants_go and plan.go_template is None:
@@ -330,9 +433,12 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         plan.notes.append(f"TEMPLATE written because of --force although {refusal}")
 
     new = no_template if plan.template is None else ollama_prompt(chat_template, _template_capabilities(plan.fmt))
-    # Native: the chat template itself, through llama.cpp's engine and chat layer; not checked here.
-    departures = llama_cpp_departures(chat_template, plan.fmt) if new.mode == "native" else []
-    new_faithful: bool | None = (None if new.mode == "native" and not departures
+    # Native: the chat template itself, through llama.cpp's engine and chat layer: checked when it could run.
+    departures = llama_cpp_departures(chat_template, plan.fmt) if new.mode == "native" and native is None else []
+    if new.mode == "native" and native is not None and not native.passed:
+        departures = [f"llama.cpp renders {', '.join(c['name'] for c in native.failures)} differently"]
+    new_faithful: bool | None = (native.passed if new.mode == "native" and native is not None
+                                 else None if new.mode == "native" and not departures
                                  else new.mode == "template" and plan.go_faithful)
     if plan.template is not None:
         old, old_faithful = "the Modelfile's TEMPLATE", plan.go_faithful
@@ -363,7 +469,10 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         plan.notes.append(f"Ollama < 0.30 renders prompts with {old}, not the chat template; {fix}")
     checked = (f", checked byte for byte in Go text/template on {len(sec['fidelity']['conversations'])} "
                "conversations" if new.mode == "template" and plan.go_faithful else "")
-    if new.mode == "native" and not departures:
-        checked = " (not checked here: llama.cpp's C++ engine does not run in this step)"
+    if new.mode == "native" and native is not None and native.passed:
+        checked = (f", checked byte for byte with llama.cpp's engine (llama-server) on {len(native.cases)} "
+                   "conversations")
+    elif new.mode == "native" and not departures:
+        checked = " (not checked: llama.cpp's tools are not built; `grpoctl doctor --build-llama-tools`)"
     sec["summary"] = f"Ollama >= 0.30 renders prompts with {new.describe()}{checked}"
     return plan

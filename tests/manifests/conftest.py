@@ -132,3 +132,15 @@ def write_export(run: Path, *, name: str = "Tiny-GRPO", quants=("Q4_K_M",), merg
         manifest.add_tree(export / "lora", "lora")
     manifest.save()
     return export
+
+
+def gguf_with_template(src: Path, template: Path, out: Path) -> Path:
+    """A copy of the GGUF ``src`` whose embedded chat template is ``template`` (gguf-py's gguf_new_metadata,
+    llama.cpp's own tool)."""
+    import subprocess
+    import sys
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(src), str(out),
+                    "--chat-template-file", str(template), "--force"], check=True, capture_output=True, timeout=600)
+    return out

@@ -130,3 +130,71 @@ def test_llama31_native_render_is_said_to_differ_by_its_date(base_tokenizer_dir,
     assert plan.template is None and plan.section["faithful"] == {">=0.30": False, "<0.30": False}
     assert any("date_string" in d for d in plan.section["llama_cpp_departures"])
     assert any("llama.cpp, which differs from transformers here" in n for n in plan.notes)
+
+
+# --- the native render, checked with llama.cpp's own engine --------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_tokenizer_dir(smollm2_dir):
+    return smollm2_dir
+
+
+@pytest.fixture(scope="module")
+def template_ggufs(tmp_path_factory, llama_tools):
+    """The embedded SmolLM2 GGUF carrying other chat templates, built on demand."""
+    from grpoctl.models import embedded_gguf_path
+    from tests.manifests.conftest import gguf_with_template
+
+    root = tmp_path_factory.mktemp("ggufs")
+    made: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = gguf_with_template(embedded_gguf_path(), TEMPLATES / f"{family}.jinja",
+                                              root / f"{family}.gguf")
+        return made[family]
+    return get
+
+
+def _tok(smollm2_dir, family: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    return tok
+
+
+def test_native_render_is_checked_with_llamacpps_engine(template_ggufs, smollm2_dir, go_renderer):
+    """Qwen2.5's template: Ollama >= 0.30 renders it natively; llama-server's /apply-template on the GGUF
+    renders every check conversation as transformers does, so no TEMPLATE is written and the render is
+    marked faithful."""
+    plan = plan_template(_tok(smollm2_dir, "qwen2.5"), None, "Be brief.", gguf=template_ggufs("qwen2.5"))
+    assert plan.template is None
+    assert plan.section["native_check"]["passed"] is True and len(plan.section["native_check"]["conversations"]) >= 10
+    assert plan.section["faithful"][">=0.30"] is True
+    assert "checked byte for byte with llama.cpp's engine" in plan.section["summary"]
+
+
+def test_native_check_fails_a_gguf_whose_template_is_not_the_tokenizers(template_ggufs, smollm2_dir, go_renderer):
+    """A GGUF that carries another template than the tokenizer (here Qwen2.5's, with the tokenizer's default
+    system prompt changed) fails the native check. The checked Go template is written, which Ollama < 0.30
+    renders; Ollama >= 0.30 still prefers the GGUF's template (it names tools, the Go template does not:
+    server/images.go shouldPreferChatTemplate), and the step says that render is not the chat template."""
+    tok = _tok(smollm2_dir, "qwen2.5")
+    tok.chat_template = tok.chat_template.replace("You are Qwen, created by Alibaba Cloud.", "You are a tutor.")
+    plan = plan_template(tok, None, "Be brief.", gguf=template_ggufs("qwen2.5"))
+    check = plan.section["native_check"]
+    assert check["passed"] is False and "user" in {c["name"] for c in check["failures"]}
+    assert "You are a tutor." in check["failures"][0]["expected"] and "Qwen" in check["failures"][0]["got"]
+    assert plan.template == plan.go_template and "native" in plan.section["renders_with"][">=0.30"]
+    assert plan.section["faithful"] == {">=0.30": False, "<0.30": True}
+    assert any("llama.cpp renders user" in n for n in plan.notes)
+
+
+def test_native_check_finds_llamacpps_date_string_in_llama31(template_ggufs, smollm2_dir, go_renderer):
+    """llama.cpp sets date_string to today; transformers leaves Llama 3.1's "26 Jul 2024". No Modelfile
+    reproduces this template (Go cannot trim), and the step says so instead of certifying it."""
+    plan = plan_template(_tok(smollm2_dir, "llama-3.1"), None, "Be brief.", gguf=template_ggufs("llama-3.1"))
+    failures = plan.section["native_check"]["failures"]
+    assert failures and all("26 Jul 2024" in c["expected"] and "26 Jul 2024" not in c["got"] for c in failures)
+    assert plan.template is None and plan.section["faithful"] == {">=0.30": False, "<0.30": False}

@@ -8,8 +8,6 @@ show that the Modelfile grpoctl writes makes Ollama send transformers' prompt, n
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from grpoctl.serve.gguf_info import read_gguf_info
 from grpoctl.serve.modelfile import read_modelfile
 from grpoctl.serve.source import resolve_target
 from tests.manifests import conftest as manifest_fixtures
-from tests.manifests.conftest import TEMPLATES
+from tests.manifests.conftest import TEMPLATES, gguf_with_template
 from tests.serve.exports import SYSTEM_PROMPT, make_export, write_run
 from tests.serve.fake_ollama import _NAME, FakeOllama
 
@@ -55,11 +53,8 @@ def fake(tmp_path, go_renderer):
 def dsv32_gguf(tmp_path_factory, smol_gguf) -> Path:
     """The SmolLM2 GGUF carrying DeepSeek-V3.2's chat template (gguf-py's gguf_new_metadata, llama.cpp's own
     tool): a template Ollama >= 0.30 renders natively, which thinks only when enable_thinking is passed."""
-    out = tmp_path_factory.mktemp("dsv32") / "SmolLM2-135M-Instruct-Q4_1.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(smol_gguf), str(out),
-                    "--chat-template-file", str(TEMPLATES / "deepseek-v3.2.jinja"), "--force"],
-                   check=True, capture_output=True, timeout=600)
-    return out
+    return gguf_with_template(smol_gguf, TEMPLATES / "deepseek-v3.2.jinja",
+                              tmp_path_factory.mktemp("dsv32") / "SmolLM2-135M-Instruct-Q4_1.gguf")
 
 
 def _hf_prompt(tok_dir: Path, template: str | None, messages: list[dict], **kw) -> str:
