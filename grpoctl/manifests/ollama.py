@@ -246,9 +246,10 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
 
 
 @contextmanager
-def _llama_server(gguf: Path) -> Iterator[str]:
+def _llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator[str]:
     """llama-server (llama.cpp's own, built by grpoctl.llamacpp_tools; never built here) on ``gguf`` at a free
-    127.0.0.1 port, with its Jinja chat templating on; yields its URL and stops it however the block ends."""
+    127.0.0.1 port, with its Jinja chat templating on (and ``chat_template_file`` instead of the GGUF's
+    template, when given); yields its URL and stops it however the block ends."""
     from grpoctl.llamacpp_tools import tool
 
     server = tool("llama-server", build=False)
@@ -257,7 +258,8 @@ def _llama_server(gguf: Path) -> Iterator[str]:
         port = s.getsockname()[1]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup"],
+                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup",
+                                 *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -286,13 +288,15 @@ def _llama_server(gguf: Path) -> Iterator[str]:
                 proc.wait()
 
 
-def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: str | None) -> Any:
+def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: str | None,
+                 chat_template_file: Path | None = None) -> Any:
     """Ollama's native chat, checked: the check's conversations that end with a user turn, rendered from the
     GGUF's own chat template by llama.cpp's chat layer and C++ Jinja engine (llama-server's
     ``POST /apply-template``, what Ollama >= 0.30 calls) and by transformers; a FidelityReport. The think flag
     is passed as ``chat_template_kwargs`` the way Ollama passes it, and left out only for a model Ollama does
-    not treat as thinking (for one it does, Ollama always sets it). DependencyError when llama.cpp's tools
-    are not built or the GGUF does not load."""
+    not treat as thinking (for one it does, Ollama always sets it). ``chat_template_file`` replaces the GGUF's
+    template (for measuring templates on one GGUF). DependencyError when llama.cpp's tools are not built or
+    the GGUF does not load."""
     from grpoctl.manifests.gorender import FidelityReport, conversations
     from grpoctl.manifests.templates import TemplateRaised, hf_render
 
@@ -302,7 +306,7 @@ def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: 
              if c.ends_with_user and c.day is None and not (thinks and c.think is None)]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     cases: list[dict[str, Any]] = []
-    with _llama_server(gguf) as url:
+    with _llama_server(gguf, chat_template_file) as url:
         for c in convs:
             kw = {} if c.think is None else {"enable_thinking": c.think}
             try:

@@ -9,10 +9,10 @@ ships in the llama-cpp-python sdist under ``vendor/llama.cpp/models/templates``)
 test tokenizer (its special tokens found in the template text, BOS ``<s>``, EOS ``</s>``), probed,
 translated and checked with Go exactly as ``grpoctl manifests`` does.
 
-With ``--llama-server`` it measures Ollama's native path instead: llama.cpp's C++ Jinja engine and chat
-layer (``POST /apply-template`` of a llama-server started on GGUF with ``--chat-template-file``) against
-transformers (the tokenizer in HF_DIR carrying the same template), on the check's conversations that end
-with a user turn, ``enable_thinking`` passed as ``chat_template_kwargs`` where the conversation sets think.
+With ``--llama-server`` it measures Ollama's native path instead, as ``grpoctl manifests`` checks it
+(``check_native``): llama.cpp's chat layer and C++ Jinja engine (``POST /apply-template`` of that
+llama-server started on GGUF with ``--chat-template-file``) against transformers (the tokenizer in HF_DIR
+carrying the same template).
 """
 
 from __future__ import annotations
@@ -59,59 +59,6 @@ def classify(tok: Any) -> dict[str, Any]:
     return out
 
 
-def native_renders(server: Path, gguf: Path, tok: Any, template: Path) -> dict[str, tuple[str, str]]:
-    """{conversation: (transformers, llama.cpp)} for each check conversation ending with a user turn."""
-    import socket
-    import subprocess
-    import time
-    import urllib.error
-    import urllib.request
-
-    from grpoctl.manifests.gorender import conversations
-    from grpoctl.manifests.templates import ChatFormat, TemplateRaised, hf_render
-
-    fmt = ChatFormat(family="", bos="", sys_before="", sys_after="", default_block="", user_open="",
-                     user_close="", asst_open="", asst_close="", gen="", think="drop",
-                     reasoning_markers=("<think>", "</think>"))
-    convs = [c for c in conversations(fmt, "Be brief.") if c.ends_with_user and c.day is None]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(server), "-m", str(gguf), "--chat-template-file", str(template), "--jinja",
-                             "--host", "127.0.0.1", "--port", str(port), "-c", "2048"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"llama-server exited ({proc.returncode}) on {template.name}") from None
-                time.sleep(0.5)
-        tok.chat_template = template.read_text()
-        out = {}
-        for c in convs:
-            kw = {} if c.think is None else {"enable_thinking": c.think}
-            try:
-                hf = hf_render(tok, c.messages, "", add_generation_prompt=True, **kw)
-            except TemplateRaised as err:
-                hf = f"<error: {err.message}>"
-            body = {"messages": c.messages, **({"chat_template_kwargs": kw} if kw else {})}
-            req = urllib.request.Request(url + "/apply-template", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            try:
-                ll = json.loads(urllib.request.urlopen(req, timeout=120).read())["prompt"]
-            except urllib.error.HTTPError as err:
-                ll = f"<error: HTTP {err.code}>"
-            out[c.name] = (hf, ll)
-        return out
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def main(argv: list[str] | None = None) -> int:
     from tests.tinymodels import build_tokenizer
 
@@ -153,27 +100,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _native(args: argparse.Namespace, files: list[Path]) -> int:
+    import os
+
     from transformers import AutoTokenizer
 
-    from grpoctl.manifests.ollama import chat_template_capabilities
+    from grpoctl.manifests.ollama import check_native
 
+    os.environ["GRPOCTL_LLAMA_CPP_BIN"] = str(args.llama_server.parent)
     tok = AutoTokenizer.from_pretrained(str(args.tokenizer))
     results: dict[str, Any] = {}
-    equal = reachable_equal = 0
     for i, path in enumerate(files, 1):
-        renders = native_renders(args.llama_server, args.gguf, tok, path)
-        thinks = "thinking" in chat_template_capabilities(path.read_text())
-        differ = sorted(name for name, (hf, ll) in renders.items() if hf != ll)
-        # Ollama turns thinking on for a model it sees as thinking, so `think` unset never reaches it
-        reached = [n for n in differ if not (thinks and not n.startswith("think-"))]
-        equal += not differ
-        reachable_equal += not reached
-        results[path.stem] = {"differ": {n: renders[n] for n in differ}, "reached_by_ollama": reached}
-        where = f"; differ where Ollama reaches: {', '.join(reached)}" if reached else ""
-        print(f"[{i}/{len(files)}] {path.stem:46s} {len(renders) - len(differ)}/{len(renders)} equal{where}",
-              file=sys.stderr, flush=True)
-    print(f"templates: {len(files)}; llama.cpp renders like transformers on every conversation: {equal}; "
-          f"on every conversation Ollama can send: {reachable_equal}")
+        tok.chat_template = path.read_text()
+        report = check_native(tok, args.gguf, None, "Be brief.", chat_template_file=path)
+        results[path.stem] = {"passed": report.passed, "failures": report.failures}
+        where = "; differ: " + ", ".join(c["name"] for c in report.failures) if report.failures else ""
+        print(f"[{i}/{len(files)}] {path.stem:46s} {len(report.cases) - len(report.failures)}/{len(report.cases)} "
+              f"equal{where}", file=sys.stderr, flush=True)
+    print(f"templates: {len(files)}; llama.cpp renders like transformers on every conversation Ollama can send: "
+          f"{sum(r['passed'] for r in results.values())}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return 0
