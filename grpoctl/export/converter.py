@@ -22,13 +22,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from grpoctl.errors import DependencyError, InputNotFoundError, OfflineError
-from grpoctl.fsutil import cache_dir, staged_dir
+from grpoctl.fsutil import cache_dir, scratch_dir, staged_dir
 
 ENV_DIR = "GRPOCTL_LLAMA_CPP_DIR"
 DIST = "llama-cpp-python"
@@ -107,7 +106,7 @@ def fetch_converter(version: str | None = None) -> Converter:
     root = cached_root(version)
     print(f"grpoctl: fetching llama.cpp's converter from the {DIST}=={version} sdist on PyPI (once) -> {root}",
           flush=True)
-    with tempfile.TemporaryDirectory(prefix="grpoctl-sdist-") as tmp:
+    with scratch_dir("sdist") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", "--quiet", "-d", tmp, f"{DIST}=={version}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -117,7 +116,7 @@ def fetch_converter(version: str | None = None) -> Converter:
             raise OfflineError(f"could not download the {DIST}=={version} sdist from PyPI ({tail[0]}); when offline, "
                                f"fetch it once on a machine with access (`python -m grpoctl.export.converter`, then "
                                f"copy {root}) or set {ENV_DIR} / --llama-cpp-dir to a llama.cpp checkout")
-        with staged_dir(root, force=True) as stage:
+        with staged_dir(root, force=True, wait=True) as stage:  # a concurrent fetch: queue
             _extract(sdists[0], stage)
             if not _is_tree(stage):
                 raise DependencyError(f"the {DIST}=={version} sdist has no complete llama.cpp converter "
