@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from grpoctl.errors import ConversionError, UsageError
+from grpoctl.errors import ConversionError, DiskFullError, UsageError
+from grpoctl.fsutil import disk_full_cause, no_space_left
 
 
 @dataclass(frozen=True)
@@ -123,4 +124,9 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
               f"{gtype.label}'s block size (llama.cpp's own rule)", flush=True)
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
+        if no_space_left(dst.parent):
+            # llama.cpp reports a failed write as a C++ stream error without errno; the file system tells the rest
+            raise DiskFullError(f"disk full while llama.cpp's quantizer wrote {dst.parent} ({tail})") \
+                from disk_full_cause(dst)
         raise ConversionError(f"llama.cpp failed to quantize {src.name} to {gtype.label} (code {rc}): {tail}")
+
