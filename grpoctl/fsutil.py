@@ -438,8 +438,8 @@ def disk_full_error(err: BaseException, where: Path, cleaned: bool = True) -> Di
     detail = ""
     if full.filename and not no_space_left(where) and no_space_left(Path(str(full.filename)).parent):
         detail = f" (the disk of {Path(str(full.filename)).parent} is full)"
-    return DiskFullError(f"disk full while writing {where}{detail}: {full.strerror or 'no space left'}; "
-                         + ("nothing was kept. " if cleaned else "") + "Free some space and run it again")
+    then = "nothing was kept. Free some space and run it again" if cleaned else "free some space and run it again"
+    return DiskFullError(f"disk full while writing {where}{detail}: {full.strerror or 'no space left'}; {then}")
 
 
 @contextlib.contextmanager
