@@ -112,24 +112,6 @@ def output_lock(final: Path, what: str = "export", wait: bool = False) -> Iterat
         os.close(fd)
 
 
-def is_locked(final: Path) -> bool:
-    """Whether some process (this one included) owns ``final`` right now."""
-    final = Path(final).absolute()
-    if final in _held:
-        return True
-    try:
-        fd = os.open(lock_path(final), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 # --- staging ----------------------------------------------------------------------------------------------
 # A staging folder is named ``.F.partial-<pid>-<random>`` next to F and recorded in the cache's staging
 # journal, so that after a kill -9 the next writer of F, or ``grpoctl doctor``, can tell it from a live one.
