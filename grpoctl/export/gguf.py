@@ -27,7 +27,7 @@ from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNo
 from grpoctl.export import parity
 from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
-from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, parse_types, quantize
+from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.procs import run_child
 
@@ -356,18 +356,6 @@ def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | Non
     if base_id and Path(base_id).is_absolute():
         base_id = Path(base_id).name
     return base_id, license_
-
-
-def estimate_gguf_bytes(bytes16: int, types: list[str], vocab_bytes: int = 0) -> int:
-    """Peak bytes a GGUF export of ``types`` writes for a model of ``bytes16`` 16-bit weight bytes: every file at
-    its bits per weight (plus the vocabulary each carries) and the 16-bit intermediate the quantizer reads
-    while the files are made, unless it is one of them or the one type is written directly (see convert_all)."""
-    params = bytes16 / 2
-    need = sum(params * TYPES[t].bits / 8 + vocab_bytes for t in types)
-    single_pass = len(types) == 1 and TYPES[types[0]].source == "convert"
-    if not single_pass and not any(t in SIXTEEN_BIT for t in types):
-        need += bytes16 + vocab_bytes
-    return int(need)
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:

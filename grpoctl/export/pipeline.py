@@ -278,7 +278,7 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     if parts.lora:
         need += adapter.weights_file.stat().st_size + tokenizer
     if parts.gguf:
-        from grpoctl.export.gguf import estimate_gguf_bytes
+        from grpoctl.export.quantize import estimate_gguf_bytes
 
         need += estimate_gguf_bytes(estimate_bytes(weights, "BF16"), parts.gguf, vocab_bytes=tokenizer)
     return need
@@ -393,22 +393,10 @@ def _write_parts(stage: Path, manifest: ArtifactManifest, parts: _Parts, src: Ex
     if parts.gguf:
         from grpoctl.export.gguf import export_gguf
 
-        export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=_gguf_name(manifest, src),
+        export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
                     manifest=manifest, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
                     parity_gate=options.parity_gate, system_prompt=src.system_prompt)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export
 
-
-def _gguf_name(manifest: ArtifactManifest, src: ExportSource) -> str:
-    """GGUF files of one export share one name: the one earlier files of this export carry, else the source's."""
-    from grpoctl.export.gguf import gguf_filename
-
-    for entry in manifest.by_kind("gguf"):
-        t = entry.kind.split(":", 1)[1]
-        stem = Path(entry.path).name
-        suffix = gguf_filename("", t)  # "-Q4_K_M.gguf"
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return src.name

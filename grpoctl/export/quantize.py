@@ -80,6 +80,18 @@ def parse_types(text: str) -> list[str]:
     return out
 
 
+def estimate_gguf_bytes(bytes16: int, types: list[str], vocab_bytes: int = 0) -> int:
+    """Peak bytes a GGUF export of ``types`` writes for a model of ``bytes16`` 16-bit weight bytes: every file at
+    its bits per weight (plus the vocabulary each carries) and the 16-bit intermediate the quantizer reads
+    while the files are made, unless it is one of them or the one type is written directly (see gguf.convert_all)."""
+    params = bytes16 / 2
+    need = sum(params * TYPES[t].bits / 8 + vocab_bytes for t in types)
+    single_pass = len(types) == 1 and TYPES[types[0]].source == "convert"
+    if not single_pass and not any(t in SIXTEEN_BIT for t in types):
+        need += bytes16 + vocab_bytes
+    return int(need)
+
+
 def default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
