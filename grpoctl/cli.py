@@ -20,14 +20,16 @@ class _Group(click.Group):
     """Turns every expected failure into one line on stderr and a non-zero exit code."""
 
     def main(self, *args, **kwargs):  # type: ignore[override]
+        from grpoctl.procs import termination_as_interrupt
+
         kwargs["standalone_mode"] = False
         try:
-            rv = super().main(*args, **kwargs)
+            with termination_as_interrupt():  # SIGTERM/SIGHUP clean up exactly as Ctrl-C does
+                rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("grpoctl: interrupted", err=True)
-            sys.exit(130)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _interrupted()
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -36,10 +38,14 @@ class _Group(click.Group):
         except GrpoctlError as e:
             click.echo(f"grpoctl: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("grpoctl: interrupted", err=True)
-            sys.exit(130)
         except Exception as e:  # a bug, not bad input: still one line unless asked for more
+            from grpoctl.fsutil import disk_full_error
+
+            where = getattr(e, "filename", None)
+            full = disk_full_error(e, Path(where).parent if where else Path.cwd(), cleaned=False)
+            if full is not None:  # a writer no stage expected to fill the disk: still the disk-full answer
+                click.echo(f"grpoctl: {full}", err=True)
+                sys.exit(full.exit_code)
             if os.environ.get("GRPOCTL_DEBUG"):
                 raise
             click.echo(f"grpoctl: internal error: {type(e).__name__}: {e} "
@@ -48,6 +54,17 @@ class _Group(click.Group):
         if isinstance(rv, int) and rv:
             sys.exit(rv)
         return rv
+
+
+def _interrupted() -> None:
+    from grpoctl.procs import interrupt_exit_code, interrupt_name
+
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()  # a bar left open redraws itself at exit, after what should be the last line
+    name = interrupt_name()
+    click.echo("grpoctl: interrupted" + ("" if name == "SIGINT" else f" ({name})"), err=True)
+    sys.exit(interrupt_exit_code())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl import __version__
-from grpoctl.errors import InputNotFoundError
+from grpoctl.errors import DataError, InputNotFoundError
 from grpoctl.fsutil import sha256_file, staged_file
+from grpoctl.jsonfiles import check_types, read_json
 from grpoctl.rundir import RunDir
 
 ARTIFACTS_FILE = "artifacts.json"
 SCHEMA_VERSION = 1
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {"path": (str,), "kind": (str,), "size": (int,), "sha256": (str,),
+                                             "extra": (dict,)}
 _LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
               "huggingface_hub", "bitsandbytes", "unsloth")
 
@@ -73,11 +76,20 @@ class ArtifactManifest:
         p = Path(root) / ARTIFACTS_FILE
         if not p.is_file():
             raise InputNotFoundError(f"{root} has no {ARTIFACTS_FILE}; run `grpoctl export` first")
-        data = json.loads(p.read_text())
-        files = [FileEntry(**f) for f in data.get("files", [])]
+        data = read_json(p)
+        check_types(data, {"files": (list,), "provenance": (dict,)}, p)
+        files = []
+        for i, f in enumerate(data.get("files") or []):
+            if not isinstance(f, dict):
+                raise DataError(f"{p}: files[{i}] should be an object, not {json.dumps(f)}")
+            check_types(f, _ENTRY_TYPES, p, where=f"files[{i}].")
+            missing = [k for k in ("path", "kind", "size", "sha256") if k not in f]
+            if missing:
+                raise DataError(f"{p}: files[{i}] lacks {', '.join(missing)}; re-run `grpoctl export`")
+            files.append(FileEntry(**{k: f[k] for k in ("path", "kind", "size", "sha256", "extra") if k in f}))
         sections = {k: v for k, v in data.items()
                     if k not in {"schema", "grpoctl_version", "created", "provenance", "files"}}
-        return cls(root=Path(root), provenance=data.get("provenance", {}), files=files,
+        return cls(root=Path(root), provenance=data.get("provenance") or {}, files=files,
                    sections=sections, created=data.get("created", ""))
 
     @classmethod

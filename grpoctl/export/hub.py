@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
 from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export
+from grpoctl.fsutil import DISK_FULL, disk_full_error
 from grpoctl.rundir import RunDir
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
@@ -247,6 +248,11 @@ def _map_error(err: BaseException, repo_id: str, endpoint: str, token: str | Non
     # huggingface_hub wraps upload failures (RuntimeError "Error while uploading ...") around the real cause
     seen: BaseException | None = err
     while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:  # huggingface_hub's caches (Xet chunks, HF_HOME)
+            from huggingface_hub import constants
+
+            where = Path(seen.filename).parent if seen.filename else Path(constants.HF_HOME)
+            return disk_full_error(seen, where, cleaned=False)
         if isinstance(seen, OfflineModeIsEnabled):
             return OfflineError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and check the network) "
                                 "to publish, or use --dry-run to see the plan")

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import DataError, VerificationError
+from grpoctl.errors import VerificationError
 from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, natural_order
 from grpoctl.export.tensors import ModelWeights, corrupt
 from grpoctl.fsutil import sha256_file
+from grpoctl.jsonfiles import adapter_config
 
 VERIFY_FILE = "verify.json"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -221,6 +222,8 @@ def open_adapter(path: Path, *, allow_pickle: bool = False, scratch: Path | None
     from grpoctl.export.lora import ADAPTER_CONFIG
 
     path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        adapter_config(path)  # wrong-typed or non-object configs as one line, before anything reads them
     pickle_file = path / "adapter_model.bin"
     if not (path / ADAPTER_WEIGHTS).is_file() and pickle_file.is_file() and (path / ADAPTER_CONFIG).is_file():
         if not allow_pickle:
@@ -248,6 +251,4 @@ def open_adapter(path: Path, *, allow_pickle: bool = False, scratch: Path | None
 
         if isinstance(err, SafetensorError):
             raise corrupt(path / ADAPTER_WEIGHTS, err) from None
-        if isinstance(err, json.JSONDecodeError):
-            raise DataError(f"{path}/adapter_config.json is not valid JSON ({err.msg})") from None
         raise

@@ -15,6 +15,7 @@ and records them in ``artifacts.json`` (kinds ``modelfile`` and ``manifest``, se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -30,13 +31,15 @@ from grpoctl.errors import (
     VerificationError,
 )
 from grpoctl.export.artifacts import ArtifactManifest
-from grpoctl.fsutil import staged_file
+from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
+from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+MANIFEST_KINDS = ("modelfile", "manifest")
 
 
 @dataclass
@@ -102,9 +105,9 @@ def _model_name(ctx: _Context) -> str:
     ggufs = ctx.manifest.by_kind("gguf")
     if ggufs:
         stem = Path(ggufs[0].path).stem
-        return stem.rsplit("-", 1)[0] if "-" in stem else stem
+        return safe_name(stem.rsplit("-", 1)[0] if "-" in stem else stem)
     base = ctx.run.base_model.id if ctx.run else ctx.export_dir.name
-    return (base.split(":")[-1].rstrip("/").split("/")[-1] or "model") + "-grpo"
+    return safe_name(base.split(":")[-1].rstrip("/").split("/")[-1]) + "-grpo"
 
 
 def _license(ctx: _Context) -> str | None:
@@ -398,6 +401,10 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
                     options: ManifestOptions | None = None) -> list[Path]:
     """Write the Ollama Modelfile(s) and vLLM manifests for ``export_dir``; return the files written.
 
+    Manifests inside the export replace the ones grpoctl wrote there before (a file changed since then, or one
+    grpoctl did not write, needs ``force``), and the export changes in one step: the new manifests and the
+    updated ``artifacts.json`` appear together or not at all.
+
     Arguments:
         export_dir: directory holding ``artifacts.json`` (``grpoctl export`` output).
         run: the training run (system prompt, sequence length, sampling, reasoning markers, LoRA rank,
@@ -406,6 +413,35 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
             RUN/adapter.
         options: overrides (see :class:`ManifestOptions`).
     """
+    options = options or ManifestOptions()
+    export_dir = Path(export_dir).absolute()
+    out_dir = Path(options.output_dir).absolute() if options.output_dir else export_dir
+    ArtifactManifest.load(export_dir)  # "run `grpoctl export` first" before anything else
+    with output_lock(export_dir, what="manifests"), disk_full_is_one_line(out_dir):
+        if not out_dir.resolve().is_relative_to(export_dir.resolve()):
+            return render_manifests(export_dir, run=run, tokenizer_dir=tokenizer_dir, options=options)
+        rel = out_dir.resolve().relative_to(export_dir.resolve())
+        with updated_dir(export_dir) as stage:
+            written = render_manifests(stage, run=run, tokenizer_dir=tokenizer_dir,
+                                       options=dataclasses.replace(options, output_dir=stage / rel))
+        return [export_dir / p.relative_to(stage) for p in written]
+
+
+def check_manifests_unedited(manifest: ArtifactManifest) -> None:
+    """Refuse (OutputExistsError) when a manifest grpoctl wrote into the export was changed since."""
+    for entry in manifest.files:
+        if entry.kind not in MANIFEST_KINDS:
+            continue
+        path = manifest.root / entry.path
+        if path.is_file() and (path.stat().st_size != entry.size or sha256_file(path) != entry.sha256):
+            raise OutputExistsError(f"{path} was changed since grpoctl wrote it; pass --force to replace it (or "
+                                    "move your version out of the export first)")
+
+
+def render_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_dir: Path | None = None,
+                     options: ManifestOptions | None = None) -> list[Path]:
+    """What :func:`write_manifests` does, straight into ``export_dir``, for a caller that owns that folder (the
+    export stage while it is being built)."""
     options = options or ManifestOptions()
     export_dir = Path(export_dir).absolute()
     manifest = ArtifactManifest.load(export_dir)
@@ -421,9 +457,18 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
     if not files:
         raise InputNotFoundError(f"{export_dir} has no GGUF, merged model or LoRA adapter to write manifests for; "
                                  "run `grpoctl export` first")
+    inside = out_dir.resolve().is_relative_to(export_dir.resolve())
+    if inside:
+        # the manifests grpoctl wrote before are replaced as a set: one this run does not write again goes too
+        if not options.force:
+            check_manifests_unedited(manifest)
+        for entry in [f for f in manifest.files if f.kind in MANIFEST_KINDS]:
+            (export_dir / entry.path).unlink(missing_ok=True)
+            manifest.files.remove(entry)
     existing = [p for p in files if p.exists()]
     if existing and not options.force:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --force to replace the manifests")
+        raise OutputExistsError(f"{existing[0]} already exists and grpoctl did not write it; pass --force to "
+                                "replace it")
 
     # Everything is rendered before anything is written: a failure leaves the old files in place.
     written: list[Path] = []
@@ -433,7 +478,6 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
             if path.suffix == ".sh":
                 tmp.chmod(0o755)
         written.append(path)
-    inside = out_dir.resolve().is_relative_to(export_dir.resolve())
     if inside:
         for path in written:
             manifest.add_file(path, "modelfile" if path.name.startswith("Modelfile") else "manifest")

@@ -76,9 +76,11 @@ class VllmPlan:
     def __post_init__(self) -> None:
         name = self.served_model_name
         # vLLM reads `--lora-modules name=path` as JSON when the item holds a comma
-        if not name or any(ch.isspace() or not ch.isprintable() for ch in name) or "=" in name or "," in name:
-            raise UsageError(f"served model name {name!r} must be non-empty, without spaces, control characters, "
-                             "'=' or ','; pass --served-model-name")
+        # vLLM reads an argument starting with '-' as an option (argparse), so such a name never arrives
+        if not name or any(ch.isspace() or not ch.isprintable() for ch in name) or "=" in name or "," in name \
+                or name.startswith("-"):
+            raise UsageError(f"served model name {name!r} must be non-empty, not start with '-', and have no spaces, "
+                             "control characters, '=' or ','; pass --served-model-name")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:

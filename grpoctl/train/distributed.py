@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +20,7 @@ from pathlib import Path
 from grpoctl.config import TrainConfig
 from grpoctl.errors import ConfigError, DependencyError, GrpoctlError, InputNotFoundError
 from grpoctl.fsutil import check_output_dir
+from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 
 LAUNCHED_ENV = "GRPOCTL_LAUNCHED"
@@ -89,7 +90,8 @@ def launch(cfg: TrainConfig) -> RunDir:
         env = {**os.environ, LAUNCHED_ENV: "1"}
         # accelerate picks a free port itself only with --main_process_port 0 semantics; give each launch its own
         env.setdefault("MASTER_PORT", str(_free_port()))
-        rc = subprocess.run(cmd, env=env).returncode
+        # its own process group: an interrupted grpoctl hands every worker the Ctrl-C that saves a checkpoint
+        rc = run_child(cmd, env=env, interrupt=signal.SIGINT, grace=120.0, on_parent_death=signal.SIGTERM)
     if rc != 0:
         raise GrpoctlError(f"distributed training exited with status {rc}; see the messages above")
     return RunDir(out)

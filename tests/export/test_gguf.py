@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpoctl.errors import ConversionError, ParityError, UsageError
+from grpoctl.errors import ConversionError, DiskFullError, ParityError, UsageError
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
 from grpoctl.export.artifacts import ArtifactManifest
@@ -260,8 +260,9 @@ def test_not_enough_disk_is_refused_before_converting(tiny_models, tmp_path, mon
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(gg.shutil, "disk_usage", lambda _p: usage(10 << 20, 10 << 20, 1 << 20))
-    with pytest.raises(ConversionError, match="not enough disk space"):
+    monkeypatch.setattr(gg.shutil, "disk_usage", lambda _p: usage(10 << 20, 10 << 20, 64 << 10))
+    with pytest.raises(DiskFullError, match=r"not enough disk space for GGUF export of q4_k_m in .*: about "
+                                            r"\d+\.\d KiB needed, 64\.0 KiB free"):
         gg.export_gguf(tiny_models["qwen3"], None, tmp_path / "gguf", ["q4_k_m"], name="tiny",
                        manifest=ArtifactManifest(root=tmp_path))
     assert not list((tmp_path / "gguf").glob("*.gguf"))

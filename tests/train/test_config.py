@@ -64,6 +64,21 @@ def test_bad_values_and_choices_are_config_errors(tmp_path):
         load_config(bad)
 
 
+def test_a_string_setting_keeps_the_text_typed_after_set():
+    cfg = load_config(overrides=["data.system_prompt=true", "tracking.experiment=1e3", "data.prompt_field=\"q\"",
+                                 "data.answer_field=none", "lora.r=16", "trainer.top_k=50"])
+    assert cfg.data.system_prompt == "true" and cfg.tracking.experiment == "1e3"  # not True, not 1000.0
+    assert cfg.data.prompt_field == "q" and cfg.data.answer_field is None  # a quoted TOML string, none unsets
+    assert cfg.lora.r == 16 and cfg.trainer.top_k == 50  # numbers stay numbers where numbers are meant
+
+
+def test_a_toml_value_of_the_wrong_type_for_a_string_setting_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsystem_prompt = true\n")
+    with pytest.raises(ConfigError, match="data.system_prompt expects a string, got true; quote it"):
+        load_config(cfg)
+
+
 def test_divisibility_counts_processes():
     with pytest.raises(ConfigError, match=r"2 x 3 process\(es\)"):
         load_config(overrides=["trainer.per_device_train_batch_size=2", "trainer.num_generations=4",
