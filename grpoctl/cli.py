@@ -232,8 +232,10 @@ def _repo_overrides(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--private", is_flag=True, help="Create new repos as private (existing repos keep their visibility).")
 @click.option("--revision", metavar="BRANCH", default=None, help="Existing branch to commit to (default: main).")
 @click.option("--dry-run", is_flag=True, help="List what would go where, with sizes; needs no network or token.")
+@click.option("--allow-stale", is_flag=True, help="Publish the export even though the run's adapter changed after it "
+              "was made (e.g. trained further with --resume).")
 def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], private: bool,
-         revision: str | None, dry_run: bool) -> None:
+         revision: str | None, dry_run: bool, allow_stale: bool) -> None:
     """Publish an export (RUN or RUN/export) to the Hugging Face Hub with generated model cards.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
@@ -242,7 +244,7 @@ def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], p
     from grpoctl.export.hub import push as push_export
 
     report = push_export(source, repo, what=what.split(",") if what is not None else None, private=private,
-                         revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for))
+                         revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for), allow_stale=allow_stale)
     for line in report.lines():
         click.echo(line)
     if dry_run:

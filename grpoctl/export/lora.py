@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import InputNotFoundError, UsageError
+from grpoctl.fsutil import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PREFIX = "base_model.model."
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
+    ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
+    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
 
 
 @dataclass

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DataError, VerificationError
-from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter
+from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, adapter_sha256
 from grpoctl.export.tensors import ModelWeights, corrupt
-from grpoctl.fsutil import sha256_file
 
 VERIFY_FILE = "verify.json"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -159,7 +158,7 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
     from safetensors import SafetensorError, safe_open
 
     report = VerifyReport(adapter=str(adapter.path), base=base_id or str(weights.dir),
-                          adapter_sha256=sha256_file(adapter.weights_file), strict=strict)
+                          adapter_sha256=adapter_sha256(adapter.path), strict=strict)
     if adapter.unsupported:
         raise VerificationError(f"adapter tensor {adapter.unsupported[0]} is not a plain LoRA pair (embedding LoRA, "
                                 "lora_bias or trainable tokens); merge it with PEFT's merge_and_unload instead")
