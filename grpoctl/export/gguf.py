@@ -78,13 +78,14 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
 
-        print("grpoctl: parity: running the merged model in transformers (float32 reference, bf16 noise floor)",
-              flush=True)
+        print("grpoctl: parity: running the merged model in transformers (float32 reference, bf16 noise floor; "
+              "a bar per pass)", flush=True)
         ref = parity.prepare_reference(source, adapter, view, system_prompt, eot_ids)
         files: dict[str, dict[str, Any]] = {}
-        for t in types:
+        for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp", flush=True)
+            print(f"grpoctl: parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)",
+                  flush=True)
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
