@@ -145,6 +145,26 @@ class GenerationProgress(TrainerCallback):
         self.label = f"step {state.global_step + 1}/{state.max_steps} generating"
 
 
+class ResumedSchedule(TrainerCallback):
+    """On ``--resume`` with a new ``max_steps``, the first resumed step uses the new schedule's learning rate.
+
+    The restored optimizer holds the learning rate the old schedule set for its next step; once a linear
+    schedule has run its course that is 0, so the first step of ``--resume --max-steps N`` on a finished run
+    would not train at all (and a one-step extension would leave the adapter byte for byte the same). The
+    scheduler itself already counts with the new ``max_steps``; its rate for this step is written back.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
+                       **kw: Any) -> None:
+        from torch.optim.lr_scheduler import LambdaLR
+
+        if state.global_step == 0 or optimizer is None or not isinstance(lr_scheduler, LambdaLR):
+            return
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas,
+                                       strict=True):
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
+
+
 # Consecutive steps without any reward variance before the run is called stalled.
 STALL_STEPS = 3
 
@@ -217,7 +237,8 @@ class SignalWatch(TrainerCallback):
         """The end-of-run warning when the rewards left the adapter untrained or mostly so, else None."""
         if not self.flat:
             return None
-        causes = stall_causes(self.flat, self.max_completion_length)
+        # the warning during the run already listed the causes
+        causes = "as above" if self.warned else stall_causes(self.flat, self.max_completion_length)
         if not adapter_trained:
             return (f"grpoctl: warning: the adapter was never trained: every lora_B is still zero because on all "
                     f"{len(self.flat)} step(s) no prompt's completions got different rewards, so GRPO had nothing to "

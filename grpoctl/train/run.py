@@ -181,10 +181,18 @@ def train(cfg: TrainConfig) -> RunDir:
         _write_json(out / RUN_FILE, meta)
 
     trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out)
-    from grpoctl.train.callbacks import GenerationProgress, MetricsCallback, SignalWatch, StepProgress, SwanLabTracker
+    from grpoctl.train.callbacks import (
+        GenerationProgress,
+        MetricsCallback,
+        ResumedSchedule,
+        SignalWatch,
+        StepProgress,
+        SwanLabTracker,
+    )
 
     metrics = MetricsCallback(out / METRICS_FILE)
     trainer.add_callback(metrics)
+    trainer.add_callback(ResumedSchedule())
     trainer.add_callback(GenerationProgress(loaded.model, data.max_completion_length))
     from tqdm.auto import tqdm
     from transformers.trainer_callback import ProgressCallback

@@ -121,9 +121,12 @@ def test_resume_refuses_a_target_the_run_already_reached(qwen3_run):
 
 def test_resume_continues_from_the_newest_checkpoint(qwen3_run, capsys):
     run, record = qwen3_run
+    before = (run.adapter_dir / "adapter_model.safetensors").read_bytes()
     cfg = load_config(overrides=["trainer.max_steps=3"], base=resumed_config_base(run.root),
                       flags={"output_dir": str(run.root), "resume": True})
     resumed = train(cfg)
+    # the 2-step linear schedule had decayed to 0; the resumed step trains at the 3-step schedule's rate
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() != before
     ckpt = run.root / "checkpoints" / "checkpoint-2"
     assert f"grpoctl: resuming from {ckpt} (step 2 of 3)" in capsys.readouterr().out
     summary = resumed.summary()
