@@ -381,4 +381,9 @@ def doctor(fetch_converter: bool) -> None:
 
 
 def main() -> None:
+    # OpenMP threads that spin while they wait turn a CPU shared with other work into a crawl: one demo
+    # training step took 300 s with torch's default and 42 s with sleeping threads on a busy 2-core machine
+    # (bench/cpu_threads_bench.py). OpenMP reads this once, when torch loads, so it is set before any command
+    # imports torch; a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="grpoctl")
