@@ -232,21 +232,23 @@ class SignalWatch(TrainerCallback):
                      "different rewards (reward_std 0, frac_reward_zero_std 1.0), so every advantage is zero and "
                      f"{effect}. Likely causes: {stall_causes(self._streak, self.max_completion_length)}")
 
-
     def verdict(self, adapter_trained: bool) -> str | None:
-        """The end-of-run warning when the rewards left the adapter untrained or mostly so, else None."""
-        if not self.flat:
+        """The end-of-run warning when the adapter is untrained or most steps taught it nothing, else None."""
+        flat, steps = len(self.flat), self.steps
+        if adapter_trained and 2 * flat < steps:
             return None
         # the warning during the run already listed the causes
-        causes = "as above" if self.warned else stall_causes(self.flat, self.max_completion_length)
-        if not adapter_trained:
+        causes = "as above" if self.warned else (stall_causes(self.flat, self.max_completion_length) if flat else "")
+        if adapter_trained:
+            return (f"grpoctl: warning: on {flat} of {steps} steps no prompt's completions got different rewards, "
+                    f"so those steps taught the adapter nothing. Likely causes: {causes}")
+        if flat and flat == steps:
             return (f"grpoctl: warning: the adapter was never trained: every lora_B is still zero because on all "
-                    f"{len(self.flat)} step(s) no prompt's completions got different rewards, so GRPO had nothing to "
-                    f"learn from (`grpoctl export` will refuse this adapter). Likely causes: {causes}")
-        if 2 * len(self.flat) >= self.steps:
-            return (f"grpoctl: warning: on {len(self.flat)} of {self.steps} steps no prompt's completions got "
-                    f"different rewards, so those steps taught the adapter nothing. Likely causes: {causes}")
-        return None
+                    f"{flat} step(s) no prompt's completions got different rewards, so GRPO had nothing to learn "
+                    f"from (`grpoctl export` will refuse this adapter). Likely causes: {causes}")
+        return (f"grpoctl: warning: the adapter was never trained: every lora_B is still zero ({flat} of {steps} "
+                "steps had no reward variance); check trainer.learning_rate (`grpoctl export` will refuse this "
+                "adapter)")
 
 
 class SwanLabTracker(TrainerCallback):

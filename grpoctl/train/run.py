@@ -241,7 +241,7 @@ def train(cfg: TrainConfig) -> RunDir:
     _save_checkpoint_if_needed(trainer)
     if main:
         _save_adapter(loaded, out / ADAPTER_DIR, base.path)
-        trained = adapter_has_update(loaded.model)
+        trained = saved_adapter_moved(out / ADAPTER_DIR)
         _write_summary(out, trainer, metrics, started, stop_reason, first_step, resume_from,
                        flat_steps=watch.flat_steps, adapter_trained=trained)
         if verdict := watch.verdict(trained):
@@ -251,9 +251,14 @@ def train(cfg: TrainConfig) -> RunDir:
     return RunDir(out)
 
 
-def adapter_has_update(model: Any) -> bool:
-    """Whether any lora_B moved from PEFT's all-zero initialisation (otherwise the adapter changes nothing)."""
-    return any(bool(p.detach().any()) for name, p in model.named_parameters() if "lora_B" in name)
+def saved_adapter_moved(adapter_dir: Path) -> bool:
+    """Whether any lora_B in the written adapter left PEFT's all-zero start (else the adapter changes nothing).
+
+    Read from the file rather than the model: under sharded training a rank's parameters are only its shard."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        return any(bool(f.get_tensor(k).any()) for k in f.keys() if "lora_B" in k)
 
 
 def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list, reward_weights: list[float],

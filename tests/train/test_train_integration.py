@@ -162,14 +162,6 @@ def test_rewards_that_never_vary_warn_during_training_and_in_the_summary(tiny_qw
     assert "step 1/2 generating" in shown.err  # a bar inside the first step, before it ends
 
 
-def test_stall_causes_name_the_completion_budget_when_every_completion_was_cut():
-    from grpoctl.train.callbacks import stall_causes
-
-    cut = [{"step": 1, "clipped_ratio": 1.0, "rewards": {"answer": -2.0}}]
-    assert "cut at max_completion_length 32 tokens" in stall_causes(cut, 32)
-    assert "cut at" not in stall_causes([{"step": 1, "clipped_ratio": 0.5, "rewards": {}}], 32)
-
-
 def test_ctrl_c_leaves_a_resumable_checkpoint_and_adapter(tiny_qwen3, tmp_path, capsys):
     out = tmp_path / "run"
     rewards = '["numbers", "tests.train.recording:interrupt_after_first_step"]'
