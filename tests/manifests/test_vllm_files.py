@@ -177,3 +177,35 @@ def test_every_written_argv_passes_vllm_serve_argument_rules_followed_from_vllm_
                 if "--enable-lora" in argv:
                     assert ns.enable_lora and ns.max_lora_rank >= 24 and len(ns.lora_modules) == 1
                 assert ns.max_model_len == 1536 and ns.port == 8000
+
+
+@pytest.mark.parametrize("broken", [
+    ["--max-lora-rank", "24"],  # not one of vLLM's MaxLoRARanks
+    ["--dtype", "bf16"],  # not a ModelDType
+    ["--lora-modules", "name=/models/lo=ra"],  # LoRAParserAction unpacks exactly one "="
+    ["--max-lora-ranks", "32"],  # no such option
+    ["--override-generation-config", "temperature=1"],  # not JSON
+])
+def test_the_argument_rules_reject_what_vllm_rejects(broken):
+    ok = ["/models/merged", "--served-model-name", "m", "--port", "8000"]
+    parse(ok)
+    with pytest.raises(Exception):  # noqa: B017  (argparse's error, or the ValueError vLLM's own action raises)
+        parse(ok + broken)
+
+
+def test_the_mount_check_fails_on_a_file_that_uses_an_unmounted_path(tmp_path, base_tokenizer_dir):
+    """The compose file the old code wrote: a host path of the base in the argv, nothing mounted there."""
+    base = base_tokenizer_dir.resolve()
+    export = _export(tmp_path, base_tokenizer_dir, base_id=str(base), base_path=str(base), merged=True)
+    path = export / "vllm" / "docker-compose-lora.yml"
+    doc = yaml.safe_load(path.read_text())
+    svc = doc["services"]["vllm"]
+    svc["command"][0] = str(base)
+    svc["volumes"] = [v for v in svc["volumes"] if not v.endswith(":/base:ro")]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(AssertionError, match="not under any mount"):
+        assert_compose_resolves(export, "-lora")
+    svc["volumes"].append(f"{tmp_path / 'gone'}:/elsewhere:ro")
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(AssertionError, match="does not exist"):
+        assert_compose_resolves(export, "-lora")
