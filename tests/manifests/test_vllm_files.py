@@ -194,7 +194,7 @@ def test_the_argument_rules_reject_what_vllm_rejects(broken):
 
 
 def test_the_mount_check_fails_on_a_file_that_uses_an_unmounted_path(tmp_path, base_tokenizer_dir):
-    """The compose file the old code wrote: a host path of the base in the argv, nothing mounted there."""
+    """A compose file naming the base by a host path that nothing mounts into the container."""
     base = base_tokenizer_dir.resolve()
     export = _export(tmp_path, base_tokenizer_dir, base_id=str(base), base_path=str(base), merged=True)
     path = export / "vllm" / "docker-compose-lora.yml"

@@ -66,7 +66,7 @@ def test_dataset_without_the_mapped_columns(tiny_qwen3, out, tmp_path):
 
 def test_a_mistyped_local_dataset_path_fails_at_once_without_asking_the_hub(out, tmp_path, monkeypatch):
     """`data/problem.jsonl` has one slash like a Hub id `owner/name`; it must not be looked up on the Hub
-    (33 s of retries, then "the Hub seems unreachable"). Checked before any model loads: none is given here."""
+    (retries for half a minute, then "the Hub seems unreachable"). Checked before any model loads."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "problems.jsonl").write_text("{}\n")
     monkeypatch.chdir(tmp_path)

@@ -75,8 +75,8 @@ def test_missing_file_and_offline_hub_name(monkeypatch):
 
 
 def test_answer_column_alone_needs_no_solution_column(tmp_path, tiny_qwen3):
-    """`--answer-field final` on a file without the default solution column `answer` maps (it used to fail on
-    the missing `answer` column); the answer stands in as the solution rewards receive."""
+    """`--answer-field final` on a file without the default solution column `answer` maps (no `answer` column
+    is required); the answer stands in as the solution rewards receive."""
     f = tmp_path / "q.jsonl"
     f.write_text("".join(json.dumps({"problem": f"{a}+{a}?", "final": 2 * a}) + "\n" for a in (1, 2)))
     cfg = DataConfig(prompt_field="problem", answer_field="final")

@@ -191,7 +191,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint_and_adapter(tiny_qwen3, tmp_path, 
 
 def test_ctrl_c_during_the_first_step_writes_nothing_and_says_so(tiny_qwen3, tmp_path, capsys):
     """Nothing finished, so there is no checkpoint to save and the LoRA is still all zero: no run is left that
-    looks usable (before, an all-zero adapter was written after "saving a checkpoint")."""
+    looks usable (an all-zero adapter after a message about saving a checkpoint would be)."""
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_qwen3, out, 3, 'rewards.functions=["tests.train.recording:interrupt_in_first_step"]'))
