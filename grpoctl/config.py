@@ -64,7 +64,7 @@ class DataConfig:
     solution_field: str = "answer"
     answer_field: str | None = None  # a column that already holds the bare answer; else derived from solution
     extract_hash_answer: bool = True  # GSM8K: the answer follows "####"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None (or "") = no system message
     length_quantile: float = 0.9  # drop prompts longer than this quantile of token length
     max_samples: int | None = None
     reasoning_start: str = "<think>"  # used only when the tokenizer has no reasoning tokens of its own
@@ -257,6 +257,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects a list, got {value!r}")
         return [_coerce(v, args[0], key) for v in value]
     if origin is dict:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return {}  # `--set rewards.weights=none` clears the table
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a table like {{name = 1.0}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}

@@ -147,6 +147,53 @@ def run_of_export(export_dir: Path, manifest: ArtifactManifest | None = None) ->
     return None
 
 
+def stale_export(manifest: ArtifactManifest, run: RunDir | None) -> str | None:
+    """Why this export no longer matches the adapter it was made from, or None when it does (or cannot tell).
+
+    ``artifacts.json`` records the exported adapter's sha256; training the run further (``--resume``) replaces
+    ``RUN/adapter``, after which the export is someone else's model. Compared with the run's adapter, or for
+    an export of a plain adapter folder with that folder when it was recorded by absolute path.
+    """
+    from grpoctl.export.lora import ADAPTER_WEIGHTS, adapter_sha256
+
+    recorded = manifest.provenance.get("adapter") or {}
+    if not recorded.get("sha256"):
+        return None
+    if run is not None:
+        adapter_dir = run.adapter_dir
+    elif recorded.get("path") and Path(recorded["path"]).is_absolute():
+        adapter_dir = Path(recorded["path"])
+    else:
+        return None
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        return None
+    current = adapter_sha256(adapter_dir)
+    if current == recorded["sha256"]:
+        return None
+    steps = run.summary().get("steps") if run is not None else None
+    return (f"the export in {manifest.root} is stale: {adapter_dir} changed after it was exported (artifacts.json "
+            f"records adapter sha256 {recorded['sha256'][:12]}, the adapter now has {current[:12]}"
+            f"{f'; the run is at step {steps}' if steps else ''}), so it holds an older model than the run; "
+            f"re-export with `{reexport_command(manifest, run.root if run is not None else adapter_dir)}`")
+
+
+def reexport_command(manifest: ArtifactManifest, source: Path) -> str:
+    """The ``grpoctl export`` line that rebuilds what this export holds, where it is."""
+    parts = ["grpoctl", "export", str(source)]
+    quants = sorted(f.kind.split(":", 1)[1] for f in manifest.by_kind("gguf"))
+    if quants:
+        parts += ["--gguf", ",".join(quants)]
+    if manifest.by_kind("merged-4bit"):
+        parts += ["--merged", "4bit"]
+    elif manifest.by_kind("merged"):
+        parts += ["--merged", "16bit"]
+    if manifest.by_kind("lora"):
+        parts.append("--lora")
+    if manifest.root.resolve() != (Path(source) / "export").resolve():
+        parts += ["-o", str(manifest.root)]
+    return " ".join(parts + ["--force"])
+
+
 def resolve_export(source: Path) -> tuple[Path, RunDir | None]:
     """What a user names after ``grpoctl push/manifests/serve``: a run directory (meaning its ``export/``) or
     an export directory; returns the export directory and, when known, its run."""

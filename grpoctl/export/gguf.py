@@ -86,13 +86,15 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             parity.open_gguf(built[t], 64).close()
 
         what = "base + adapter merged by PEFT" if adapter_dir else "the model"
-        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor)", flush=True)
+        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor; "
+              "a bar per pass)", flush=True)
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
                                        eot_ids)
         files: dict[str, dict[str, Any]] = {}
-        for t in types:
+        for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp", flush=True)
+            print(f"grpoctl: parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)",
+                  flush=True)
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})

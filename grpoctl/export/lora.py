@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import InputNotFoundError, UsageError, VerificationError
+from grpoctl.fsutil import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,6 +63,12 @@ REFUSED_CONFIG = {
 # init_lora_weights methods that train against a modified base (the base minus the initial update) until
 # the adapter is re-saved with path_initial_model_for_weight_conversion, which resets this field to true
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
+    ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
+    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
 
 
 @dataclass

@@ -182,11 +182,12 @@ def _peft_merged(model: Any, adapter_dir: Path):
 
 def reference_logprobs(model: Any, probes: list[Probe], dtype: str) -> list[Any]:
     import torch
+    from tqdm.auto import tqdm
 
     model = model.to(getattr(torch, dtype))
     out = []
     with torch.no_grad():
-        for p in probes:
+        for p in tqdm(probes, desc=f"parity: transformers {dtype}", unit="probe", leave=False):
             logits = model(torch.tensor([p.ids])).logits[0].float()
             out.append(torch.log_softmax(logits, dim=-1))
     return out
@@ -232,12 +233,13 @@ def _threads() -> int:
     return default_threads()
 
 
-def gguf_logprobs(llm: Any, probes: list[Probe]) -> list[Any]:
+def gguf_logprobs(llm: Any, probes: list[Probe], label: str = "llama.cpp") -> list[Any]:
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     out = []
-    for p in probes:
+    for p in tqdm(probes, desc=f"parity: {label}", unit="probe", leave=False):
         llm.reset()
         llm.eval(p.ids)
         scores = torch.from_numpy(np.array(llm.scores[: len(p.ids)], dtype=np.float32))
@@ -354,7 +356,7 @@ def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> d
     n_ctx = max(256, max(len(p.ids) for p in ref.probes) + GREEDY_TOKENS + 8, len(ref.prompt_ids) + GREEDY_TOKENS + 8)
     llm = open_gguf(path, n_ctx)
     try:
-        top1, kl, n = compare(ref.ref32, gguf_logprobs(llm, ref.probes))
+        top1, kl, n = compare(ref.ref32, gguf_logprobs(llm, ref.probes, path.name))
         checks = tokenizer_checks(llm, ref.tokenizer, ref.system_prompt, ref.eot_ids)
         answer = greedy_gguf(llm, ref.prompt_ids)
     finally:

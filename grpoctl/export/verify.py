@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import VerificationError
-from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, natural_order
+from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, adapter_sha256, natural_order
 from grpoctl.export.tensors import ModelWeights, corrupt
-from grpoctl.fsutil import sha256_file
 from grpoctl.jsonfiles import adapter_config
 
 VERIFY_FILE = "verify.json"
@@ -153,7 +152,7 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
     from safetensors import SafetensorError, safe_open
 
     report = VerifyReport(adapter=str(adapter.path), base=base_id or str(weights.dir),
-                          adapter_sha256=sha256_file(adapter.weights_file), strict=strict)
+                          adapter_sha256=adapter_sha256(adapter.path), strict=strict)
     if not adapter.modules:
         raise VerificationError(f"adapter {adapter.path} contains no lora_A/lora_B tensors")
     # what cannot be merged faithfully is refused here, by name, before any export work

@@ -319,7 +319,7 @@ def _parallelism(ctx: _Context) -> tuple[int, int]:
 
 
 def _plans(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> list[Any]:
-    from grpoctl.manifests.vllm import VllmPlan
+    from grpoctl.manifests.vllm import BASE_MOUNT, VllmPlan, lora_unsupported
 
     o = ctx.options
     name = _model_name(ctx)
@@ -339,37 +339,59 @@ def _plans(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> list[Any]:
         plans.append(VllmPlan(mode="merged-4bit", model="merged-4bit", quantization="bitsandbytes",
                               dtype=_dtype(ctx), **common, **extra))
     lora = ctx.manifest.by_kind("lora")
-    if lora:
+    adapter_cfg = _exported_adapter_config(ctx)
+    refused = lora_unsupported(adapter_cfg) if lora else []
+    if refused:
+        merged = " (export with --merged 16bit)" if not plans else ""
+        ctx.notes.append(f"no base + LoRA vLLM manifests: vLLM does not load an adapter with {'; '.join(refused)} "
+                         f"as a LoRA (its rules in vllm/lora/peft_helper.py), so serve the merged model{merged}")
+    elif lora:
         base = _lora_base(ctx)
         if base is None:
             ctx.notes.append("LoRA adapter exported but its base model is unknown: no base + LoRA manifests")
         else:
-            notes = [] if not os.path.isabs(base) else [
-                f"The base model is the local folder {base}; on another machine replace it with its Hub id."]
+            location, local, base_name, revision = base
+            notes = [] if not local else [
+                f"The base model is the local folder {location}: serve.sh uses it in place, Compose mounts it at "
+                f"{BASE_MOUNT}, Kubernetes expects a copy in the claim (subPath base)."]
             # the base's tokenizer may carry another chat template than the one trained with
             tokenizer = "lora" if any((ctx.export_dir / "lora" / f).is_file() for f in TOKENIZER_FILES) else None
-            plans.append(VllmPlan(mode="lora", model=base, model_is_ref=True, lora_path="lora", tokenizer=tokenizer,
-                                  lora_rank=_lora_rank(ctx), dtype=_dtype(ctx), notes=notes, **common, **extra))
+            plans.append(VllmPlan(mode="lora", model=location, model_is_ref=True, base_is_local=local,
+                                  base_served_name=base_name, revision=revision, lora_path="lora",
+                                  tokenizer=tokenizer, lora_rank=_lora_rank(ctx, adapter_cfg), dtype=_dtype(ctx),
+                                  notes=notes, **common, **extra))
     return plans
 
 
-def _lora_base(ctx: _Context) -> str | None:
+def _lora_base(ctx: _Context) -> tuple[str, bool, str, str | None] | None:
+    """(where the base is, whether that is a local folder, the name vLLM serves it under, Hub revision).
+
+    A base that came from the Hub is named by its id (vLLM downloads it, at the revision trained on); any
+    other base (a local folder, the embedded SmolLM2 built from its GGUF) is the folder trained on."""
     if ctx.run is not None:
         ref = ctx.run.base_model
-        return ref.id if ref.id and not ref.id.startswith("embedded:") and not os.path.exists(ref.id) else ref.path
-    cfg = ctx.export_dir / "lora" / "adapter_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("base_model_name_or_path")
-    return None
+        if ref.id and not ref.id.startswith("embedded:") and not os.path.exists(ref.id):
+            return ref.id, False, ref.id, ref.revision
+        name = ref.id.split(":", 1)[1] if ref.id.startswith("embedded:") else Path(ref.path).name
+        return ref.path, True, name, None
+    named = _exported_adapter_config(ctx).get("base_model_name_or_path")
+    if not named:
+        return None
+    if os.path.isabs(named) or os.path.exists(named):
+        return str(Path(named).absolute()), True, Path(named).name, None
+    return named, False, named, None
 
 
-def _lora_rank(ctx: _Context) -> int:
+def _exported_adapter_config(ctx: _Context) -> dict[str, Any]:
     cfg = ctx.export_dir / "lora" / "adapter_config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
-        ranks = [int(data.get("r", 0))] + [int(v) for v in (data.get("rank_pattern") or {}).values()]
-        if max(ranks) > 0:
-            return max(ranks)
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def _lora_rank(ctx: _Context, adapter_cfg: dict[str, Any]) -> int:
+    """The adapter's largest rank (``r`` and any ``rank_pattern``), which ``--max-lora-rank`` must cover."""
+    ranks = [int(adapter_cfg.get("r", 0))] + [int(v) for v in (adapter_cfg.get("rank_pattern") or {}).values()]
+    if max(ranks) > 0:
+        return max(ranks)
     return ctx.run.lora_r if ctx.run else 16
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from grpoctl.config import TrainConfig
 from grpoctl.errors import ConfigError, DependencyError, GrpoctlError, InputNotFoundError
-from grpoctl.fsutil import check_output_dir
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 
@@ -73,14 +72,12 @@ def launch(cfg: TrainConfig) -> RunDir:
 
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
+    from grpoctl.train.run import check_output
+
     out = Path(cfg.output_dir)
-    if cfg.resume:
-        if not RunDir.is_run(out):
-            raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no run.json)")
-    else:
-        check_output_dir(out, cfg.force)
-        if out.is_dir() and cfg.force:
-            shutil.rmtree(out)
+    check_output(cfg, out)
+    if not cfg.resume and out.is_dir() and cfg.force:
+        shutil.rmtree(out)
     with tempfile.TemporaryDirectory(prefix="grpoctl-launch-") as tmp:
         config_json = Path(tmp) / "config.json"
         config_json.write_text(json.dumps(dataclasses.asdict(cfg)))

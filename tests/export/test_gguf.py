@@ -182,7 +182,7 @@ def test_unsupported_architecture_is_named_with_the_supported_list(converter, ti
     assert "FrobnicatorForCausalLM" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
 
 
-def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_adapter, tmp_path):
+def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_adapter, tmp_path, capsys):
     out = tmp_path / "export" / "gguf"
     manifest = ArtifactManifest(root=tmp_path / "export")
     written = gg.export_gguf(tiny_models["qwen3"], qwen3_adapter, out, ["q8_0", "q4_k_m", "q5_k_m"],
@@ -207,6 +207,12 @@ def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_ada
     kinds = {f.path: f.kind for f in manifest.files}
     assert kinds["gguf/tiny-qwen3-grpo-Q4_K_M.gguf"] == "gguf:q4_k_m" and kinds["gguf/parity.json"] == "report"
     assert manifest.sections["parity"]["passed"] is True
+    # the parity phase shows where it is: a bar per transformers pass and per file, with the file count
+    shown = capsys.readouterr()
+    for bar in ("parity: transformers bfloat16", "parity: transformers float32", "parity: tiny-qwen3-grpo-Q8_0.gguf",
+                "parity: tiny-qwen3-grpo-Q5_K_M.gguf"):
+        assert bar in shown.err, bar
+    assert "tiny-qwen3-grpo-Q4_K_M.gguf in llama.cpp (file 2/3, 9 probes)" in shown.out
 
 
 def test_gate_fails_and_keeps_no_failing_file(tiny_models, tmp_path):

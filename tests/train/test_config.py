@@ -90,3 +90,31 @@ def test_divisibility_counts_processes():
 def test_to_dict_resolves_derived_values():
     d = TrainConfig().to_dict()
     assert d["lora"]["alpha"] == 64 and d["trainer"]["per_device_train_batch_size"] == 4
+
+
+def _optional_keys() -> list[tuple[str, str]]:
+    import dataclasses
+    import typing
+
+    cfg = TrainConfig()
+    out = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(obj):
+            out += [(section.name, k) for k, hint in typing.get_type_hints(type(obj)).items()
+                    if type(None) in typing.get_args(hint)]
+    return out
+
+
+def test_set_none_unsets_every_key_that_can_be_unset():
+    """As documented: `--set key=none` leaves a key unset. Every optional key, the system prompt (no system
+    message) and the weights table (every reward weighs 1.0)."""
+    optional = _optional_keys()
+    assert ("data", "system_prompt") in optional and len(optional) >= 15
+    loaded = load_config(overrides=[f"{s}.{k}=none" for s, k in optional] + ["rewards.weights=none"])
+    for s, k in optional:
+        assert getattr(getattr(loaded, s), k) is None, f"{s}.{k}"
+    assert loaded.rewards.weights == {}
+    assert load_config(overrides=["rewards.weights={answer = 2.0}", "rewards.weights=none"]).rewards.weights == {}
+    # "none" stays a value where it is one
+    assert load_config(overrides=["tracking.mode=none", "lora.bias=none"]).lora.bias == "none"
