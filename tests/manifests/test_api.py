@@ -12,6 +12,7 @@ import pytest
 
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.fsutil import sha256_file
 from grpoctl.manifests.api import ManifestOptions, write_manifests
 from grpoctl.rundir import RunDir
 from tests.manifests.conftest import TEMPLATES, write_export, write_run
@@ -79,14 +80,24 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     assert lora[lora.index("--tokenizer") + 1] == "$EXPORT_DIR/lora"  # the trained chat template
 
 
-def test_existing_manifests_need_force(qwen3_export, go_renderer):
+def test_manifests_are_re_derived_in_place_and_an_edited_one_needs_force(qwen3_export, go_renderer):
     run, export = qwen3_export
     write_manifests(export, run=RunDir(run))
-    with pytest.raises(OutputExistsError):
-        write_manifests(export, run=RunDir(run))
-    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True, no_system=True, quant="q8_0"))
+    # re-deriving is the command's job: grpoctl's own earlier manifests are replaced without --force
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(no_system=True, quant="q8_0"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and mf["model"] == ["./Tiny-GRPO-Q8_0.gguf"]
+    recorded = {f.path: f.sha256 for f in ArtifactManifest.load(export).files}
+    assert recorded["gguf/Modelfile"] == sha256_file(export / "gguf" / "Modelfile")
+
+    (export / "vllm" / "serve.sh").write_text("# tuned by hand\n")
+    with pytest.raises(OutputExistsError, match="serve.sh was changed since grpoctl wrote it"):
+        write_manifests(export, run=RunDir(run))
+    assert (export / "vllm" / "serve.sh").read_text() == "# tuned by hand\n"
+    assert _modelfile(export / "gguf" / "Modelfile")["model"] == ["./Tiny-GRPO-Q8_0.gguf"]  # nothing changed
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True))
+    assert "exec vllm serve" in (export / "vllm" / "serve.sh").read_text()
+    assert _modelfile(export / "gguf" / "Modelfile")["model"] == ["./Tiny-GRPO-Q4_K_M.gguf"]
 
 
 def test_unknown_quant_and_empty_export(qwen3_export, tmp_path, go_renderer):
