@@ -55,7 +55,7 @@ def embedded_model_dir(dtype: str = "bfloat16") -> Path:
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with staged_dir(final, force=True) as tmp:
+    with staged_dir(final, force=True, wait=True) as tmp:  # a concurrent build: queue
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "grpoctl-source.json").write_text(json.dumps(

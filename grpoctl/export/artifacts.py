@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl import __version__
-from grpoctl.errors import InputNotFoundError
+from grpoctl.errors import DataError, InputNotFoundError
 from grpoctl.fsutil import sha256_file, staged_file
+from grpoctl.jsonfiles import check_types, read_json
 from grpoctl.rundir import RunDir
 
 ARTIFACTS_FILE = "artifacts.json"
 SCHEMA_VERSION = 1
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {"path": (str,), "kind": (str,), "size": (int,), "sha256": (str,),
+                                             "extra": (dict,)}
 _LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
               "huggingface_hub", "bitsandbytes", "unsloth")
 
@@ -73,11 +76,20 @@ class ArtifactManifest:
         p = Path(root) / ARTIFACTS_FILE
         if not p.is_file():
             raise InputNotFoundError(f"{root} has no {ARTIFACTS_FILE}; run `grpoctl export` first")
-        data = json.loads(p.read_text())
-        files = [FileEntry(**f) for f in data.get("files", [])]
+        data = read_json(p)
+        check_types(data, {"files": (list,), "provenance": (dict,)}, p)
+        files = []
+        for i, f in enumerate(data.get("files") or []):
+            if not isinstance(f, dict):
+                raise DataError(f"{p}: files[{i}] should be an object, not {json.dumps(f)}")
+            check_types(f, _ENTRY_TYPES, p, where=f"files[{i}].")
+            missing = [k for k in ("path", "kind", "size", "sha256") if k not in f]
+            if missing:
+                raise DataError(f"{p}: files[{i}] lacks {', '.join(missing)}; re-run `grpoctl export`")
+            files.append(FileEntry(**{k: f[k] for k in ("path", "kind", "size", "sha256", "extra") if k in f}))
         sections = {k: v for k, v in data.items()
                     if k not in {"schema", "grpoctl_version", "created", "provenance", "files"}}
-        return cls(root=Path(root), provenance=data.get("provenance", {}), files=files,
+        return cls(root=Path(root), provenance=data.get("provenance") or {}, files=files,
                    sections=sections, created=data.get("created", ""))
 
     @classmethod
@@ -133,6 +145,53 @@ def run_of_export(export_dir: Path, manifest: ArtifactManifest | None = None) ->
     if isinstance(recorded, str) and RunDir.is_run(Path(recorded)):
         return RunDir(Path(recorded))
     return None
+
+
+def stale_export(manifest: ArtifactManifest, run: RunDir | None) -> str | None:
+    """Why this export no longer matches the adapter it was made from, or None when it does (or cannot tell).
+
+    ``artifacts.json`` records the exported adapter's sha256; training the run further (``--resume``) replaces
+    ``RUN/adapter``, after which the export is someone else's model. Compared with the run's adapter, or for
+    an export of a plain adapter folder with that folder when it was recorded by absolute path.
+    """
+    from grpoctl.export.lora import ADAPTER_WEIGHTS, adapter_sha256
+
+    recorded = manifest.provenance.get("adapter") or {}
+    if not recorded.get("sha256"):
+        return None
+    if run is not None:
+        adapter_dir = run.adapter_dir
+    elif recorded.get("path") and Path(recorded["path"]).is_absolute():
+        adapter_dir = Path(recorded["path"])
+    else:
+        return None
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        return None
+    current = adapter_sha256(adapter_dir)
+    if current == recorded["sha256"]:
+        return None
+    steps = run.summary().get("steps") if run is not None else None
+    return (f"the export in {manifest.root} is stale: {adapter_dir} changed after it was exported (artifacts.json "
+            f"records adapter sha256 {recorded['sha256'][:12]}, the adapter now has {current[:12]}"
+            f"{f'; the run is at step {steps}' if steps else ''}), so it holds an older model than the run; "
+            f"re-export with `{reexport_command(manifest, run.root if run is not None else adapter_dir)}`")
+
+
+def reexport_command(manifest: ArtifactManifest, source: Path) -> str:
+    """The ``grpoctl export`` line that rebuilds what this export holds, where it is."""
+    parts = ["grpoctl", "export", str(source)]
+    quants = sorted(f.kind.split(":", 1)[1] for f in manifest.by_kind("gguf"))
+    if quants:
+        parts += ["--gguf", ",".join(quants)]
+    if manifest.by_kind("merged-4bit"):
+        parts += ["--merged", "4bit"]
+    elif manifest.by_kind("merged"):
+        parts += ["--merged", "16bit"]
+    if manifest.by_kind("lora"):
+        parts.append("--lora")
+    if manifest.root.resolve() != (Path(source) / "export").resolve():
+        parts += ["-o", str(manifest.root)]
+    return " ".join(parts + ["--force"])
 
 
 def resolve_export(source: Path) -> tuple[Path, RunDir | None]:

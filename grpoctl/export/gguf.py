@@ -4,7 +4,7 @@
         -> llama.cpp converter, each adapted tensor merged as it streams   (no merged copy on disk)
         -> one 16-bit GGUF (kept when f16/bf16 is asked for, else a temporary intermediate)
         -> llama_cpp.llama_model_quantize per requested type (q8_0, q4_k_m, q5_k_m, ...)
-        -> every file loaded in llama.cpp and compared with the merged model in transformers
+        -> every file loaded in llama.cpp and compared with base + adapter merged by PEFT in transformers
         -> EXPORT/gguf/<Name>-<QUANT>.gguf, parity.json, artifacts.json entries
 
 Files appear under their final names only after they loaded in llama.cpp and passed the parity gate.
@@ -13,6 +13,7 @@ Files appear under their final names only after they loaded in llama.cpp and pas
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import ConversionError, InputNotFoundError, ParityError, UsageError
+from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
 from grpoctl.export import parity
 from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
-from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, parse_types, quantize
+from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
 # tokenizer files a training run may have changed (added tokens, chat template); they override the base's
@@ -55,9 +58,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
 
-    ``merged_dir``, when the merged 16-bit folder was written anyway, is converted and used as the
-    parity reference instead of merging again. Raises ParityError when a file is below its floor and
-    ``parity_gate`` is on (failing files are not kept; parity.json says why).
+    ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
+    again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
+    nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
+    files are not kept; parity.json says why).
     """
     types = parse_types(",".join(types))
     check_types(types, with_matrix=imatrix is not None)
@@ -71,6 +75,9 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     converter = find_converter(fetch=True, llama_cpp_dir=llama_cpp_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(source, types, out_dir)
+    # types written now replace their earlier files; the export's other GGUFs and their parity records stay
+    kept = {n: f for n, f in ((manifest.sections.get("parity") or {}).get("files") or {}).items()
+            if any(Path(e.path).name == n for e in manifest.by_kind("gguf") if e.kind.split(":", 1)[1] not in types)}
     floors = floors if floors is not None else parity.parse_floors(os.environ.get(parity.ENV_FLOORS))
 
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
@@ -86,13 +93,16 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
 
-        print("grpoctl: parity: running the merged model in transformers (float32 reference, bf16 noise floor)",
-              flush=True)
-        ref = parity.prepare_reference(source, adapter, view, system_prompt, eot_ids)
+        what = "base + adapter merged by PEFT" if adapter_dir else "the model"
+        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor; "
+              "a bar per pass)", flush=True)
+        ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
+                                       eot_ids)
         files: dict[str, dict[str, Any]] = {}
-        for t in types:
+        for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp", flush=True)
+            print(f"grpoctl: parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)",
+                  flush=True)
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
@@ -101,6 +111,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             rep["imatrix"] = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
                                           lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
             print(format_comparison(rep["imatrix"], ref.noise["positions"]), flush=True)
+        elif "imatrix" in (earlier := manifest.sections.get("parity") or {}):
+            rep["imatrix"] = earlier["imatrix"]  # the kept matrix quants' comparison stays with them
+        rep["files"] = {**kept, **rep["files"]}
+        rep["passed"] = all(f["passed"] for f in rep["files"].values())
 
         written: list[tuple[Path, str]] = []
         for t in types:
@@ -114,7 +128,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             plan.publish(out_dir, manifest, [t for _, t in written])
     parity.write_report(rep, out_dir / PARITY_FILE)
 
-    manifest.remove_kind("gguf:")
+    manifest.files = [f for f in manifest.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
         with_matrix = {"imatrix": plan.matrix_name} if plan is not None and t in plan.quants else {}
@@ -198,7 +212,7 @@ def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, out
 
     ``eot_ids`` None: the end-of-turn tokens are worked out from the model's template in the subprocess.
     """
-    with tempfile.TemporaryDirectory(prefix="grpoctl-convert-") as tmp:
+    with scratch_dir("convert") as tmp:
         tmp_path = Path(tmp)
         meta_file = None
         if metadata:
@@ -210,18 +224,79 @@ def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, out
                 "verbose": verbose}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": converter.python_path(), "NO_LOCAL_GGUF": "1"}
-        proc = subprocess.run([sys.executable, "-m", "grpoctl.export.convert_worker", str(tmp_path / "spec.json")],
-                              env=env, stdout=None, stderr=None)
+        stderr = _HeldTraceback()
+        try:
+            code = run_child([sys.executable, "-m", "grpoctl.export.convert_worker", str(tmp_path / "spec.json")],
+                             env=env, stderr=subprocess.PIPE, while_running=stderr.forward)
+        except BaseException:
+            outfile.unlink(missing_ok=True)  # the child is gone (run_child waits), so nothing rewrites it
+            raise
         result_file = tmp_path / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if proc.returncode != 0 or not result or not result.get("ok"):
+        try:
+            result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        except ValueError:
+            result = None
+    if code != 0 or not result or not result.get("ok"):
+        detail = result["message"] if result else f"exit code {code}"
+        # numpy's short tofile() carries no errno: a full file system (checked before the partial file goes) says it
+        full = _disk_full(detail + stderr.held) or no_space_left(outfile.parent)
         outfile.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"disk full while llama.cpp's converter wrote {outfile.parent}: {detail}") \
+                from disk_full_cause(outfile)
+        stderr.release()
         if result and result.get("kind") in ("arch", "pretokenizer", "adapter"):
             cls = UsageError if result["kind"] == "arch" else ConversionError
             raise cls(result["message"])
-        detail = result["message"] if result else f"exit code {proc.returncode}"
         raise ConversionError(f"llama.cpp's converter failed on {model_dir}: {detail} (its messages are above)")
     return result
+
+
+def _disk_full(text: str) -> bool:
+    return any(f"[Errno {n}]" in text or os.strerror(n) in text for n in DISK_FULL)
+
+
+class _HeldTraceback:
+    """Passes a child's stderr through as it comes (the converter's warnings and progress) except a Python
+    traceback, which is held until the caller knows whether it is worth showing: a full disk is one line."""
+
+    MARK = b"Traceback (most recent call last):"
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+
+    @property
+    def held(self) -> str:
+        return self._held.decode(errors="replace")
+
+    def forward(self, proc: subprocess.Popen) -> None:
+        pending = b""  # a tail that may be the start of MARK, written once the next bytes show it is not
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            if self._held:
+                self._held += chunk
+                continue
+            buf, pending = pending + chunk, b""
+            at = buf.find(self.MARK)
+            if at >= 0:
+                _write_stderr(buf[:at])
+                self._held += buf[at:]
+                continue
+            keep = next((n for n in range(min(len(buf), len(self.MARK) - 1), 0, -1)
+                         if self.MARK.startswith(buf[-n:])), 0)
+            _write_stderr(buf[:len(buf) - keep])
+            pending = buf[len(buf) - keep:]
+        _write_stderr(pending)
+        proc.stderr.close()
+
+    def release(self) -> None:
+        _write_stderr(bytes(self._held))
+        self._held.clear()
+
+
+def _write_stderr(data: bytes) -> None:
+    if data:
+        sys.stderr.flush()
+        os.write(2, data)
 
 
 def source_16bit_type(model_dir: Path) -> str:
@@ -317,14 +392,12 @@ def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | Non
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:
-    """Refuse to start when the intermediate plus the outputs cannot fit on the output's disk."""
-    weights = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    params = weights / 2  # 16-bit weights
-    need = weights  # the 16-bit intermediate
-    need += sum(params * TYPES[t].bits / 8 for t in types if t not in SIXTEEN_BIT)
-    need = int(need * 1.05) + (64 << 20)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise ConversionError(f"not enough disk space in {out_dir}: GGUF export of {', '.join(types)} needs about "
-                              f"{need / 2**30:.1f} GiB (16-bit intermediate + outputs), {free / 2**30:.1f} GiB free; "
-                              "free some space or choose another output directory")
+    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk."""
+    from grpoctl.export.tensors import ModelWeights
+
+    try:
+        params = sum(math.prod(i.shape) for i in ModelWeights(source).tensors.values())
+    except GrpoctlError:  # unreadable weights fail later with their own message
+        return
+    vocab = sum(p.stat().st_size for p in source.glob("token*") if p.is_file())
+    check_free_space(out_dir, estimate_gguf_bytes(2 * params, types, vocab), f"GGUF export of {', '.join(types)}")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export
+from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export, stale_export
+from grpoctl.fsutil import DISK_FULL, disk_full_error
 from grpoctl.rundir import RunDir
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
@@ -75,10 +76,11 @@ class PushReport:
     revision: str
     dry_run: bool
     repos: list[RepoPush] = field(default_factory=list)
+    stale: str | None = None  # why the export is older than its run's adapter (pushed with allow_stale)
 
     def lines(self) -> list[str]:
         """Human-readable summary, one repo block after another (what the CLI prints)."""
-        out: list[str] = []
+        out: list[str] = [f"warning: {self.stale}"] if self.stale else []
         for r in self.repos:
             if self.dry_run:
                 head = f"{r.kind:<12} -> {r.repo_id} @ {self.revision}  ({len(r.files)} files, {human_size(r.size)})"
@@ -247,6 +249,11 @@ def _map_error(err: BaseException, repo_id: str, endpoint: str, token: str | Non
     # huggingface_hub wraps upload failures (RuntimeError "Error while uploading ...") around the real cause
     seen: BaseException | None = err
     while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:  # huggingface_hub's caches (Xet chunks, HF_HOME)
+            from huggingface_hub import constants
+
+            where = Path(seen.filename).parent if seen.filename else Path(constants.HF_HOME)
+            return disk_full_error(seen, where, cleaned=False)
         if isinstance(seen, OfflineModeIsEnabled):
             return OfflineError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and check the network) "
                                 "to publish, or use --dry-run to see the plan")
@@ -298,7 +305,7 @@ def _offline() -> bool:
 # --- the push ---------------------------------------------------------------------------------------
 def push(source: Path, repo: str, *, what: list[str] | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
-         names: dict[str, str] | None = None, num_threads: int = 4) -> PushReport:
+         names: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False) -> PushReport:
     """Publish an export (``RUN`` or ``RUN/export``) to the Hub, one repo per artifact family.
 
     Arguments:
@@ -310,16 +317,21 @@ def push(source: Path, repo: str, *, what: list[str] | None = None, private: boo
         dry_run: only plan: list repos, files and sizes, without network or token.
         token: Hub token; default ``HF_TOKEN`` or the token stored by ``hf auth login``.
         names: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}``.
+        allow_stale: publish an export whose run's adapter changed since (trained further); refused otherwise.
     """
     export_dir, run = resolve_export(source)
     manifest = ArtifactManifest.load(export_dir)
+    stale = stale_export(manifest, run)
+    if stale and not allow_stale:
+        raise VerificationError(f"{stale}; pass --allow-stale to publish the old export anyway")
     kinds = parse_what(what, manifest)
     repos = repo_names(repo, kinds, names)
     if revision is not None and (not revision.strip() or any(c.isspace() for c in revision) or ".." in revision):
         raise UsageError(f"invalid --revision {revision!r}: give a branch name")
     rev = revision or "main"
     planned = plan(export_dir, manifest, run, repos, rev)
-    report = PushReport(source=export_dir, revision=rev, dry_run=dry_run, repos=[p for p, _ in planned])
+    report = PushReport(source=export_dir, revision=rev, dry_run=dry_run, repos=[p for p, _ in planned],
+                        stale=stale)
     check_local_files(report.repos)
     if dry_run:
         return report

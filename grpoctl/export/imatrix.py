@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -351,41 +350,28 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
 
 
 def run_tool(cmd: list[str], cwd: Path, on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
-    """Run one of llama.cpp's tools in its own process group, stopping it and its threads on Ctrl-C or any
-    error; returns (exit code, stderr lines then stdout lines). ``on_line`` sees stderr (the log) as it comes.
+    """Run one of llama.cpp's tools as grpoctl runs every child (``grpoctl.procs.run_child``: its own process
+    group, stopped on Ctrl-C, SIGTERM or any error, killed if grpoctl dies); returns (exit code, stderr lines
+    then stdout lines). ``on_line`` sees stderr (the log) as it comes.
 
     The two streams stay separate pipes: with both on one descriptor llama.cpp's logger wrote nothing here.
     """
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace", process_group=0)
+    from grpoctl.procs import run_child
+
     out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
-    reader.start()
     lines: list[str] = []
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
+
+    def read(proc: subprocess.Popen) -> None:
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        for line in proc.stderr or []:
+            lines.append(line.decode("utf-8", errors="replace").rstrip("\n"))
             if on_line is not None:
-                on_line(line)
-        rc = proc.wait()
+                on_line(lines[-1])
         reader.join()
-    finally:
-        if proc.poll() is None:
-            _stop(proc)
-    return rc, lines + [ln.rstrip("\n") for ln in out]
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    rc = run_child(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, while_running=read)
+    return rc, lines + [ln.decode("utf-8", errors="replace").rstrip("\n") for ln in out]
 
 
 def _last_error(lines: list[str]) -> str:

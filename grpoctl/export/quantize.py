@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from grpoctl.errors import ConversionError, UsageError
+from grpoctl.errors import ConversionError, DiskFullError, UsageError
+from grpoctl.fsutil import disk_full_cause, no_space_left
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,18 @@ def parse_types(text: str) -> list[str]:
     return out
 
 
+def estimate_gguf_bytes(bytes16: int, types: list[str], vocab_bytes: int = 0) -> int:
+    """Peak bytes a GGUF export of ``types`` writes for a model of ``bytes16`` 16-bit weight bytes: every file at
+    its bits per weight (plus the vocabulary each carries) and the 16-bit intermediate the quantizer reads
+    while the files are made, unless it is one of them or the one type is written directly (see gguf.convert_all)."""
+    params = bytes16 / 2
+    need = sum(params * TYPES[t].bits / 8 + vocab_bytes for t in types)
+    single_pass = len(types) == 1 and TYPES[types[0]].source == "convert"
+    if not single_pass and not any(t in SIXTEEN_BIT for t in types):
+        need += bytes16 + vocab_bytes
+    return int(need)
+
+
 def default_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -142,6 +155,10 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
         print(note, flush=True)
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
+        if no_space_left(dst.parent):
+            # llama.cpp reports a failed write as a C++ stream error without errno; the file system tells the rest
+            raise DiskFullError(f"disk full while llama.cpp's quantizer wrote {dst.parent} ({tail})") \
+                from disk_full_cause(dst)
         raise ConversionError(f"llama.cpp failed to quantize {src.name} to {gtype.label} (code {rc}): {tail}")
 
 
