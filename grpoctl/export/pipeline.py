@@ -279,8 +279,9 @@ def _missing_parts(existing: ArtifactManifest | None, src: ExportSource, adapter
                     raise OutputExistsError(f"{existing.root}/{entry.path} was made {made} an importance matrix; "
                                             "pass --force to rebuild the export as asked")
         if with_matrix and existing.by_kind("imatrix") and any(TYPES[t].reads_imatrix for t in gguf):
-            raise OutputExistsError(f"{existing.root} already holds GGUF quants made with another importance matrix; "
-                                    "pass --force to rebuild every quant with the new one")
+            raise OutputExistsError(f"{existing.root} already holds GGUF quants made with an importance matrix, and a "
+                                    "second matrix would sit beside it; pass --force to rebuild every quant with the "
+                                    "new one")
     return _Parts(merged=merged, lora=wanted.lora and not existing.by_kind("lora"), gguf=gguf)
 
 

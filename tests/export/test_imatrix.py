@@ -258,6 +258,32 @@ def test_a_matrix_that_reads_but_does_not_fit_fails_the_export_with_one_line_and
     assert result.exit_code == 0, result.output
 
 
+def test_an_export_is_not_added_to_with_quants_made_otherwise_than_its_own(qwen3_run, tiny_matrix, tmp_path):
+    """Adding to an export: a type already there made without the matrix is not silently kept (nor replaced)
+    when asked with one; a new matrix quant joins plain ones; a second matrix beside the first is refused.
+    Each refusal is one line, exit 5, and leaves the export as it was."""
+    out = tmp_path / "export"
+    assert _run(qwen3_run, "-o", out, "--gguf", "q4_k_m", "--no-manifests", "-q").exit_code == 0
+    before = (out / "artifacts.json").read_text()
+    _one_clean_line(_run(qwen3_run, "-o", out, "--gguf", "q4_k_m", "--imatrix", tiny_matrix, "--no-manifests"), 5,
+                    "Q4_K_M.gguf was made without an importance matrix", "--force")
+    assert (out / "artifacts.json").read_text() == before
+
+    result = _run(qwen3_run, "-o", out, "--gguf", "q5_0", "--imatrix", tiny_matrix, "--no-manifests", "-q")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "artifacts.json").read_text())
+    kinds = {f["kind"]: f for f in manifest["files"]}
+    assert "imatrix" not in kinds["gguf:q4_k_m"]["extra"] and kinds["gguf:q5_0"]["extra"]["imatrix"]
+    assert kinds["imatrix"]["sha256"] == sha256_file(tiny_matrix)
+
+    before = (out / "artifacts.json").read_text()
+    _one_clean_line(_run(qwen3_run, "-o", out, "--gguf", "q4_0", "--imatrix", tiny_matrix, "--no-manifests"), 5,
+                    "already holds GGUF quants made with an importance matrix")
+    _one_clean_line(_run(qwen3_run, "-o", out, "--gguf", "q5_0", "--no-manifests"), 5,
+                    "Q5_0.gguf was made with an importance matrix")
+    assert (out / "artifacts.json").read_text() == before
+
+
 def test_a_calibration_text_too_short_for_two_chunks_is_refused():
     with pytest.raises(DataError, match="needs at least"):
         im.chunk_size(40)
@@ -368,15 +394,28 @@ def test_a_users_matrix_is_used_and_published(qwen3_run, tiny_matrix, tmp_path):
 
 
 
-def test_smollm2_run_imatrix_auto_beats_the_plain_q4_k_m_and_q3_k_m(smollm2_dir, tmp_path, llama_tools):
+def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_does_not(smollm2_dir, tmp_path,
+                                                                                       llama_tools, monkeypatch):
     """The embedded SmolLM2 with a trained-looking adapter: the matrix from the run's prompts and sampled
-    completions lowers the mean KL of q4_k_m and q3_k_m on the held-out probes, although most of SmolLM2's
-    tensors (576 columns) fall back from the K-quants to Q5_0/Q4_0 (which read the matrix as well)."""
+    completions gives q4_k_m and q2_k a mean KL no higher than the plain quants' on the held-out probes (most
+    of SmolLM2's tensors, 576 columns, fall back from the K-quants to Q5_0/Q4_0/IQ4_NL, which read the matrix
+    as well).
+
+    The same comparison fails on broken matrices, on the same 16-bit GGUF and the same probes: the run's matrix
+    with every entry made uniform (the imatrix code path without the run's information) does worse than the
+    run's matrix, and the matrix inverted (weighing most the channels the run uses least) does worse than no
+    matrix at all."""
+    import numpy as np
+
     from grpoctl.config import DEFAULT_SYSTEM_PROMPT
+    from grpoctl.export import parity
     from grpoctl.export.artifacts import ArtifactManifest
     from grpoctl.rundir import RunDir
     from tests.export.gguf_support import make_adapter as small_adapter
 
+    refs = []
+    real_prepare = parity.prepare_reference
+    monkeypatch.setattr(parity, "prepare_reference", lambda *a, **k: refs.append(real_prepare(*a, **k)) or refs[-1])
     run_dir = tmp_path / "run"
     small_adapter(smollm2_dir, run_dir / "adapter", r=8, alpha=16, std=0.002)
     (run_dir / "run.json").write_text(json.dumps({
@@ -386,14 +425,27 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_q4_k_m_and_q3_k_m(smollm2_dir,
     request = im.ImatrixRequest(run=RunDir(run_dir), samples=16)
     out = tmp_path / "export" / "gguf"
     manifest = ArtifactManifest(root=tmp_path / "export")
-    gg.export_gguf(smollm2_dir, run_dir / "adapter", out, ["q4_k_m", "q3_k_m"], name="SmolLM2-135M-Instruct-grpo",
+    name = "SmolLM2-135M-Instruct-grpo"
+    gg.export_gguf(smollm2_dir, run_dir / "adapter", out, ["q4_k_m", "q2_k", "bf16"], name=name,
                    manifest=manifest, system_prompt=DEFAULT_SYSTEM_PROMPT, imatrix=request)
     rep = json.loads((out / "parity.json").read_text())
-    assert rep["passed"] and rep["imatrix"]["held_out"]
-    for t in ("q4_k_m", "q3_k_m"):
-        row = rep["imatrix"]["types"][t]
-        assert row["imatrix"]["kl"] < row["plain"]["kl"], (t, row)
-    q4 = rep["imatrix"]["types"]["q4_k_m"]["tensor_types"]
+    assert rep["passed"] and rep["imatrix"]["held_out"] and set(rep["imatrix"]["types"]) == {"q4_k_m", "q2_k"}
+    figures = {t: rep["imatrix"]["types"][t] for t in ("q4_k_m", "q2_k")}
+    for t, row in figures.items():
+        assert row["imatrix"]["kl"] <= row["plain"]["kl"], (t, row)
+    q4 = figures["q4_k_m"]["tensor_types"]
     assert q4.get("q5_0", 0) > q4.get("q4_K", 0) + q4.get("q6_K", 0)  # the fallback, as the docs say
     cal = manifest.sections["imatrix"]["calibration"]
     assert cal["documents"] == 16 and cal["max_new_tokens"] == 32 and cal["system_prompt"] == DEFAULT_SYSTEM_PROMPT
+
+    matrix, bf16 = out / f"{name}-imatrix.gguf", out / f"{name}-BF16.gguf"
+    broken = {"uniform": lambda v: np.full_like(v, v.mean()),
+              "inverted": lambda v: v.max() * v.min() / np.maximum(v, 1e-6 * v.max())}
+    kl = {}
+    for label, edit in broken.items():
+        bad = tmp_path / f"{label}-imatrix.gguf"
+        _rewrite_matrix(matrix, bad, lambda n, v, edit=edit: edit(v) if n.endswith(".in_sum2") else None)
+        im.quantize_with_matrix(bf16, tmp_path / f"{label}-q2_k.gguf", "q2_k", bad)
+        kl[label] = parity.measure(tmp_path / f"{label}-q2_k.gguf", "q2_k", refs[-1], parity.FALLBACK_FLOOR)["kl"]
+    assert figures["q2_k"]["imatrix"]["kl"] < kl["uniform"], (figures["q2_k"], kl)
+    assert kl["inverted"] > figures["q2_k"]["plain"]["kl"], (figures["q2_k"], kl)
