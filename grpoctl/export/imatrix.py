@@ -313,10 +313,11 @@ def _count_entries(path: Path) -> int:
     return int.from_bytes(head, "little", signed=True) if len(head) == 4 else 0  # legacy: entry count first
 
 
-def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, threads: int | None = None
-                         ) -> dict[str, Any]:
+def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, threads: int | None = None,
+                         shown_as: str | None = None) -> dict[str, Any]:
     """llama-quantize --imatrix: ``src`` into ``dst`` as ``type_name``; returns the tensor types written and the
-    tensors the matrix had no entry for. A matrix that does not fit the model is one line, exit 4."""
+    tensors the matrix had no entry for. A matrix that does not fit the model is one line, exit 4, naming the
+    matrix as ``shown_as`` (the file the user gave) or by its name."""
     from grpoctl.llamacpp_tools import tool
 
     gtype = TYPES[type_name]
@@ -324,11 +325,12 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
            gtype.label, str(threads or default_threads())]
     rc, lines = run_tool(cmd, matrix.parent)
     text = "\n".join(lines)
+    shown_as = shown_as or matrix.name
     if rc != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
         why = _last_error(lines)
         if "imatrix" in why:
-            raise DataError(f"the importance matrix {matrix.name} does not fit this model: {why}")
+            raise DataError(f"the importance matrix {shown_as} does not fit this model: {why}")
         raise ConversionError(f"llama-quantize failed to make {gtype.label} (exit {rc}): {why}")
     written: dict[str, int] = {}
     for t in re.findall(r"converting to (\w+) \.\.", text):
@@ -339,7 +341,7 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
     with_data = sum(written.values()) - len(re.findall(r"did not find weights for", text))
     if missing and with_data <= 0:
         dst.unlink(missing_ok=True)
-        raise DataError(f"the importance matrix {matrix.name} has no entry for any tensor of this model (first: "
+        raise DataError(f"the importance matrix {shown_as} has no entry for any tensor of this model (first: "
                         f"{missing[0]}); it was computed for another model")
     if missing:
         print(f"grpoctl:   warning: the importance matrix has no entry for {len(missing)} tensors (first: "
@@ -475,7 +477,8 @@ class Imatrix:
         return self.matrix
 
     def quantize(self, src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
-        self.quants[type_name] = quantize_with_matrix(src, dst, type_name, self.matrix_for(src, threads), threads)
+        self.quants[type_name] = quantize_with_matrix(src, dst, type_name, self.matrix_for(src, threads), threads,
+                                                      shown_as=str(self.request.matrix or self.matrix_name))
 
     def plain(self, src: Path, type_name: str, threads: int | None = None) -> Path | None:
         """The same type without the matrix, for the comparison; None where llama.cpp refuses it without one."""

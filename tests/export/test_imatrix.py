@@ -1,6 +1,7 @@
-"""Importance-matrix quants with llama.cpp's real llama-imatrix and llama-quantize on the tiny fixtures:
-the matrix is really read, bad matrices and types that need one are one line, the calibration set holds no
-probe text, the artifacts are recorded, and the gain is measured on held-out probes."""
+"""Importance-matrix quants with llama.cpp's real llama-imatrix and llama-quantize on the tiny fixtures and
+the embedded SmolLM2: the matrix is computed from the run's prompts and really read, bad matrices and types
+that need one are one line, the calibration set holds no probe text, the artifacts are recorded, and the
+gain over the plain quants is measured on held-out probes (asserted on SmolLM2, against broken matrices too)."""
 
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def test_a_matrix_that_reads_but_does_not_fit_fails_the_export_with_one_line_and
     out = tmp_path / "exports" / "export"
     out.parent.mkdir()
     result = _run(qwen3_run, "-o", out, "--gguf", "q4_k_m", "--imatrix", wrong, "--no-manifests")
-    _one_clean_line(result, 4, "does not fit this model", "blk.0.attn_q.weight")
+    _one_clean_line(result, 4, f"the importance matrix {wrong} does not fit this model", "blk.0.attn_q.weight")
     assert "converting" in result.output  # it failed where the matrix is read, after the work had started
     assert list(out.parent.iterdir()) == []
 
@@ -397,7 +398,7 @@ def test_a_users_matrix_is_used_and_published(qwen3_run, tiny_matrix, tmp_path):
 def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_does_not(smollm2_dir, tmp_path,
                                                                                        llama_tools, monkeypatch):
     """The embedded SmolLM2 with a trained-looking adapter: the matrix from the run's prompts and sampled
-    completions gives q4_k_m and q2_k a mean KL no higher than the plain quants' on the held-out probes (most
+    completions gives q4_k_m and q2_k a lower mean KL than the plain quants' on the held-out probes (most
     of SmolLM2's tensors, 576 columns, fall back from the K-quants to Q5_0/Q4_0/IQ4_NL, which read the matrix
     as well).
 
@@ -432,7 +433,7 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
     assert rep["passed"] and rep["imatrix"]["held_out"] and set(rep["imatrix"]["types"]) == {"q4_k_m", "q2_k"}
     figures = {t: rep["imatrix"]["types"][t] for t in ("q4_k_m", "q2_k")}
     for t, row in figures.items():
-        assert row["imatrix"]["kl"] <= row["plain"]["kl"], (t, row)
+        assert row["imatrix"]["kl"] < row["plain"]["kl"], (t, row)
     q4 = figures["q4_k_m"]["tensor_types"]
     assert q4.get("q5_0", 0) > q4.get("q4_K", 0) + q4.get("q6_K", 0)  # the fallback, as the docs say
     cal = manifest.sections["imatrix"]["calibration"]
