@@ -6,6 +6,7 @@
                --merged 4bit: 16-bit merge, nf4 once         -> merged-4bit/
       lora     --lora: the cleaned adapter                   -> lora/
       gguf     --gguf TYPES (grpoctl.export.gguf)            -> gguf/
+               --imatrix auto|FILE (grpoctl.export.imatrix)  -> gguf/<name>-imatrix.gguf (+ -calibration.txt)
       artifacts.json: every file with kind, size, sha256; provenance; the verify result
 
 The export folder is built as a hidden sibling and renamed into place at the end, so a failure, a
