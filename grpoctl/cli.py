@@ -203,7 +203,7 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     if push_repo and verify_only:
         raise click.BadParameter("cannot be combined with --verify-only", param_hint="--push")
     if push_repo:
-        from grpoctl.export.hub import validate_repo_id
+        from grpoctl.push.hub import validate_repo_id
 
         validate_repo_id(push_repo)  # before hours of work, not after
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
@@ -220,7 +220,7 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     if not verify_only:
         click.echo(f"manifest: {manifest.root / 'artifacts.json'}")
     if push_repo:
-        from grpoctl.export.hub import push as push_export
+        from grpoctl.push.hub import push as push_export
 
         for line in push_export(manifest.root, push_repo).lines():
             click.echo(line)
@@ -258,7 +258,7 @@ def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], p
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
     Unchanged files are not uploaded again and an unchanged repo gets no new commit.
     """
-    from grpoctl.export.hub import push as push_export
+    from grpoctl.push.hub import push as push_export
 
     report = push_export(source, repo, what=what.split(",") if what is not None else None, private=private,
                          revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for), allow_stale=allow_stale)
@@ -300,7 +300,7 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 
     SOURCE is a run directory (its export/ is used) or an export directory.
     """
-    from grpoctl.export.artifacts import resolve_export
+    from grpoctl.artifacts import resolve_export
     from grpoctl.manifests.api import ManifestOptions, write_manifests
 
     export_dir, run = resolve_export(source)
@@ -313,7 +313,7 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
     for path in written:
         rel = os.path.relpath(path)
         click.echo(path if rel.startswith("..") else rel)
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     section = ArtifactManifest.load(export_dir).sections.get("manifests", {})
     if summary := section.get("ollama", {}).get("summary"):

@@ -9,7 +9,7 @@
       summary.json      steps run, wall time, first/last mean reward, stop reason
       checkpoints/      trainer checkpoints (``--resume`` picks the newest)
       eval.json         written by ``grpoctl eval``
-      export/           default output of ``grpoctl export`` (see ``grpoctl.export.artifacts``)
+      export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
 
 Stages never import a later stage; they meet only here and in ``artifacts.json``.
 """

@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
+from tests.hubserver import FakeHub
 from tests.tinymodels import build_tiny_model
 
 
@@ -49,3 +50,29 @@ def llama_tools():
     from grpoctl.llamacpp_tools import find_tools
 
     return find_tools(build=True)
+
+
+# The local fake Hub (tests/hubserver.py) and huggingface_hub pointed at it, for protocol tests.
+HUB_TOKEN = "hf_aliceWriteToken0123456789"
+
+
+@pytest.fixture
+def hub():
+    with FakeHub({HUB_TOKEN: {"name": "alice", "orgs": ["grpo-org"]}}) as h:
+        yield h
+
+
+@pytest.fixture
+def hub_env(hub, monkeypatch, tmp_path):
+    """huggingface_hub pointed at the local server, Xet off, no stored token, online."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    return hub

@@ -459,7 +459,7 @@ def build_export(root, *, with_run: bool = True, seed: int = 0):
     import random
     from pathlib import Path
 
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     root = Path(root)
     run = root / "run"

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
 from grpoctl.export import parity
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import ARTIFACTS_FILE, ArtifactManifest
 from grpoctl.errors import DependencyError, InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest
 from grpoctl.export.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from grpoctl.fsutil import (
     check_free_space,

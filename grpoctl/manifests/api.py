@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import (
     InputNotFoundError,
     OutputExistsError,
     UsageError,
     VerificationError,
 )
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir

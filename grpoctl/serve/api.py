@@ -61,7 +61,7 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> int:
         ollama.check_model_name(opts.name)  # before reading or hashing anything
     target = resolve_target(opts.source, opts.quant)
     if target.export_dir is not None:
-        from grpoctl.export.artifacts import ArtifactManifest, stale_export
+        from grpoctl.artifacts import ArtifactManifest, stale_export
 
         if why := stale_export(ArtifactManifest.load(target.export_dir), target.run):
             echo(f"warning: {why}; serving the old export anyway")

@@ -175,7 +175,7 @@ def parse_version(version: str) -> tuple[int, int, int] | None:
 def _checked_go_template(target: ServeTarget) -> str | None:
     """The Go template ``grpoctl manifests`` checked against the chat template but did not write (Ollama
     >= 0.30 renders the chat template itself), from the export's artifacts.json."""
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     if target.export_dir is None or not (target.export_dir / "artifacts.json").is_file():
         return None

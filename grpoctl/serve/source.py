@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpoctl.artifacts import ARTIFACTS_FILE, ArtifactManifest, run_of_export
 from grpoctl.errors import InputNotFoundError, ServeError, UsageError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, run_of_export
 from grpoctl.fsutil import sha256_file
 from grpoctl.rundir import RunDir
 

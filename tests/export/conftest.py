@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.export.adapters import VARIANTS, make_adapter, peft_merged_folder
-from tests.hubserver import FakeHub
 from tests.tinymodels import build_tiny_model
 
 
@@ -60,29 +59,3 @@ def variant(variant_bases, tmp_path_factory):
         return made[name]
 
     return get
-
-
-# The local fake Hub (tests/hubserver.py) and huggingface_hub pointed at it, for protocol tests.
-HUB_TOKEN = "hf_aliceWriteToken0123456789"
-
-
-@pytest.fixture
-def hub():
-    with FakeHub({HUB_TOKEN: {"name": "alice", "orgs": ["grpo-org"]}}) as h:
-        yield h
-
-
-@pytest.fixture
-def hub_env(hub, monkeypatch, tmp_path):
-    """huggingface_hub pointed at the local server, Xet off, no stored token, online."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
-    return hub

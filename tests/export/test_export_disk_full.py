@@ -136,7 +136,7 @@ def _enospc(*_a, **_k):
 @pytest.mark.parametrize("writer", [
     "grpoctl.export.merge.write_safetensors",  # merged shards and the lora/ adapter
     "grpoctl.export.verify.VerifyReport.save",
-    "grpoctl.export.artifacts.ArtifactManifest.save",
+    "grpoctl.artifacts.ArtifactManifest.save",
     "grpoctl.manifests.api.staged_file",  # Modelfile, serve.sh, compose, k8s
 ])
 def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_path, monkeypatch, writer):
@@ -154,7 +154,7 @@ def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_
 
 
 def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, monkeypatch):
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     out = tmp_path / "out"
     assert _export(run, "--lora", "-o", out, "-q").exit_code == 0
@@ -172,7 +172,7 @@ def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, 
 def test_hub_push_disk_full_is_the_disk_full_answer(tmp_path):
     """huggingface_hub wraps a failed cache write (Xet chunks, HF_HOME) in its own errors; the cause decides."""
     from grpoctl.errors import DiskFullError
-    from grpoctl.export.hub import hub_call
+    from grpoctl.push.hub import hub_call
 
     def upload():
         try:

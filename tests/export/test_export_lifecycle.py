@@ -104,8 +104,8 @@ def test_second_export_into_a_busy_folder_fails_at_once_and_the_first_keeps_its_
 
 def test_adding_a_quant_keeps_what_the_export_has(spaced_run, tmp_path, env):
     """The practitioner's second export: one more GGUF type into an export of the same adapter, no --force."""
-    from grpoctl.export.artifacts import ArtifactManifest
-    from grpoctl.export.hub import plan
+    from grpoctl.artifacts import ArtifactManifest
+    from grpoctl.push.hub import plan
     from grpoctl.rundir import RunDir
 
     out = tmp_path / "out"
@@ -166,7 +166,7 @@ def test_manifests_re_derive_in_place_after_an_export(spaced_run, tmp_path, env)
     output, _ = again.communicate(timeout=300)
     assert again.returncode == 0, output
     assert "--tensor-parallel-size 2" in (run / "export" / "vllm" / "serve.sh").read_text()
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
     from grpoctl.fsutil import sha256_file
 
     for entry in ArtifactManifest.load(run / "export").files:

@@ -7,8 +7,8 @@ import hashlib
 
 from click.testing import CliRunner
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.cli import cli
-from grpoctl.export.artifacts import ArtifactManifest
 
 
 def test_protocol_no_xet_export_push_uploads_the_export_it_just_wrote(hub_env, qwen3_run, tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import ConversionError, DiskFullError, ParityError, UsageError
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import find_converter
 from tests.export import adapters
 from tests.export.adapters import VARIANTS, peft_merged_folder

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.export import gguf as gg
-from grpoctl.export.artifacts import ArtifactManifest
 from tests.export.gguf_support import make_adapter, read_gguf
 
 

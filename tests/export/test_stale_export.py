@@ -8,9 +8,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import ArtifactManifest, stale_export
 from grpoctl.cli import cli
 from grpoctl.errors import VerificationError
-from grpoctl.export.artifacts import ArtifactManifest, stale_export
 from grpoctl.rundir import RunDir
 from tests.export.adapters import make_adapter
 

@@ -107,7 +107,7 @@ def write_export(run: Path, *, name: str = "Tiny-GRPO", quants=("Q4_K_M",), merg
                  lora: bool = True, merged_4bit: bool = False, real_gguf: bool = False) -> Path:
     """An export directory recorded in artifacts.json: GGUF files (placeholders, or the embedded real
     SmolLM2 GGUF), merged/ and lora/ folders carrying the run's tokenizer."""
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     export = run / "export"
     (export / "gguf").mkdir(parents=True, exist_ok=True)

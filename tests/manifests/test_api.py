@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.fsutil import sha256_file
 from grpoctl.manifests.api import ManifestOptions, write_manifests
 from grpoctl.rundir import RunDir
@@ -289,7 +289,7 @@ def test_gemma2_gets_ollamas_registry_template_whatever_the_modelfile_says(tmp_p
 def test_standalone_export_without_run(tmp_path, tiny_qwen3, go_renderer):
     import shutil
 
-    from grpoctl.export.artifacts import resolve_export
+    from grpoctl.artifacts import resolve_export
 
     run = write_run(tmp_path / "run", tiny_qwen3)
     export = write_export(run)

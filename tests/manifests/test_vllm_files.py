@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.manifests.api import write_manifests
 from grpoctl.rundir import RunDir
 from tests.manifests.conftest import write_export, write_run

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.artifacts import ArtifactManifest
 
 SYSTEM_PROMPT = ("You are given a math problem. Think it through, then give the final number "
                  "on its own line after 'Answer:'.")

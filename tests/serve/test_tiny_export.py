@@ -22,7 +22,7 @@ def tiny_run(tmp_path_factory, tiny_qwen3):
         from grpoctl.export.gguf import export_gguf
     except ImportError:
         pytest.skip("GGUF exporter (grpoctl.export.gguf) not in this build")
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import ArtifactManifest
 
     run = write_run(tmp_path_factory.mktemp("tiny") / "run", system_prompt="Answer with a number.",
                     max_seq_length=512)

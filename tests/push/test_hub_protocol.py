@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.cli import cli
-from grpoctl.export.artifacts import ArtifactManifest
 from tests.hubserver import FakeHub, build_export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,7 +224,7 @@ def test_protocol_no_xet_tampered_artifact_is_refused_before_upload(hub_env, run
 
 def test_protocol_no_xet_library_error_carries_no_token_or_original_request(hub_env, run_dir):
     from grpoctl.errors import HubError
-    from grpoctl.export.hub import push
+    from grpoctl.push.hub import push
 
     with pytest.raises(HubError) as info:
         push(run_dir, "alice/tiny", token=BAD_TOKEN)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpoctl.export.artifacts import ArtifactManifest, FileEntry
+from grpoctl.artifacts import ArtifactManifest, FileEntry
 from grpoctl.models import EMBEDDED_HUB_ID, looks_like_hub_id
 from grpoctl.rundir import RunDir
 
@@ -142,7 +142,7 @@ def _parity_text(rec: dict[str, Any] | None) -> str:
 
 
 def _size(n: int) -> str:
-    from grpoctl.export.hub import human_size
+    from grpoctl.push.hub import human_size
 
     return human_size(n)
 
@@ -362,7 +362,7 @@ def _provenance(ctx: CardContext) -> list[str]:
 
 def render_card(kind: str, ctx: CardContext) -> str:
     """The full ``README.md`` for the repo of one artifact family."""
-    from grpoctl.export.hub import FAMILIES, _family_entries
+    from grpoctl.push.hub import FAMILIES, _family_entries
 
     prefix = FAMILIES[kind][1]
     entries = sorted((e for e in _family_entries(ctx.manifest, kind) if e.path[len(prefix):] != "README.md"),

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import InputNotFoundError
-from grpoctl.export.artifacts import ArtifactManifest
 
 
 def test_manifest_records_size_sha_and_round_trips(tmp_path):

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from grpoctl.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export, stale_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export, stale_export
 from grpoctl.fsutil import DISK_FULL, disk_full_error
 from grpoctl.rundir import RunDir
 
@@ -173,7 +173,7 @@ def _family_entries(manifest: ArtifactManifest, kind: str) -> list[FileEntry]:
 def plan(export_dir: Path, manifest: ArtifactManifest, run: RunDir | None, repos: dict[str, str],
          revision: str) -> list[tuple[RepoPush, bytes]]:
     """Every repo with its files and generated model card; touches nothing remote."""
-    from grpoctl.export.modelcard import CardContext, render_card
+    from grpoctl.push.modelcard import CardContext, render_card
 
     ctx = CardContext(manifest=manifest, run=run, repos=repos, revision=revision)
     out = []

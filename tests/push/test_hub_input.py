@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import ArtifactManifest
 from grpoctl.cli import cli
 from grpoctl.errors import UsageError
-from grpoctl.export.artifacts import ArtifactManifest
-from grpoctl.export.hub import human_size, push, validate_repo_id
+from grpoctl.push.hub import human_size, push, validate_repo_id
 from tests.hubserver import build_export
 
 

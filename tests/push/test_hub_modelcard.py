@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from grpoctl.export.artifacts import ArtifactManifest, resolve_export
-from grpoctl.export.hub import FAMILIES, plan, repo_names
+from grpoctl.artifacts import ArtifactManifest, resolve_export
+from grpoctl.push.hub import FAMILIES, plan, repo_names
 from tests.hubserver import build_export
 
 
