@@ -170,7 +170,8 @@ def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
 
 
 def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any]]:
-    from grpoctl.manifests.ollama import Modelfile, plan_template
+    from grpoctl.manifests.modelfile import Modelfile, quote_value
+    from grpoctl.manifests.ollama import plan_template
 
     ggufs = sorted(ctx.manifest.by_kind("gguf"), key=lambda f: f.path)
     if not ggufs:
@@ -192,8 +193,6 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
                          "the Modelfile")
         system = None
     if system:
-        from grpoctl.manifests.ollama import quote_value
-
         try:
             quote_value(system, "the system prompt")
         except UsageError:
@@ -217,8 +216,9 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     files: dict[Path, str] = {}
     for quant, entry in sorted(by_quant.items()):
         rel = os.path.relpath(ctx.export_dir / entry.path, gguf_out)
-        mf = Modelfile(from_path=f"./{rel}" if not rel.startswith("..") else rel, template=template, system=system,
-                       stops=stops, parameters=params, license=license_, comments=comments)
+        mf = Modelfile(from_=f"./{rel}" if not rel.startswith("..") else rel, template=template, system=system,
+                       parameters={"stop": stops, **params}, license=[license_] if license_ else [],
+                       comments=comments)
         text = mf.render()
         if quant == default:
             files[gguf_out / "Modelfile"] = text

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.manifests.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.common import SmokeResult, chat_messages
 from grpoctl.serve.gguf_info import GGUFInfo
-from grpoctl.serve.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.source import ServeTarget
 
 DEFAULT_HOST = "http://127.0.0.1:11434"

@@ -14,9 +14,9 @@ from grpoctl.artifacts import ArtifactManifest
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import sha256_file
 from grpoctl.manifests.api import ManifestOptions, write_manifests
+from grpoctl.manifests.modelfile import commands
 from grpoctl.rundir import RunDir
 from tests.manifests.conftest import TEMPLATES, write_export, write_run
-from tests.manifests.modelfile_parser import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _modelfile(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for cmd, val in parse(path.read_text()):
+    for cmd, val in commands(path.read_text()):
         out.setdefault(cmd, []).append(val)
     return out
 
