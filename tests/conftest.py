@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
+from tests.export.adapters import make_adapter
 from tests.hubserver import FakeHub
 from tests.tinymodels import build_tiny_model
 
@@ -24,6 +26,21 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen3(tiny_models) -> Path:
     return tiny_models["qwen3"]
+
+
+def make_run(root: Path, base: Path, adapter_kwargs: dict | None = None, *, base_id: str | None = None) -> Path:
+    """A minimal run directory, as ``grpoctl train`` leaves it: run.json naming the base, and adapter/."""
+    root.mkdir(parents=True, exist_ok=True)
+    make_adapter(base, root / "adapter", save_tokenizer=True, **(adapter_kwargs or {}))
+    meta = {"base_model": {"id": base_id or str(base), "path": str(base), "revision": None},
+            "config": {"data": {"system_prompt": "You are a careful math tutor."}, "lora": {"r": 8}}}
+    (root / "run.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="session")
+def qwen3_run(tmp_path_factory, tiny_qwen3) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs") / "qwen3-run", tiny_qwen3)
 
 
 @pytest.fixture(scope="session")

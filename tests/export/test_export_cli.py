@@ -131,7 +131,7 @@ def test_merged_4bit_without_cuda_says_so_before_any_work(qwen3_run, tmp_path):
 
 
 def test_strict_turns_partly_trained_into_a_failure(tiny_qwen3, tmp_path):
-    from tests.export.conftest import make_run
+    from tests.conftest import make_run
 
     run = make_run(tmp_path / "run", tiny_qwen3, {"zero_b": "layers.0.mlp"})
     result = _run(run, "--verify-only")

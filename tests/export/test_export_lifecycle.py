@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.export.conftest import make_run
+from tests.conftest import make_run
 from tests.export.lifecycle import children, grpoctl, isolated_env, leftovers, running, wait_for
 
 WORKER = b"grpoctl.export.convert_worker"
