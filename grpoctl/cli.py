@@ -300,25 +300,22 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 
     SOURCE is a run directory (its export/ is used) or an export directory.
     """
-    from grpoctl.artifacts import resolve_export
+    from grpoctl.artifacts import find_export
     from grpoctl.manifests.api import ManifestOptions, write_manifests
 
-    export_dir, run = resolve_export(source)
+    artifacts = find_export(source)
     options = ManifestOptions(output_dir=output_dir, no_system=no_system, chat_template=chat_template, quant=quant,
                               served_model_name=served_model_name, hub_repo=hub_repo,
                               gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                               port=port, ollama_template=ollama_template, force=force)
-    written = write_manifests(export_dir, run=run, options=options)
-    for path in written:
+    written = write_manifests(artifacts.root, run=artifacts.run, options=options)
+    for path in written.files:
         rel = os.path.relpath(path)
         click.echo(path if rel.startswith("..") else rel)
-    from grpoctl.artifacts import ArtifactManifest
-
-    section = ArtifactManifest.load(export_dir).sections.get("manifests", {})
-    if summary := section.get("ollama", {}).get("summary"):
+    if summary := written.section.ollama.summary:
         click.echo(f"grpoctl: {summary}", err=True)
-    for note in section.get("notes", []):
+    for note in written.section.notes:
         click.echo(f"grpoctl: note: {note}", err=True)
 
 

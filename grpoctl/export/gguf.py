@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grpoctl.artifacts import ArtifactManifest
+from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
 from grpoctl.export import parity
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.jsonfiles import from_json, to_json
 from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
@@ -48,11 +49,11 @@ def gguf_filename(name: str, type_name: str) -> str:
 
 
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
-                manifest: ArtifactManifest, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
+                artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
                 floors: dict[str, parity.Floor] | None = None) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
-    ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
+    ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
 
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
     again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
@@ -71,8 +72,8 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(source, types, out_dir)
     # types written now replace their earlier files; the export's other GGUFs and their parity records stay
-    kept = {n: f for n, f in ((manifest.sections.get("parity") or {}).get("files") or {}).items()
-            if any(Path(e.path).name == n for e in manifest.by_kind("gguf") if e.kind.split(":", 1)[1] not in types)}
+    kept = {n: f for n, f in (artifacts.parity.files if artifacts.parity else {}).items()
+            if any(Path(e.path).name == n for q, e in artifacts.ggufs().items() if q not in types)}
     floors = floors if floors is not None else parity.parse_floors(os.environ.get(parity.ENV_FLOORS))
 
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
@@ -99,7 +100,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
         print(parity.format_table(rep), flush=True)
-        rep["files"] = {**kept, **rep["files"]}
+        rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
         rep["passed"] = all(f["passed"] for f in rep["files"].values())
 
         written: list[tuple[Path, str]] = []
@@ -112,12 +113,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             written.append((final, t))
     parity.write_report(rep, out_dir / PARITY_FILE)
 
-    manifest.files = [f for f in manifest.files if f.kind not in {f"gguf:{t}" for t in types}]
+    artifacts.files = [f for f in artifacts.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
-        manifest.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"])
-    manifest.add_file(out_dir / PARITY_FILE, "report")
-    manifest.sections["parity"] = {k: v for k, v in rep.items() if k != "conversion"}
+        artifacts.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"])
+    artifacts.add_file(out_dir / PARITY_FILE, "report")
+    artifacts.parity = from_json(ParitySection, {k: v for k, v in rep.items() if k != "conversion"},
+                                out_dir / PARITY_FILE, "")
 
     failed = [n for n, f in files.items() if not f["passed"]]
     if failed and parity_gate:

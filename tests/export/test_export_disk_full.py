@@ -136,7 +136,7 @@ def _enospc(*_a, **_k):
 @pytest.mark.parametrize("writer", [
     "grpoctl.export.merge.write_safetensors",  # merged shards and the lora/ adapter
     "grpoctl.export.verify.VerifyReport.save",
-    "grpoctl.artifacts.ArtifactManifest.save",
+    "grpoctl.artifacts.Artifacts.save",
     "grpoctl.manifests.api.staged_file",  # Modelfile, serve.sh, compose, k8s
 ])
 def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_path, monkeypatch, writer):
@@ -154,7 +154,7 @@ def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_
 
 
 def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, monkeypatch):
-    from grpoctl.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts
 
     out = tmp_path / "out"
     assert _export(run, "--lora", "-o", out, "-q").exit_code == 0
@@ -165,7 +165,7 @@ def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, 
     result = CliRunner().invoke(cli, ["manifests", str(out), "--tensor-parallel-size", "2"])
     _one_disk_full_line(result, out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert ArtifactManifest.load(out).by_kind("lora")
+    assert Artifacts.load(out).by_kind("lora")
     _nothing_left(tmp_path, "out")
 
 
