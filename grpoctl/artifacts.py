@@ -20,8 +20,9 @@ Each section is a dataclass below, written by one stage and read by the later on
     manifests    manifests   what the Modelfiles and vLLM manifests say, and notes
 
 Loaded and saved here only, checked key by key against these types (a key no stage writes is an error,
-not a guess). ``schema`` 2 added the base model's Hub id and license to the provenance; a schema-1 file
-is read with them worked out again. Nothing else in the export directory is trusted by a later stage.
+not a guess). ``schema`` is 2 since the sections became these types (1 was the untyped record); a file of
+any other schema is refused with one line saying to re-export. Nothing else in the export directory is
+trusted by a later stage.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
@@ -273,16 +274,11 @@ class Artifacts:
             raise InputNotFoundError(f"{root} has no {ARTIFACTS_FILE}; run `grpoctl export` first")
         data = read_json(path)
         schema = data.get("schema")
-        if schema not in (1, SCHEMA_VERSION):
-            raise DataError(f"{path} has schema {json.dumps(schema)}, which this grpoctl ({__version__}) does not "
-                            f"read (it reads 1 and {SCHEMA_VERSION}); re-export with `grpoctl export`")
+        if schema != SCHEMA_VERSION:  # checked before the shape: another schema's keys are not a corrupt file
+            raise DataError(f"{path} has schema {json.dumps(schema)}; this grpoctl ({__version__}) reads schema "
+                            f"{SCHEMA_VERSION} only: re-export with `grpoctl export ... --force`")
         stored = from_json(_Stored, data, path)
-        provenance = stored.provenance
-        if schema == 1 and provenance.base_model is not None:  # schema 1 did not record what the base is
-            from grpoctl.models import identify
-
-            provenance = replace(provenance, base_model=identify(provenance.base_model))
-        return cls(root=Path(root), provenance=provenance, files=stored.files, verify=stored.verify,
+        return cls(root=Path(root), provenance=stored.provenance, files=stored.files, verify=stored.verify,
                    merged=stored.merged, parity=stored.parity, manifests=stored.manifests, created=stored.created)
 
     def save(self) -> Path:

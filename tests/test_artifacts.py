@@ -38,19 +38,28 @@ def test_artifacts_record_size_sha_and_sections_and_round_trip(tmp_path):
     assert again.verify == m.verify and again.provenance == m.provenance
 
 
-def test_a_schema_1_record_is_read_with_the_base_worked_out_again(tmp_path, smollm2_dir):
+@pytest.mark.parametrize("command", ["manifests", "serve", "push"])
+def test_a_record_of_another_schema_is_one_line_and_a_non_zero_exit(tmp_path, command):
+    """The untyped schema-1 record (what earlier grpoctl wrote) and a future schema alike: each later stage refuses
+    it in one line saying to re-export, before reading any of its sections."""
+    from click.testing import CliRunner
+
+    from grpoctl.cli import cli
+
     (tmp_path / "artifacts.json").write_text(json.dumps({
         "schema": 1, "grpoctl_version": "0.1.0", "created": "2025-01-01T00:00:00+00:00",
-        "provenance": {"grpoctl_version": "0.1.0", "libraries": {}, "source": "runs/a", "run": "/nowhere/runs/a",
-                       "base_model": {"id": "embedded:SmolLM2-135M-Instruct", "revision": None,
-                                      "path": str(smollm2_dir)}},
-        "files": []}))
-    base = Artifacts.load(tmp_path).provenance.base_model
-    assert (base.hub_id, base.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
+        "provenance": {"base_model": {"id": "embedded:SmolLM2-135M-Instruct"}}, "files": [],
+        "verify": {"status": "ok", "summary": {"modules": 4}}}))
+    args = {"manifests": [str(tmp_path)], "serve": [str(tmp_path), "--engine", "llamacpp"],
+            "push": [str(tmp_path), "--repo", "alice/tiny", "--dry-run"]}[command]
+    res = CliRunner().invoke(cli, [command, *args])
+    assert res.exit_code == 4 and "Traceback" not in res.output, res.output
+    (line,) = [x for x in res.output.splitlines() if x.strip()]
+    assert line.startswith("grpoctl: ") and "has schema 1;" in line and "re-export" in line, line
 
 
 @pytest.mark.parametrize(("change", "says"), [
-    (lambda d: {**d, "schema": 3}, "has schema 3, which this grpoctl"),
+    (lambda d: {**d, "schema": 3}, "has schema 3; this grpoctl"),
     (lambda d: {**d, "verify": {**d["verify"], "modules_trained": 14}}, '"verify.modules_trained" is not a key'),
     (lambda d: {**d, "verify": {**d["verify"], "summary": {"modules": "4"}}}, "verify.summary lacks zero_b"),
     (lambda d: {**d, "parity": {"files": {}}}, "parity lacks reference"),
