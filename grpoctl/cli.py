@@ -197,8 +197,8 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     Writes merged weights, the cleaned adapter and GGUF files as asked, then an Ollama Modelfile and vLLM
     manifests for them, all listed with sha256 in EXPORT/artifacts.json.
     """
-    from grpoctl.export.pipeline import ExportOptions
-    from grpoctl.export.pipeline import export as run_export
+    from grpoctl.api import ExportOptions
+    from grpoctl.api import export as run_export
 
     if push_repo and verify_only:
         raise click.BadParameter("cannot be combined with --verify-only", param_hint="--push")
@@ -209,8 +209,8 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
                             output_dir=output_dir, force=force, verify_only=verify_only, strict=strict,
                             allow_pickle=allow_pickle, llama_cpp_dir=llama_cpp_dir, parity_gate=not no_parity_gate,
-                            progress=not quiet, manifests=not no_manifests)
-    manifest = run_export(source, options, log=None if quiet else click.echo)
+                            progress=not quiet)
+    manifest = run_export(source, options, manifests=not no_manifests, log=None if quiet else click.echo)
     kinds: dict[str, list] = {}
     for entry in manifest.files:
         kinds.setdefault(entry.kind, []).append(entry)
@@ -300,16 +300,14 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 
     SOURCE is a run directory (its export/ is used) or an export directory.
     """
-    from grpoctl.artifacts import find_export
-    from grpoctl.manifests.api import ManifestOptions, write_manifests
+    from grpoctl.api import ManifestOptions, write_manifests
 
-    artifacts = find_export(source)
     options = ManifestOptions(output_dir=output_dir, no_system=no_system, chat_template=chat_template, quant=quant,
                               served_model_name=served_model_name, hub_repo=hub_repo,
                               gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                               port=port, ollama_template=ollama_template, force=force)
-    written = write_manifests(artifacts.root, run=artifacts.run, options=options)
+    written = write_manifests(source, options)
     for path in written.files:
         rel = os.path.relpath(path)
         click.echo(path if rel.startswith("..") else rel)

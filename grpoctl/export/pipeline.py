@@ -21,9 +21,10 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from grpoctl.artifacts import ARTIFACTS_FILE, AdapterRecord, Artifacts, MergedSection, Provenance
-from grpoctl.errors import DependencyError, InputNotFoundError, OutputExistsError, UsageError
+from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import (
     check_free_space,
     check_output_dir,
@@ -52,7 +53,7 @@ class ExportOptions:
     merged: str | None = None  # "16bit" | "4bit"
     dtype: str = "auto"  # merged dtype: auto (the base's 16-bit dtype) | bf16 | fp16
     lora: bool = False
-    gguf: list[str] = field(default_factory=list)  # llama.cpp types, validated by grpoctl.export.gguf
+    gguf: str | list[str] = field(default_factory=list)  # llama.cpp types ("q8_0,q4_k_m" or a list), aliases too
     output_dir: Path | None = None
     force: bool = False
     verify_only: bool = False
@@ -61,7 +62,6 @@ class ExportOptions:
     llama_cpp_dir: Path | None = None
     parity_gate: bool = True
     progress: bool = True
-    manifests: bool = True  # Ollama Modelfile + vLLM manifests for what was exported
 
 
 @dataclass
@@ -166,11 +166,10 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        try:
-            from grpoctl.export.gguf import parse_gguf_types
-        except ImportError as err:
-            raise DependencyError(f"GGUF export is not available in this installation ({err})") from None
-        types = parse_gguf_types(",".join(options.gguf))
+        from grpoctl.export.gguf import parse_gguf_types
+
+        # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
+        types = parse_gguf_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
     if options.merged == "4bit" and not options.verify_only:
         from grpoctl.export.merge4bit import check_nf4_available
 
@@ -192,19 +191,17 @@ def _provenance(src: ExportSource, adapter, report) -> Provenance:
                               modules_to_save=cfg.get("modules_to_save"), peft_version=cfg.get("peft_version")))
 
 
-def _write_manifests(stage: Path, src: ExportSource, say: Callable[[str], None]) -> None:
-    """Serving manifests for the staged export; a template that does not translate faithfully fails the export,
-    a machine without a Go toolchain only loses the template check (noted in artifacts.json)."""
-    from grpoctl.manifests.api import TOKENIZER_FILES, ManifestOptions, render_manifests
+class Finisher(Protocol):
+    """A later stage that writes into the staged export before it is swapped into place, so that the export and
+    what that stage derives from it appear together or not at all. Passed in from above the stages
+    (``grpoctl.api.export`` passes the manifests stage): export never imports a later stage."""
 
-    # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
-    candidates = [src.tokenizer_dir, stage / "merged", stage / "lora", Path(src.base.path)]
-    tokenizer_dir = next((c for c in candidates if c and any((c / f).is_file() for f in TOKENIZER_FILES)), None)
-    written = render_manifests(stage, run=src.run, tokenizer_dir=tokenizer_dir,
-                               options=ManifestOptions(unchecked_ok=True))
-    for note in written.section.notes:
-        say(f"note: {note}")
-    say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))
+    def check(self, existing: Artifacts) -> None:
+        """Before any work: refuse to add to ``existing`` (the export being added to), e.g. when a file the later
+        stage wrote there was edited since."""
+
+    def write(self, stage: Path, source: ExportSource, say: Callable[[str], None]) -> None:
+        """Write into ``stage``, whose ``artifacts.json`` is saved, and record what was written there."""
 
 
 @dataclass
@@ -281,10 +278,12 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     return need
 
 
-def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None) -> Artifacts:
+def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None, *,
+           then: Finisher | None = None) -> Artifacts:
     """Verify the adapter at ``source`` and write the requested artifacts; returns the saved artifacts.
 
-    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``).
+    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``). ``then`` writes into the
+    staged export before it is swapped into place (the manifests, from ``grpoctl.api.export``).
     """
     from grpoctl.export.merge import check_not_quantized, output_dtype
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
@@ -322,10 +321,8 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                     say(f"{out} already holds everything asked for, from this adapter; nothing to do "
                         "(--force rebuilds it)")
                     return existing
-                if options.manifests:
-                    from grpoctl.manifests.api import check_manifests_unedited
-
-                    check_manifests_unedited(existing)
+                if then is not None:
+                    then.check(existing)
             reuse = out / "merged" if existing is not None and existing.by_kind("merged") else None
             check_free_space(out, _estimate_bytes(parts, weights, adapter, src, options.dtype, reuse is not None),
                              "the export")
@@ -337,8 +334,8 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
                              reuse=stage / "merged" if reuse else None, say=say)
                 artifacts.save()
-                if options.manifests:
-                    _write_manifests(stage, src, say)
+                if then is not None:
+                    then.write(stage, src, say)
     say(f"export complete: {out}")
     return Artifacts.load(out)
 
