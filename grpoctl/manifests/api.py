@@ -88,8 +88,8 @@ def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | N
         if c and any((c / f).is_file() for f in TOKENIZER_FILES):
             return c
     where = ", ".join(str(c) for c in candidates if c)
-    raise InputNotFoundError(f"no tokenizer found (looked in {where}); the export or run must include the "
-                             "tokenizer files, or pass tokenizer_dir")
+    raise InputNotFoundError(f"no tokenizer found (looked in {where}); the manifests need its chat template: "
+                             "re-export from a run or adapter folder that holds the tokenizer files")
 
 
 def _load_tokenizer(ctx: _Context) -> Any:
