@@ -30,12 +30,10 @@ from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.jsonfiles import from_json, to_json
+from grpoctl.models import TOKENIZER_FILES, has_tokenizer
 from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
-# tokenizer files a training run may have changed (added tokens, chat template); they override the base's
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def parse_gguf_types(text: str) -> list[str]:
@@ -289,8 +287,8 @@ def model_view(model_dir: Path, adapter_dir: Path | None, dest: Path) -> Path:
     tokenizer/chat template next to the adapter. Links cost nothing, so the base is never copied.
     """
     dest.mkdir(parents=True)
-    overlay = adapter_dir is not None and any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json",
-                                                                                         "tokenizer_config.json"))
+    # tokenizer files a training run may have changed (added tokens, chat template) override the base's
+    overlay = has_tokenizer(adapter_dir)
     for p in Path(model_dir).iterdir():
         if p.is_file() and not (overlay and p.name in TOKENIZER_FILES):
             (dest / p.name).symlink_to(p.resolve())
@@ -342,26 +340,18 @@ def gguf_metadata(name: str, model_dir: Path, adapter_dir: Path | None) -> dict[
 
 
 def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | None, str | None]:
-    base_id = license_ = None
-    src = model_dir / "grpoctl-source.json"  # the embedded default records where it came from
-    if src.is_file():
-        data = json.loads(src.read_text())
-        base_id, license_ = data.get("hub_id"), data.get("license")
-    hub = [p for p in model_dir.resolve().parts if p.startswith("models--")]
-    if base_id is None and hub:  # a Hugging Face cache snapshot: .../models--org--name/snapshots/<sha>
-        base_id = hub[-1][len("models--"):].replace("--", "/", 1)
+    """The base's Hub id and license as ``grpoctl.models.identify`` works them out, else the base the adapter
+    names (by its folder name when that is a path)."""
+    from grpoctl.models import identify
+    from grpoctl.rundir import BaseModelRef
+
+    ref = identify(BaseModelRef(id=str(model_dir), path=str(model_dir)))
+    base_id = ref.hub_id
     if base_id is None and adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
         base_id = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    readme = model_dir / "README.md"
-    if license_ is None and readme.is_file():
-        text = readme.read_text(errors="replace")
-        if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                if line.strip().startswith("license:"):
-                    license_ = line.split(":", 1)[1].strip().strip("'\"")
     if base_id and Path(base_id).is_absolute():
         base_id = Path(base_id).name
-    return base_id, license_
+    return base_id, ref.license
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:

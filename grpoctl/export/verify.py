@@ -22,6 +22,7 @@ from grpoctl.errors import VerificationError
 from grpoctl.export.lora import LoraAdapter, natural_order
 from grpoctl.export.tensors import ModelWeights, corrupt
 from grpoctl.jsonfiles import adapter_config, to_json
+from grpoctl.models import built_from
 from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_sha256
 
 VERIFY_FILE = "verify.json"
@@ -109,12 +110,10 @@ def base_aliases(weights: ModelWeights, base_id: str | None) -> set[str]:
     names = {str(weights.dir), str(weights.dir.resolve()), weights.dir.name}
     if base_id:
         names |= {base_id, Path(base_id).name}
-    source = weights.dir / "grpoctl-source.json"  # written for the embedded base: its Hub id and origin
-    if source.is_file():
-        src = json.loads(source.read_text())
-        names |= {v for k, v in src.items() if k in ("source", "hub_id") and v}
-        if src.get("hub_id"):
-            names.add(src["hub_id"].split("/")[-1])
+    src = built_from(weights.dir)  # the embedded base records its Hub id and origin
+    names |= {v for k, v in src.items() if k in ("source", "hub_id") and v}
+    if src.get("hub_id"):
+        names.add(src["hub_id"].split("/")[-1])
     cfg = weights.dir / "config.json"
     if cfg.is_file():
         name_or_path = json.loads(cfg.read_text()).get("_name_or_path")

@@ -31,12 +31,12 @@ from grpoctl.errors import (
     VerificationError,
 )
 from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
+from grpoctl.models import has_tokenizer
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 MANIFEST_KINDS = ("modelfile", "manifest")
 
 
@@ -85,7 +85,7 @@ def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | N
     candidates = [explicit] if explicit else [export_dir / "merged", export_dir / "lora",
                                               *([run.adapter_dir] if run else []), export_dir / "merged-4bit"]
     for c in candidates:
-        if c and any((c / f).is_file() for f in TOKENIZER_FILES):
+        if has_tokenizer(c):
             return c
     where = ", ".join(str(c) for c in candidates if c)
     raise InputNotFoundError(f"no tokenizer found (looked in {where}); the manifests need its chat template: "
@@ -308,7 +308,7 @@ def _plans(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> list[Any]:
                 f"The base model is the local folder {location}: serve.sh uses it in place, Compose mounts it at "
                 f"{BASE_MOUNT}, Kubernetes expects a copy in the claim (subPath base)."]
             # the base's tokenizer may carry another chat template than the one trained with
-            tokenizer = "lora" if any((ctx.export_dir / "lora" / f).is_file() for f in TOKENIZER_FILES) else None
+            tokenizer = "lora" if has_tokenizer(ctx.export_dir / "lora") else None
             plans.append(VllmPlan(mode="lora", model=location, model_is_ref=True, base_is_local=local,
                                   base_served_name=base_name, revision=revision, lora_path="lora",
                                   tokenizer=tokenizer, lora_rank=_lora_rank(ctx, adapter_cfg), dtype=_dtype(ctx),
