@@ -113,7 +113,7 @@ def _front_matter(kind: str, ctx: CardContext) -> str:
 def _files_table(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: str) -> list[str]:
     lines = ["## Files", ""]
     if kind == "gguf":
-        lines += ["| File | Quant | Size | Bytes | SHA256 | Parity vs. base + adapter (PEFT merge) |",
+        lines += ["| File | Quant | Size | Bytes | SHA256 | Parity vs. PEFT reference |",
                   "|---|---|---|---|---|---|"]
     else:
         lines += ["| File | Size | Bytes | SHA256 |", "|---|---|---|---|"]
@@ -264,7 +264,9 @@ def _parity_notes(ctx: CardContext) -> list[str]:
     if parity is None:
         return []
     probes, noise = parity.probes, parity.noise_floor
-    lines = [f"Parity is measured by `grpoctl export`: each file is run in llama.cpp against {parity.reference}, "
+    reference = "the PEFT reference" if "PEFT" in parity.reference else "the reference"
+    lines = [f"Parity is measured by `grpoctl export`: each file is run in llama.cpp against {reference} "
+             f"({parity.reference}), "
              f"on {probes.get('texts')} fixed probe texts ({probes.get('positions')} positions; prose, math, code "
              "and chat with the training system prompt), teacher-forced on the same token ids: top-1 next-token "
              "agreement and mean KL divergence.",
