@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from grpoctl import __version__
-from grpoctl.errors import GrpoctlError, NotImplementedYetError
+from grpoctl.errors import GrpoctlError
 
 
 class _Group(click.Group):
@@ -71,10 +71,6 @@ def _interrupted() -> None:
 @click.version_option(__version__, prog_name="grpoctl")
 def cli() -> None:
     """GRPO fine-tuning to deployment: train, export, push, manifests, serve."""
-
-
-def _not_yet(command: str) -> None:
-    raise NotImplementedYetError(f"`grpoctl {command}` is not implemented yet")
 
 
 # --- train ------------------------------------------------------------------------------------------
