@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from grpoctl.models import TOKENIZER_FILES, has_tokenizer
 from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
+# where progress lines and the parity table go: the export's one output channel (silent under --quiet)
+Say = Callable[[str], None]
 
 
 def parse_gguf_types(text: str) -> list[str]:
@@ -49,7 +52,7 @@ def gguf_filename(name: str, type_name: str) -> str:
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
                 artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
-                floors: dict[str, parity.Floor] | None = None) -> list[Path]:
+                floors: dict[str, parity.Floor] | None = None, say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
 
@@ -77,7 +80,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         view = model_view(source, adapter_dir, work / "model")
-        built = convert_all(converter, view, adapter, work, types, name=name,
+        built = convert_all(converter, view, adapter, work, types, name=name, say=say,
                             metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None))
         eot_ids = built["_info"]["eot_token_ids"]
 
@@ -85,19 +88,17 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             parity.open_gguf(built[t], 64).close()
 
         what = "base + adapter merged by PEFT" if adapter_dir else "the model"
-        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor; "
-              "a bar per pass)", flush=True)
+        say(f"parity: running {what} in transformers (float32 reference, bf16 noise floor; a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
                                        eot_ids)
         files: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)",
-                  flush=True)
+            say(f"parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)")
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
-        print(parity.format_table(rep), flush=True)
+        say(parity.format_table(rep))
         rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
         rep["passed"] = all(f["passed"] for f in rep["files"].values())
 
@@ -140,8 +141,8 @@ def _why(f: dict[str, Any]) -> str:
 # --- conversion ----------------------------------------------------------------------------------
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
-                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None
-                ) -> dict[str, Any]:
+                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
+                say: Say = print) -> dict[str, Any]:
     """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``)."""
     direct = [t for t in types if TYPES[t].source == "convert"]
     rest = [t for t in types if TYPES[t].source != "convert"]
@@ -155,7 +156,7 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     inter = work / gguf_filename(name, intermediate_type)
     start = time.perf_counter()
     what = "base + adapter, merged per tensor" if adapter else "model"
-    print(f"grpoctl: converting {what} -> {intermediate_type.upper()} with llama.cpp's converter", flush=True)
+    say(f"converting {what} -> {intermediate_type.upper()} with llama.cpp's converter")
     info = convert(converter, view, adapter, inter, intermediate_type, name=name, eot_ids=eot_ids, metadata=metadata)
     info["convert_s"] = round(time.perf_counter() - start, 2)
     if keep:
@@ -163,11 +164,10 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     for t in [t for t in direct if t != intermediate_type] + rest:
         dst = work / gguf_filename(name, t)
         start = time.perf_counter()
-        print(f"grpoctl: quantizing -> {dst.name} (llama.cpp, {threads or default_threads()} threads)", flush=True)
-        quantize(inter, dst, t, threads)
+        say(f"quantizing -> {dst.name} (llama.cpp, {threads or default_threads()} threads)")
+        quantize(inter, dst, t, threads, say=say)
         info[f"quantize_{t}_s"] = round(time.perf_counter() - start, 2)
-        print(f"grpoctl:   {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s",
-              flush=True)
+        say(f"  {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s")
         built[t] = dst
     if not keep:
         inter.unlink(missing_ok=True)

@@ -387,7 +387,7 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
 
         export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
                     artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
-                    parity_gate=options.parity_gate, system_prompt=src.system_prompt)
+                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

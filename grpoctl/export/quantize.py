@@ -12,7 +12,7 @@ import ctypes
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -131,8 +131,10 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
         os.close(saved_fd)
 
 
-def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
-    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process."""
+def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None,
+             say: Callable[[str], None] = print) -> None:
+    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process; ``say`` gets the one
+    summary line of tensors that fell back to another type."""
     import llama_cpp
 
     gtype = TYPES[type_name]
@@ -147,8 +149,8 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
         messages = log.read().decode("utf-8", errors="replace").splitlines()
     fallbacks = sum("falling back" in line for line in messages)
     if fallbacks and rc == 0:
-        print(f"grpoctl:   {fallbacks} tensors use a fallback type: their row size is not a multiple of "
-              f"{gtype.label}'s block size (llama.cpp's own rule)", flush=True)
+        say(f"  {fallbacks} tensors use a fallback type: their row size is not a multiple of {gtype.label}'s block "
+            "size (llama.cpp's own rule)")
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
         if no_space_left(dst.parent):

@@ -100,7 +100,7 @@ def test_disk_filling_up_at_each_stage_is_one_line_and_leaves_nothing(run, sizes
 
     monkeypatch.setattr(module, name, fill_then)
     out = small_disk / "out"
-    result = _export(run, "--merged", "16bit", "--gguf", "q4_k_m", "-o", out, "-q")
+    result = _export(run, "--merged", "16bit", "--gguf", "q4_k_m", "-o", out)  # the progress lines say how far it got
     _one_disk_full_line(result, out)
     said = result.output + capfd.readouterr().out
     assert ("quantizing ->" in said) == (stage == "quantizer")

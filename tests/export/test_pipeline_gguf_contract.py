@@ -29,7 +29,7 @@ def gguf_stand_in(monkeypatch):
         return parsed
 
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
-                    llama_cpp_dir=None, parity_gate=True, system_prompt=None):
+                    llama_cpp_dir=None, parity_gate=True, system_prompt=None, say=print):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt,
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
