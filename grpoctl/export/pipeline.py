@@ -194,8 +194,13 @@ def _provenance(src: ExportSource, adapter, report) -> dict[str, Any]:
 
 
 def _write_manifests(stage: Path, src: ExportSource, say: Callable[[str], None]) -> None:
-    """Serving manifests for the staged export; a template that does not translate faithfully fails the export,
-    a machine without a Go toolchain only loses the template check (noted in artifacts.json)."""
+    """Serving manifests for the staged export, with the Modelfile's template chosen as ``--ollama-template
+    auto`` chooses it. A chat template whose Go translation fails the check (or does not translate) does not
+    fail the export: where Ollama >= 0.30 renders the GGUF's own chat template (checked with llama.cpp's
+    engine when its tools are built) no TEMPLATE is written, and where a Go template would be needed and none
+    is faithful none is written either; artifacts.json (``manifests.ollama``) records why, and the notes
+    printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
+    the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
     from grpoctl.manifests.api import TOKENIZER_FILES, ManifestOptions, render_manifests
 
     # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
