@@ -4,9 +4,7 @@ in transformers, on the hard conversations of the Ollama template check."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,24 +89,46 @@ def test_gguf_whose_chat_template_departs_fails_parity_naming_the_conversation(c
     assert "departs on " + repr(sorted(departing)[0]) in gg._why(bad)
 
 
+def dated(template: str, line: str) -> str:
+    """``template`` writing ``line`` (a Jinja expression) before the conversation."""
+    loop = "{%- for message in messages %}"
+    return template.replace(loop, "{{- " + line + " + '\\n' }}" + loop, 1)
+
+
+def tokenizer_with(model: Path, template: str):
+    """The fixture's trained tokenizer, its chat template replaced (as a tokenizer trained with it loads)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = template
+    return tok
+
+
+def test_gguf_whose_template_dropped_the_date_fails_naming_the_conversations(converter, llama_tools, good_gguf,
+                                                                            tiny_models, tmp_path):
+    """A template that writes today's date (``strftime_now``, as Llama 3.2 or Granite do), and a GGUF whose
+    template lost that line: every conversation departs and is named; the file with the line passes."""
+    with_date = dated(CHAT_TEMPLATE, "'Today: ' + strftime_now('%d %b %Y')")
+    tok = tokenizer_with(tiny_models["qwen3"], with_date)
+    right = parity.template_check(with_template(converter, good_gguf, with_date, tmp_path / "right.gguf"), tok,
+                                  "Be brief.", add_bos=False)
+    wrong = parity.template_check(with_template(converter, good_gguf, CHAT_TEMPLATE, tmp_path / "wrong.gguf"), tok,
+                                  "Be brief.", add_bos=False)
+    assert right["passed"] is True and right["departures"] == right["engine_departures"] == []
+    assert wrong["passed"] is False and wrong["engine_departures"] == []
+    assert {d["name"] for d in wrong["departures"]} == set(wrong["conversations"])
+    assert all(d["expected"].startswith("Today: ") and not d["got"].startswith("Today: ")
+               for d in wrong["departures"])
+
+
 def test_llama_cpp_departure_for_the_trained_template_too_is_reported_not_failed(converter, llama_tools, good_gguf,
                                                                                  tiny_models, tmp_path):
     """llama.cpp's chat layer sets ``date_string`` to today where transformers leaves it undefined (its
     common_chat_extra_context), for any copy of such a template: the GGUF renders what the trained template
     renders in llama.cpp, so the file is right and passes, and the departure is named for the user."""
-    dated = CHAT_TEMPLATE.replace("{%- for message in messages %}",
-                                  "{{- 'Date: ' + (date_string if date_string is defined else 'unknown') + '\\n' }}"
-                                  "{%- for message in messages %}", 1)
-    model = tmp_path / "model"
-    shutil.copytree(tiny_models["qwen3"], model)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": dated}))
-    (model / "chat_template.jinja").unlink(missing_ok=True)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    assert tok.chat_template == dated
-    path = with_template(converter, good_gguf, dated, tmp_path / "dated.gguf")
+    template = dated(CHAT_TEMPLATE, "'Date: ' + (date_string if date_string is defined else 'unknown')")
+    tok = tokenizer_with(tiny_models["qwen3"], template)
+    path = with_template(converter, good_gguf, template, tmp_path / "dated.gguf")
     check = parity.template_check(path, tok, "Be brief.", add_bos=False)
     assert check["passed"] is True and check["departures"] == []
     assert {d["name"] for d in check["engine_departures"]} == set(check["conversations"])
