@@ -6,10 +6,10 @@ texts, teacher-forced on exactly the same token ids: prose, math, code, and chat
 by the model's own template with the training system prompt. Per file: top-1 next-token agreement and
 mean KL(reference || GGUF) over all positions, one greedy chat answer from each side, whether llama.cpp
 tokenises the rendered chat to the same ids with one BOS, whether every end-of-turn token is an
-end-of-generation token, and whether the template llama.cpp reads from the file renders the same prompt
-text as the HF tokenizer's. The noise floor (the same reference in bf16 vs float32 on the same probes)
-is reported beside, for scale. The reference never uses grpoctl's merge code, so it can disagree with a
-file grpoctl merged wrong.
+end-of-generation token, and whether the chat template in the file, rendered by llama.cpp's own engine
+(llama-server), gives the prompt the HF tokenizer's gives on the hard conversations of the Ollama check.
+The noise floor (the same reference in bf16 vs float32 on the same probes) is reported beside, for scale.
+The reference never uses grpoctl's merge code, so it can disagree with a file grpoctl merged wrong.
 """
 
 from __future__ import annotations
@@ -495,10 +495,17 @@ def template_lines(check: Any) -> list[str]:
         return [f"{check['skipped']}; not checked"]
     if check.get("error"):
         return [f"chat template not checked, llama-server failed: {check['error']}"]
-    lines = [f"chat template departs from transformers on conversation {d['name']!r}: transformers renders "
-             f"{d['expected']!r}, llama.cpp renders {d['got']!r}" for d in check["departures"]]
-    lines += [f"llama.cpp's chat layer renders conversation {d['name']!r} unlike transformers for the trained "
-              f"template too (not the file's template): {d['got']!r}" for d in check["engine_departures"]]
+    lines, gone, engine = [], check["departures"], check["engine_departures"]
+    if gone:  # the first in full, the others by name (parity.json has every render)
+        d = gone[0]
+        lines.append(f"chat template departs from transformers on conversation {d['name']!r}: transformers renders "
+                     f"{d['expected']!r}, llama.cpp renders {d['got']!r}")
+        if gone[1:]:
+            lines.append(f"chat template departs on {', '.join(repr(d['name']) for d in gone[1:])} too")
+    if engine:
+        lines.append(f"llama.cpp's chat layer renders {', '.join(repr(d['name']) for d in engine)} unlike "
+                     "transformers for the trained template too: llama.cpp's difference, not the file's "
+                     "(parity.json has both renders)")
     return lines
 
 
