@@ -70,6 +70,13 @@ class _Manifests:
         check_manifests_unedited(existing)
 
     def write(self, stage: Path, source: ExportSource, say: Say) -> None:
+        """Serving manifests for the staged export, with the Modelfile's template chosen as ``--ollama-template
+        auto`` chooses it. A chat template whose Go translation fails the check (or does not translate) does not
+        fail the export: where Ollama >= 0.30 renders the GGUF's own chat template (checked with llama.cpp's
+        engine when its tools are built) no TEMPLATE is written, and where a Go template would be needed and none
+        is faithful none is written either; artifacts.json (``manifests.ollama``) records why, and the notes
+        printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
+        the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
         from grpoctl.manifests.api import render_manifests
         from grpoctl.models import has_tokenizer
 

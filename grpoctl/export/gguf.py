@@ -131,6 +131,8 @@ def _why(f: dict[str, Any]) -> str:
     tok = f["tokenizer"]
     if not tok.get("ok", True):
         bad = [k for k in ("bos_once", "chat_ids_match", "template_matches") if tok.get(k) is False]
+        template = tok.get("template") if isinstance(tok.get("template"), dict) else {}
+        bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
     fl = f["floor"]

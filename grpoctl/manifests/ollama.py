@@ -5,16 +5,6 @@ The Modelfile format itself (quoting, parsing, writing) is ``grpoctl.manifests.m
 
 from __future__ import annotations
 
-import contextlib
-import json
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,49 +153,6 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     return out
 
 
-@contextmanager
-def _llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator[str]:
-    """llama-server (llama.cpp's own, built by grpoctl.llamacpp_tools; never built here) on ``gguf`` at a free
-    127.0.0.1 port, with its Jinja chat templating on (and ``chat_template_file`` instead of the GGUF's
-    template, when given); yields its URL and stops it however the block ends."""
-    from grpoctl.llamacpp_tools import tool
-
-    server = tool("llama-server", build=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup",
-                                 *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    tail = " ".join(log.read().strip().splitlines()[-2:])
-                    raise DependencyError(f"llama-server could not load {gguf.name} (exit {proc.returncode}: "
-                                          f"{tail[-300:]})")
-                with contextlib.suppress(OSError):
-                    with opener.open(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise DependencyError(f"llama-server did not load {gguf.name} within 300 s")
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: str | None,
                  chat_template_file: Path | None = None) -> Any:
     """Ollama's native chat, checked: the check's conversations that end with a user turn, rendered from the
@@ -215,6 +162,7 @@ def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: 
     not treat as thinking (for one it does, Ollama always sets it). ``chat_template_file`` replaces the GGUF's
     template (for measuring templates on one GGUF). DependencyError when llama.cpp's tools are not built or
     the GGUF does not load."""
+    from grpoctl.llamacpp_tools import apply_template, llama_server
     from grpoctl.manifests.gorender import FidelityReport, conversations
     from grpoctl.manifests.templates import TemplateRaised, hf_render
 
@@ -222,23 +170,15 @@ def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: 
     thinks = "thinking" in chat_template_capabilities(source)
     convs = [c for c in conversations(None, system, markers or ("<think>", "</think>"))
              if c.ends_with_user and c.day is None and not (thinks and c.think is None)]
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     cases: list[dict[str, Any]] = []
-    with _llama_server(gguf, chat_template_file) as url:
+    with llama_server(gguf, chat_template_file) as url:
         for c in convs:
             kw = {} if c.think is None else {"enable_thinking": c.think}
             try:
                 hf, hf_error = hf_render(tok, c.messages, "", add_generation_prompt=True, **kw), ""
             except TemplateRaised as err:
                 hf, hf_error = "", err.message or "error"
-            req = urllib.request.Request(url + "/apply-template", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"messages": c.messages, **(
-                                             {"chat_template_kwargs": kw} if kw else {})}).encode())
-            try:
-                with opener.open(req, timeout=120) as r:
-                    ll, ll_error = json.loads(r.read())["prompt"], ""
-            except urllib.error.HTTPError as err:
-                ll, ll_error = "", f"HTTP {err.code}: {err.read()[:200].decode(errors='replace')}"
+            ll, ll_error = apply_template(url, c.messages, kw)
             match = bool(hf_error) == bool(ll_error) and (bool(hf_error) or hf == ll)
             entry: dict[str, Any] = {"name": c.name, "shape": c.shape, "match": match}
             if not match:
