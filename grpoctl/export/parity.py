@@ -347,24 +347,22 @@ def _template_text(tokenizer: Any) -> str:
 
 
 def _template_conversations(tokenizer: Any, system_prompt: str) -> list[Any]:
-    from grpoctl.manifests.gorender import conversations
-    from grpoctl.manifests.templates import THINK_OPEN_TAGS
+    from grpoctl.chatprobes import THINK_OPEN_TAGS, conversations
 
     template = _template_text(tokenizer)
     markers = next(((o, "</" + o[1:]) for o in THINK_OPEN_TAGS if "</" + o[1:] in template), ("<think>", "</think>"))
     # llama-server renders on its own clock and continues a final assistant turn its own way (reasoning parsed
     # out of it), so the probes are the conversations that ask for a reply
-    return [c for c in conversations(None, system_prompt, markers) if c.ends_with_user and c.day is None]
+    return [c for c in conversations(system_prompt, markers) if c.ends_with_user and c.day is None]
 
 
 def _hf_prompt(tokenizer: Any, conv: Any, bos: str) -> tuple[str, str]:
-    from grpoctl.manifests.templates import TemplateRaised, hf_render
-
     try:
-        return hf_render(tokenizer, conv.messages, bos, add_generation_prompt=True,
-                         **({} if conv.think is None else {"enable_thinking": conv.think})), ""
-    except TemplateRaised as err:
-        return "", err.message or "error"
+        text = tokenizer.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=True,
+                                             **({} if conv.think is None else {"enable_thinking": conv.think}))
+    except Exception as err:  # the template's raise_exception, a missing key ...: llama.cpp must refuse too
+        return "", str(err) or "error"
+    return (text[len(bos):] if bos and text.startswith(bos) else text), ""
 
 
 def _same(a: tuple[str, str], b: tuple[str, str]) -> bool:

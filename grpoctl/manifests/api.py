@@ -128,12 +128,13 @@ def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     sys_before + .System + sys_after; baking that text into the no-system branch gives the same bytes.
     Checked here with Go: baked template without SYSTEM == plain template with SYSTEM.
     """
-    from grpoctl.manifests.gorender import conversations, render_go
+    from grpoctl.chatprobes import conversations
+    from grpoctl.manifests.gorender import render_go
     from grpoctl.manifests.templates import to_go_template
 
     baked = to_go_template(fmt.with_default_system(system))
     plain = to_go_template(fmt)
-    convs = [c for c in conversations(fmt) if c.messages[0]["role"] != "system"]
+    convs = [c for c in conversations(markers=fmt.reasoning_markers) if c.messages[0]["role"] != "system"]
     cases = [{"messages": c.messages, "think": c.think} for c in convs]
     want = render_go(plain, [dict(c, default_system=system) for c in cases])
     got = render_go(baked, cases)

@@ -162,13 +162,14 @@ def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: 
     not treat as thinking (for one it does, Ollama always sets it). ``chat_template_file`` replaces the GGUF's
     template (for measuring templates on one GGUF). DependencyError when llama.cpp's tools are not built or
     the GGUF does not load."""
+    from grpoctl.chatprobes import conversations
     from grpoctl.llamacpp_tools import apply_template, llama_server
-    from grpoctl.manifests.gorender import FidelityReport, conversations
+    from grpoctl.manifests.gorender import FidelityReport
     from grpoctl.manifests.templates import TemplateRaised, hf_render
 
     source = tok.chat_template if isinstance(tok.chat_template, str) else ""
     thinks = "thinking" in chat_template_capabilities(source)
-    convs = [c for c in conversations(None, system, markers or ("<think>", "</think>"))
+    convs = [c for c in conversations(system, markers or ("<think>", "</think>"))
              if c.ends_with_user and c.day is None and not (thinks and c.think is None)]
     cases: list[dict[str, Any]] = []
     with llama_server(gguf, chat_template_file) as url:
