@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from grpoctl import __version__
-from grpoctl.errors import GrpoctlError, NotImplementedYetError
+from grpoctl.errors import GrpoctlError
 
 
 class _Group(click.Group):
@@ -71,10 +71,6 @@ def _interrupted() -> None:
 @click.version_option(__version__, prog_name="grpoctl")
 def cli() -> None:
     """GRPO fine-tuning to deployment: train, export, push, manifests, serve."""
-
-
-def _not_yet(command: str) -> None:
-    raise NotImplementedYetError(f"`grpoctl {command}` is not implemented yet")
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -202,20 +198,20 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     Writes merged weights, the cleaned adapter and GGUF files as asked, then an Ollama Modelfile and vLLM
     manifests for them, all listed with sha256 in EXPORT/artifacts.json.
     """
-    from grpoctl.export.pipeline import ExportOptions
-    from grpoctl.export.pipeline import export as run_export
+    from grpoctl.api import ExportOptions
+    from grpoctl.api import export as run_export
 
     if push_repo and verify_only:
         raise click.BadParameter("cannot be combined with --verify-only", param_hint="--push")
     if push_repo:
-        from grpoctl.export.hub import validate_repo_id
+        from grpoctl.push.hub import validate_repo_id
 
         validate_repo_id(push_repo)  # before hours of work, not after
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
                             output_dir=output_dir, force=force, verify_only=verify_only, strict=strict,
                             allow_pickle=allow_pickle, llama_cpp_dir=llama_cpp_dir, parity_gate=not no_parity_gate,
-                            progress=not quiet, manifests=not no_manifests, imatrix=imatrix, calibration=calibration)
-    manifest = run_export(source, options, log=None if quiet else click.echo)
+                            progress=not quiet, imatrix=imatrix, calibration=calibration)
+    manifest = run_export(source, options, manifests=not no_manifests, log=None if quiet else click.echo)
     kinds: dict[str, list] = {}
     for entry in manifest.files:
         kinds.setdefault(entry.kind, []).append(entry)
@@ -225,7 +221,7 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     if not verify_only:
         click.echo(f"manifest: {manifest.root / 'artifacts.json'}")
     if push_repo:
-        from grpoctl.export.hub import push as push_export
+        from grpoctl.push.hub import push as push_export
 
         for line in push_export(manifest.root, push_repo).lines():
             click.echo(line)
@@ -263,7 +259,7 @@ def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], p
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
     Unchanged files are not uploaded again and an unchanged repo gets no new commit.
     """
-    from grpoctl.export.hub import push as push_export
+    from grpoctl.push.hub import push as push_export
 
     report = push_export(source, repo, what=what.split(",") if what is not None else None, private=private,
                          revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for), allow_stale=allow_stale)
@@ -305,25 +301,20 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 
     SOURCE is a run directory (its export/ is used) or an export directory.
     """
-    from grpoctl.export.artifacts import resolve_export
-    from grpoctl.manifests.api import ManifestOptions, write_manifests
+    from grpoctl.api import ManifestOptions, write_manifests
 
-    export_dir, run = resolve_export(source)
     options = ManifestOptions(output_dir=output_dir, no_system=no_system, chat_template=chat_template, quant=quant,
                               served_model_name=served_model_name, hub_repo=hub_repo,
                               gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
                               port=port, ollama_template=ollama_template, force=force)
-    written = write_manifests(export_dir, run=run, options=options)
-    for path in written:
+    written = write_manifests(source, options)
+    for path in written.files:
         rel = os.path.relpath(path)
         click.echo(path if rel.startswith("..") else rel)
-    from grpoctl.export.artifacts import ArtifactManifest
-
-    section = ArtifactManifest.load(export_dir).sections.get("manifests", {})
-    if summary := section.get("ollama", {}).get("summary"):
+    if summary := written.section.ollama.summary:
         click.echo(f"grpoctl: {summary}", err=True)
-    for note in section.get("notes", []):
+    for note in written.section.notes:
         click.echo(f"grpoctl: note: {note}", err=True)
 
 

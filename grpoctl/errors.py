@@ -101,8 +101,3 @@ class HubError(GrpoctlError):
 
     exit_code = 12
 
-
-class NotImplementedYetError(GrpoctlError, NotImplementedError):
-    """A command exists in the CLI but its behaviour has not been built yet."""
-
-    exit_code = 64

@@ -4,14 +4,15 @@
       run.json          resolved config, base model (id, local path, revision), reasoning markers,
                         grpoctl and library versions; the one file later stages trust
       adapter/          adapter_model.safetensors + adapter_config.json (PEFT layout) and the
-                        tokenizer files including its chat template
+                        tokenizer files including its chat template; the sha256 of its weights
+                        is the adapter's identity (``adapter_sha256``)
       metrics.jsonl     one JSON object per logged step (reward, per-reward means, kl, lengths)
       summary.json      steps run, wall time, first/last mean reward, stop reason
       checkpoints/      trainer checkpoints (``--resume`` picks the newest)
       eval.json         written by ``grpoctl eval``
-      export/           default output of ``grpoctl export`` (see ``grpoctl.export.artifacts``)
+      export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
 
-Stages never import a later stage; they meet only here and in ``artifacts.json``.
+Stages never import a later stage; they meet only here and in ``artifacts.json`` (``grpoctl.artifacts``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grpoctl.errors import DataError, InputNotFoundError, UsageError
+from grpoctl.fsutil import sha256_file
 from grpoctl.jsonfiles import check_types, read_json
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -40,11 +44,22 @@ _BASE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "path": (str,), "revis
 @dataclass(frozen=True)
 class BaseModelRef:
     """Where a run's base model came from (``id``: Hub id, local path or ``embedded:...``) and
-    where its 16-bit safetensors live on this machine (``path``)."""
+    where its 16-bit safetensors live on this machine (``path``).
+
+    ``hub_id`` (the Hub repo the base is, or was built from) and ``license`` are worked out from the
+    folder by ``grpoctl.models.identify``; ``run.json`` records only id, path and revision."""
 
     id: str
     path: str
     revision: str | None = None
+    hub_id: str | None = None
+    license: str | None = None
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
+    ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
+    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
 
 
 class RunDir:

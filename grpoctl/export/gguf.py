@@ -20,22 +20,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
 from grpoctl.export import parity
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.jsonfiles import from_json, to_json
+from grpoctl.models import TOKENIZER_FILES, has_tokenizer
 from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
-# tokenizer files a training run may have changed (added tokens, chat template); they override the base's
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# where progress lines and the parity table go: the export's one output channel (silent under --quiet)
+Say = Callable[[str], None]
 
 
 def parse_gguf_types(text: str) -> list[str]:
@@ -49,11 +51,12 @@ def gguf_filename(name: str, type_name: str) -> str:
 
 
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
-                manifest: ArtifactManifest, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
+                artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
-                floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None) -> list[Path]:
+                floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
+                say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
-    ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
+    ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
 
     ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
@@ -76,16 +79,16 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(source, types, out_dir)
     # types written now replace their earlier files; the export's other GGUFs and their parity records stay
-    kept = {n: f for n, f in ((manifest.sections.get("parity") or {}).get("files") or {}).items()
-            if any(Path(e.path).name == n for e in manifest.by_kind("gguf") if e.kind.split(":", 1)[1] not in types)}
+    kept = {n: f for n, f in (artifacts.parity.files if artifacts.parity else {}).items()
+            if any(Path(e.path).name == n for q, e in artifacts.ggufs().items() if q not in types)}
     floors = floors if floors is not None else parity.parse_floors(os.environ.get(parity.ENV_FLOORS))
 
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         view = model_view(source, adapter_dir, work / "model")
-        plan = Imatrix.prepare(imatrix, source, adapter, view, end_of_turn_ids(view), work / "imatrix", name) \
+        plan = Imatrix.prepare(imatrix, source, adapter, view, end_of_turn_ids(view), work / "imatrix", name, say) \
             if imatrix is not None else None
-        built = convert_all(converter, view, adapter, work, types, name=name,
+        built = convert_all(converter, view, adapter, work, types, name=name, say=say,
                             metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None),
                             imatrix=plan)
         eot_ids = built["_info"]["eot_token_ids"]
@@ -94,26 +97,25 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             parity.open_gguf(built[t], 64).close()
 
         what = "base + adapter merged by PEFT" if adapter_dir else "the model"
-        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor; "
-              "a bar per pass)", flush=True)
+        say(f"parity: running {what} in transformers (float32 reference, bf16 noise floor; a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
                                        eot_ids)
         files: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)",
-                  flush=True)
+            say(f"parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)")
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
-        print(parity.format_table(rep), flush=True)
+        say(parity.format_table(rep))
         if plan is not None:
-            rep["imatrix"] = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
-                                          lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
-            print(format_comparison(rep["imatrix"], ref.noise["positions"]), flush=True)
-        elif "imatrix" in (earlier := manifest.sections.get("parity") or {}):
-            rep["imatrix"] = earlier["imatrix"]  # the kept matrix quants' comparison stays with them
-        rep["files"] = {**kept, **rep["files"]}
+            comparison = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
+                                      lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
+            rep["imatrix"] = to_json(comparison)
+            say(format_comparison(comparison, ref.noise["positions"]))
+        elif artifacts.parity is not None and artifacts.parity.imatrix is not None:
+            rep["imatrix"] = to_json(artifacts.parity.imatrix)  # the kept matrix quants' comparison stays with them
+        rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
         rep["passed"] = all(f["passed"] for f in rep["files"].values())
 
         written: list[tuple[Path, str]] = []
@@ -125,16 +127,17 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             os.replace(built[t], final)
             written.append((final, t))
         if plan is not None:  # the matrix and its calibration text go with the files made from them
-            plan.publish(out_dir, manifest, [t for _, t in written])
+            plan.publish(out_dir, artifacts, [t for _, t in written])
     parity.write_report(rep, out_dir / PARITY_FILE)
 
-    manifest.files = [f for f in manifest.files if f.kind not in {f"gguf:{t}" for t in types}]
+    artifacts.files = [f for f in artifacts.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
-        with_matrix = {"imatrix": plan.matrix_name} if plan is not None and t in plan.quants else {}
-        manifest.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"], **with_matrix)
-    manifest.add_file(out_dir / PARITY_FILE, "report")
-    manifest.sections["parity"] = {k: v for k, v in rep.items() if k != "conversion"}
+        artifacts.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"],
+                           imatrix=plan.matrix_name if plan is not None and t in plan.quants else None)
+    artifacts.add_file(out_dir / PARITY_FILE, "report")
+    artifacts.parity = from_json(ParitySection, {k: v for k, v in rep.items() if k != "conversion"},
+                                 out_dir / PARITY_FILE, "")
 
     failed = [n for n, f in files.items() if not f["passed"]]
     if failed and parity_gate:
@@ -147,6 +150,8 @@ def _why(f: dict[str, Any]) -> str:
     tok = f["tokenizer"]
     if not tok.get("ok", True):
         bad = [k for k in ("bos_once", "chat_ids_match", "template_matches") if tok.get(k) is False]
+        template = tok.get("template") if isinstance(tok.get("template"), dict) else {}
+        bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
     fl = f["floor"]
@@ -158,7 +163,7 @@ def _why(f: dict[str, Any]) -> str:
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
                 metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
-                imatrix: Imatrix | None = None) -> dict[str, Any]:
+                imatrix: Imatrix | None = None, say: Say = print) -> dict[str, Any]:
     """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``). With ``imatrix``, the
     types that read a matrix are made with it, and their plain quants (``plain:<type>``) beside for comparison."""
     direct = [t for t in types if TYPES[t].source == "convert"]
@@ -173,7 +178,7 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     inter = work / gguf_filename(name, intermediate_type)
     start = time.perf_counter()
     what = "base + adapter, merged per tensor" if adapter else "model"
-    print(f"grpoctl: converting {what} -> {intermediate_type.upper()} with llama.cpp's converter", flush=True)
+    say(f"converting {what} -> {intermediate_type.upper()} with llama.cpp's converter")
     info = convert(converter, view, adapter, inter, intermediate_type, name=name, eot_ids=eot_ids, metadata=metadata)
     info["convert_s"] = round(time.perf_counter() - start, 2)
     if keep:
@@ -186,15 +191,14 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
             imatrix.matrix_for(inter, threads)
             info["imatrix_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
-        print(f"grpoctl: quantizing -> {dst.name} (llama.cpp{', importance matrix' if with_matrix else ''}, "
-              f"{threads or default_threads()} threads)", flush=True)
+        say(f"quantizing -> {dst.name} (llama.cpp{', importance matrix' if with_matrix else ''}, "
+            f"{threads or default_threads()} threads)")
         if with_matrix:
             imatrix.quantize(inter, dst, t, threads)
         else:
-            quantize(inter, dst, t, threads)
+            quantize(inter, dst, t, threads, say=say)
         info[f"quantize_{t}_s"] = round(time.perf_counter() - start, 2)
-        print(f"grpoctl:   {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s",
-              flush=True)
+        say(f"  {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s")
         built[t] = dst
         if with_matrix and (plain := imatrix.plain(inter, t, threads)) is not None:
             built[f"plain:{t}"] = plain  # measured beside it, never shipped
@@ -316,8 +320,8 @@ def model_view(model_dir: Path, adapter_dir: Path | None, dest: Path) -> Path:
     tokenizer/chat template next to the adapter. Links cost nothing, so the base is never copied.
     """
     dest.mkdir(parents=True)
-    overlay = adapter_dir is not None and any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json",
-                                                                                         "tokenizer_config.json"))
+    # tokenizer files a training run may have changed (added tokens, chat template) override the base's
+    overlay = has_tokenizer(adapter_dir)
     for p in Path(model_dir).iterdir():
         if p.is_file() and not (overlay and p.name in TOKENIZER_FILES):
             (dest / p.name).symlink_to(p.resolve())
@@ -369,26 +373,18 @@ def gguf_metadata(name: str, model_dir: Path, adapter_dir: Path | None) -> dict[
 
 
 def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | None, str | None]:
-    base_id = license_ = None
-    src = model_dir / "grpoctl-source.json"  # the embedded default records where it came from
-    if src.is_file():
-        data = json.loads(src.read_text())
-        base_id, license_ = data.get("hub_id"), data.get("license")
-    hub = [p for p in model_dir.resolve().parts if p.startswith("models--")]
-    if base_id is None and hub:  # a Hugging Face cache snapshot: .../models--org--name/snapshots/<sha>
-        base_id = hub[-1][len("models--"):].replace("--", "/", 1)
+    """The base's Hub id and license as ``grpoctl.models.identify`` works them out, else the base the adapter
+    names (by its folder name when that is a path)."""
+    from grpoctl.models import identify
+    from grpoctl.rundir import BaseModelRef
+
+    ref = identify(BaseModelRef(id=str(model_dir), path=str(model_dir)))
+    base_id = ref.hub_id
     if base_id is None and adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
         base_id = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    readme = model_dir / "README.md"
-    if license_ is None and readme.is_file():
-        text = readme.read_text(errors="replace")
-        if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                if line.strip().startswith("license:"):
-                    license_ = line.split(":", 1)[1].strip().strip("'\"")
     if base_id and Path(base_id).is_absolute():
         base_id = Path(base_id).name
-    return base_id, license_
+    return base_id, ref.license
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:

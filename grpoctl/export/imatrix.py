@@ -31,6 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import (
+    Artifacts,
+    CalibrationRecord,
+    ImatrixComparison,
+    ImatrixGain,
+    ImatrixSection,
+    ImatrixTypeComparison,
+    QuantFigures,
+)
 from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
 from grpoctl.export.quantize import TYPES, default_threads, fallback_note, quantize
 from grpoctl.rundir import RunDir
@@ -43,6 +52,7 @@ CHUNK_SIZES = (512, 256, 128, 64, 32)  # llama-imatrix's default n_ctx first; it
 _TOKEN_MARGIN = 1.15
 _MIN_PROBE_LINE = 40  # probe lines at least this long count as probe text on their own
 _TICK_S = 30.0
+Say = Callable[[str], None]  # the export's one output channel (silent under --quiet)
 
 
 # --- what may be asked ---------------------------------------------------------------------------------
@@ -158,7 +168,8 @@ def training_rows(run: RunDir) -> Any:
 
 def build_calibration(request: ImatrixRequest, model_dir: Path, adapter_dir: Path | None, tokenizer: Any,
                       eot_ids: list[int], dest: Path) -> dict[str, Any]:
-    """Write the calibration text built from the run to ``dest``; returns what it holds."""
+    """Write the calibration text built from the run to ``dest``; returns what it holds (``CalibrationRecord``'s
+    fields that say where it came from)."""
     assert request.run is not None
     rows = training_rows(request.run)
     total = len(rows)
@@ -244,8 +255,8 @@ def chunk_size(tokens: int) -> int:
                     f"{int(2 * CHUNK_SIZES[-1] * _TOKEN_MARGIN) + 1}: give a longer text")
 
 
-def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, threads: int | None = None
-                   ) -> dict[str, Any]:
+def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, threads: int | None = None,
+                   say: Say = print) -> dict[str, Any]:
     """Run llama-imatrix over ``calibration`` on ``model_gguf``: one forward pass, the matrix in ``out``.
 
     The calibration file and the matrix are named relative to their folder, so the matrix records the
@@ -256,21 +267,21 @@ def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, 
     n_ctx = chunk_size(tokens)
     chunks = tokens // n_ctx  # what llama.cpp will count, give or take its own tokenization
     threads = threads or default_threads()
-    print(f"grpoctl: importance matrix: llama-imatrix over {calibration.name} (~{tokens} tokens, about {chunks} "
-          f"chunks of {n_ctx}, {threads} threads)", flush=True)
+    say(f"importance matrix: llama-imatrix over {calibration.name} (~{tokens} tokens, about {chunks} chunks of "
+        f"{n_ctx}, {threads} threads)")
     cmd = [str(tool("llama-imatrix")), "-m", str(model_gguf.resolve()), "-f", _relative(calibration, out.parent),
            "-o", out.name, "--parse-special", "--no-ppl", "-c", str(n_ctx), "-t", str(threads),
            "--output-frequency", "1000000"]  # one write at the end: never a half-computed matrix under that name
     start = time.monotonic()
-    ticker = _Ticker(start)
+    ticker = _Ticker(start, say)
     rc, lines = run_tool(cmd, out.parent, ticker.line)
     seconds = time.monotonic() - start
     if rc != 0 or not out.is_file():
         out.unlink(missing_ok=True)
         raise ConversionError(f"llama-imatrix failed (exit {rc}): {_last_error(lines)}")
-    print(f"grpoctl:   {out.name}: {seconds:.1f} s", flush=True)
-    return {"tool": "llama-imatrix", "chunk_tokens": n_ctx, **matrix_metadata(out), "calibration_tokens": tokens,
-            "seconds": round(seconds, 2), "threads": threads}
+    say(f"  {out.name}: {seconds:.1f} s")
+    return {"tool": "llama-imatrix", "chunk_tokens": n_ctx, **matrix_metadata(out), "seconds": round(seconds, 2),
+            "threads": threads}
 
 
 def matrix_entries(path: Path) -> int:
@@ -314,7 +325,7 @@ def _count_entries(path: Path) -> int:
 
 
 def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, threads: int | None = None,
-                         shown_as: str | None = None) -> dict[str, Any]:
+                         shown_as: str | None = None, say: Say = print) -> dict[str, Any]:
     """llama-quantize --imatrix: ``src`` into ``dst`` as ``type_name``; returns the tensor types written and the
     tensors the matrix had no entry for. A matrix that does not fit the model is one line, exit 4, naming the
     matrix as ``shown_as`` (the file the user gave) or by its name."""
@@ -344,10 +355,10 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
         raise DataError(f"the importance matrix {shown_as} has no entry for any tensor of this model (first: "
                         f"{missing[0]}); it was computed for another model")
     if missing:
-        print(f"grpoctl:   warning: the importance matrix has no entry for {len(missing)} tensors (first: "
-              f"{missing[0]}); they are quantized without it", flush=True)
+        say(f"  warning: the importance matrix has no entry for {len(missing)} tensors (first: {missing[0]}); they "
+            "are quantized without it")
     if note := fallback_note(lines, type_name):
-        print(note, flush=True)
+        say(note)
     return {"tensor_types": written, "without_matrix": missing}
 
 
@@ -394,20 +405,21 @@ class _Ticker:
     """Progress for llama-imatrix, which reports only the time of its first pass: that line with its ETA, then
     the elapsed time against that estimate every 30 s while it runs."""
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, say: Say) -> None:
         self.start = start
+        self.say = say
         self.eta: float | None = None
         self.last = start
 
     def line(self, line: str) -> None:
         if m := re.search(r"([\d.]+) seconds per pass - ETA (?:(\d+) hours )?([\d.]+) minutes", line):
             self.eta = (int(m.group(2) or 0) * 60 + float(m.group(3))) * 60
-            print(f"grpoctl:   first pass {float(m.group(1)):.1f} s; ETA ~{_clock(self.eta)}", flush=True)
+            self.say(f"  first pass {float(m.group(1)):.1f} s; ETA ~{_clock(self.eta)}")
         now = time.monotonic()
         if now - self.last >= _TICK_S:
             self.last = now
             left = f", ETA ~{_clock(max(self.eta - (now - self.start), 0))}" if self.eta else ""
-            print(f"grpoctl:   importance matrix: {_clock(now - self.start)}{left}", flush=True)
+            self.say(f"  importance matrix: {_clock(now - self.start)}{left}")
 
 
 def _clock(seconds: float) -> str:
@@ -425,10 +437,13 @@ class Imatrix:
     request: ImatrixRequest
     work: Path
     name: str
+    say: Say = print
     tokens: int = 0
     matrix: Path | None = None  # in ``work`` once there
     calibration: Path | None = None  # in ``work``, when computed
-    info: dict[str, Any] = field(default_factory=dict)
+    calibration_record: CalibrationRecord | None = None
+    entries: int = 0  # tensors the matrix has an entry for
+    computed: dict[str, Any] = field(default_factory=dict)  # llama-imatrix's run, when computed here
     quants: dict[str, dict[str, Any]] = field(default_factory=dict)  # type -> tensor types written, ...
 
     @property
@@ -436,35 +451,44 @@ class Imatrix:
         return f"{self.name}{MATRIX_SUFFIX}" if self.request.matrix is None or self.request.matrix.suffix == ".gguf" \
             else f"{self.name}-imatrix{self.request.matrix.suffix}"
 
+    @property
+    def source(self) -> str:
+        return "file" if self.request.matrix is not None else "computed"
+
+    @property
+    def held_out(self) -> bool | None:
+        """Whether the gain is measured on text the matrix never saw: checked for a calibration text written here,
+        unknown for a matrix given."""
+        return None if self.request.matrix is not None else True
+
     @classmethod
     def prepare(cls, request: ImatrixRequest, model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path,
-                eot_ids: list[int], work: Path, name: str) -> Imatrix:
+                eot_ids: list[int], work: Path, name: str, say: Say = print) -> Imatrix:
         """Everything before the conversion: the user's matrix copied in, or the calibration text written."""
         from transformers import AutoTokenizer
 
         work.mkdir(parents=True, exist_ok=True)
-        plan = cls(request=request, work=work, name=name)
+        plan = cls(request=request, work=work, name=name, say=say)
         if request.matrix is not None:
             plan.matrix = work / plan.matrix_name
             shutil.copyfile(request.matrix, plan.matrix)
-            plan.info = {"source": "file", "given": str(request.matrix), "entries": matrix_entries(plan.matrix),
-                         "calibration": None, "held_out": None}
+            plan.entries = matrix_entries(plan.matrix)
             return plan
         plan.calibration = work / f"{name}{CALIBRATION_SUFFIX}"
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         if request.calibration is not None:
             plan.calibration.write_text(read_calibration(request.calibration), encoding="utf-8")
-            calibration = {"source": "file", "given": str(request.calibration)}
+            origin: dict[str, Any] = {"source": "file", "given": str(request.calibration)}
         else:
-            print(f"grpoctl: calibration text: {request.describe()}", flush=True)
-            calibration = build_calibration(request, model_dir, adapter_dir, tokenizer, eot_ids, plan.calibration)
+            say(f"calibration text: {request.describe()}")
+            origin = build_calibration(request, model_dir, adapter_dir, tokenizer, eot_ids, plan.calibration)
         text = plan.calibration.read_text(encoding="utf-8")
         if hits := probe_hits(text):  # the guarantee the report states, checked on what is written
             raise DataError(f"the calibration text holds parity probe text ({hits[0][:60]!r})")
         plan.tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         chunk_size(plan.tokens)  # too short is a one-line error now, not after the conversion
-        calibration.update(file=plan.calibration.name, tokens=plan.tokens, characters=len(text))
-        plan.info = {"source": "computed", "calibration": calibration, "held_out": True}
+        plan.calibration_record = CalibrationRecord(file=plan.calibration.name, tokens=plan.tokens,
+                                                    characters=len(text), **origin)
         return plan
 
     def matrix_for(self, intermediate: Path, threads: int | None = None) -> Path:
@@ -472,13 +496,14 @@ class Imatrix:
         if self.matrix is None:
             assert self.calibration is not None
             self.matrix = self.work / self.matrix_name
-            self.info.update(compute_matrix(intermediate, self.calibration, self.matrix, self.tokens, threads))
-            self.info["entries"] = matrix_entries(self.matrix)
+            self.computed = compute_matrix(intermediate, self.calibration, self.matrix, self.tokens, threads, self.say)
+            self.entries = matrix_entries(self.matrix)
         return self.matrix
 
     def quantize(self, src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
         self.quants[type_name] = quantize_with_matrix(src, dst, type_name, self.matrix_for(src, threads), threads,
-                                                      shown_as=str(self.request.matrix or self.matrix_name))
+                                                      shown_as=str(self.request.matrix or self.matrix_name),
+                                                      say=self.say)
 
     def plain(self, src: Path, type_name: str, threads: int | None = None) -> Path | None:
         """The same type without the matrix, for the comparison; None where llama.cpp refuses it without one."""
@@ -486,7 +511,7 @@ class Imatrix:
             return None
         dst = self.work / f"plain-{type_name}.gguf"
         try:
-            quantize(src, dst, type_name, threads)
+            quantize(src, dst, type_name, threads, say=self.say)
         except ConversionError as e:
             if "requires an imatrix" in str(e) or "Missing importance matrix" in str(e):
                 return None
@@ -494,71 +519,78 @@ class Imatrix:
         return dst
 
     def compare(self, built: dict[str, Any], files: dict[str, dict[str, Any]], names: dict[str, str],
-                measure: Callable[[Path, str], dict[str, Any]]) -> dict[str, Any]:
+                measure: Callable[[Path, str], dict[str, Any]]) -> ImatrixComparison:
         """Plain vs imatrix for every type made with the matrix, on the same held-out probes."""
-        types: dict[str, Any] = {}
+        types: dict[str, ImatrixTypeComparison] = {}
         for t in self.quants:
-            mine = files[names[t]]
+            mine = _figures(files[names[t]])
             plain_path = built.get(f"plain:{t}")
-            plain = measure(plain_path, t) if plain_path is not None else None
-            types[t] = {"imatrix": _figures(mine), "plain": _figures(plain) if plain else None,
-                        "tensor_types": self.quants[t]["tensor_types"],
-                        "without_matrix": self.quants[t]["without_matrix"]}
-            if plain:
-                types[t]["gain"] = gains(types[t]["plain"], types[t]["imatrix"])
-            elif self.request.compare:
-                types[t]["plain_note"] = "llama.cpp refuses this type without an importance matrix"
-        return {"matrix": self.matrix_name, "source": self.info.get("source"), "held_out": self.info.get("held_out"),
-                "calibration": (self.info.get("calibration") or {}).get("file"), "types": types}
+            plain = _figures(measure(plain_path, t)) if plain_path is not None else None
+            types[t] = ImatrixTypeComparison(
+                imatrix=mine, plain=plain, tensor_types=self.quants[t]["tensor_types"],
+                without_matrix=self.quants[t]["without_matrix"], gain=gains(plain, mine) if plain else None,
+                plain_note=("llama.cpp refuses this type without an importance matrix"
+                            if plain is None and self.request.compare else None))
+        return ImatrixComparison(matrix=self.matrix_name, source=self.source, held_out=self.held_out,
+                                 calibration=self.calibration_record.file if self.calibration_record else None,
+                                 types=types)
 
-    def publish(self, out_dir: Path, manifest: Any, written: list[str]) -> None:
+    def publish(self, out_dir: Path, artifacts: Artifacts, written: list[str]) -> None:
         """Move the matrix and its calibration text beside the GGUF files (when a file made with them was
-        ``written``) and record them (sha256) in the manifest; the ``imatrix`` section says how they were made."""
+        ``written``) and record them (sha256) in ``artifacts``; its ``imatrix`` section says how they were made."""
         if self.matrix is None or not set(written) & set(self.quants):
             return
-        manifest.files = [f for f in manifest.files if f.kind not in ("imatrix", "calibration")]
+        artifacts.files = [f for f in artifacts.files if f.kind not in ("imatrix", "calibration")]
         final = out_dir / self.matrix.name
         os.replace(self.matrix, final)
-        manifest.add_file(final, "imatrix", entries=self.info.get("entries"))
+        entry = artifacts.add_file(final, "imatrix")
         if self.calibration is not None:
             cal = out_dir / self.calibration.name
             os.replace(self.calibration, cal)
-            manifest.add_file(cal, "calibration", tokens=self.tokens)
-        manifest.sections["imatrix"] = {"file": final.name, **self.info,
-                                        "types": [t for t in written if t in self.quants]}
+            artifacts.add_file(cal, "calibration")
+        ran = self.computed
+        artifacts.imatrix = ImatrixSection(
+            file=final.name, sha256=entry.sha256, source=self.source, entries=self.entries,
+            types=[t for t in written if t in self.quants], held_out=self.held_out,
+            given=str(self.request.matrix) if self.request.matrix is not None else None,
+            calibration=self.calibration_record, tool=ran.get("tool"), chunks=ran.get("chunks"),
+            chunk_tokens=ran.get("chunk_tokens"), datasets=ran.get("datasets"), seconds=ran.get("seconds"),
+            threads=ran.get("threads"))
 
 
-def _figures(f: dict[str, Any]) -> dict[str, Any]:
-    return {"top1": f["top1"], "kl": f["kl"], "kl_p99": f.get("kl_p99")}
+def _figures(f: dict[str, Any]) -> QuantFigures:
+    return QuantFigures(top1=f["top1"], kl=f["kl"], kl_p99=f.get("kl_p99"))
 
 
-def gains(plain: dict[str, Any], mine: dict[str, Any]) -> dict[str, float]:
+def gains(plain: QuantFigures, mine: QuantFigures) -> ImatrixGain:
     """What the matrix bought: KL reductions as fractions of the plain quant's (positive = better), top-1 in points."""
-    out = {"top1": round(mine["top1"] - plain["top1"], 5)}
-    for k in ("kl", "kl_p99"):
-        if plain.get(k) and mine.get(k) is not None:
-            out[k] = round((plain[k] - mine[k]) / plain[k], 4)
-    return out
+    def reduction(before: float | None, after: float | None) -> float | None:
+        return round((before - after) / before, 4) if before and after is not None else None
+
+    return ImatrixGain(top1=round(mine.top1 - plain.top1, 5), kl=reduction(plain.kl, mine.kl),
+                       kl_p99=reduction(plain.kl_p99, mine.kl_p99))
 
 
-def format_comparison(section: dict[str, Any], positions: int) -> str:
+def format_comparison(section: ImatrixComparison, positions: int) -> str:
     """The plain vs imatrix table printed after the parity table."""
-    if section["held_out"]:
-        what = f"held-out probes ({positions} positions; no probe text in {section['calibration']})"
+    if section.held_out:
+        what = f"held-out probes ({positions} positions; no probe text in {section.calibration})"
     else:
         what = f"the parity probes ({positions} positions; the matrix was given, its calibration text is unknown)"
-    lines = [f"importance matrix {section['matrix']}: plain vs imatrix quant on {what}",
+    lines = [f"importance matrix {section.matrix}: plain vs imatrix quant on {what}",
              f"{'type':8} {'plain: top-1':>13} {'mean KL':>9} {'p99 KL':>8}   {'imatrix: top-1':>15} {'mean KL':>9} "
              f"{'p99 KL':>8}   mean KL with the matrix"]
-    for t, row in section["types"].items():
-        mine, plain = row["imatrix"], row["plain"]
-        left = (f"{plain['top1'] * 100:12.1f}% {plain['kl']:9.5f} {plain['kl_p99']:8.4f}" if plain
+    for t, row in section.types.items():
+        mine, plain = row.imatrix, row.plain
+        left = (f"{plain.top1 * 100:12.1f}% {plain.kl:9.5f} {_p99(plain)}" if plain
                 else f"{'-':>13} {'-':>9} {'-':>8}")
-        if plain:
-            gain = row["gain"]["kl"]
-            change = f"{abs(gain) * 100:.1f}% {'lower' if gain >= 0 else 'HIGHER'}"
+        if plain and row.gain and row.gain.kl is not None:
+            change = f"{abs(row.gain.kl) * 100:.1f}% {'lower' if row.gain.kl >= 0 else 'HIGHER'}"
         else:
-            change = row.get("plain_note", "-")
-        lines.append(f"{TYPES[t].label:8} {left}   {mine['top1'] * 100:14.1f}% {mine['kl']:9.5f} "
-                     f"{mine['kl_p99']:8.4f}   {change}")
+            change = row.plain_note or "-"
+        lines.append(f"{TYPES[t].label:8} {left}   {mine.top1 * 100:14.1f}% {mine.kl:9.5f} {_p99(mine)}   {change}")
     return "\n".join(lines)
+
+
+def _p99(f: QuantFigures) -> str:
+    return f"{f.kl_p99:8.4f}" if f.kl_p99 is not None else f"{'-':>8}"

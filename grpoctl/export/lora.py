@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import InputNotFoundError, UsageError, VerificationError
-from grpoctl.fsutil import sha256_file
+from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_KEY = "lm_head.weight"
 # input embeddings by the names transformers models give them (PEFT's EMBEDDING_LAYER_NAMES and friends)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
@@ -63,12 +61,6 @@ REFUSED_CONFIG = {
 # init_lora_weights methods that train against a modified base (the base minus the initial update) until
 # the adapter is re-saved with path_initial_model_for_weight_conversion, which resets this field to true
 BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-
-
-def adapter_sha256(adapter_dir: Path) -> str:
-    """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
-    ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
-    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
 
 
 @dataclass

@@ -22,11 +22,10 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from grpoctl.errors import DependencyError, InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest
-from grpoctl.export.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from grpoctl.artifacts import ARTIFACTS_FILE, AdapterRecord, Artifacts, MergedSection, Provenance
+from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import (
     check_free_space,
     check_output_dir,
@@ -41,7 +40,10 @@ from grpoctl.fsutil import (
 )
 from grpoctl.jsonfiles import adapter_config
 from grpoctl.names import safe_name
-from grpoctl.rundir import BaseModelRef, RunDir
+from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, RunDir
+
+if TYPE_CHECKING:
+    from grpoctl.export.imatrix import ImatrixRequest
 
 MERGED_KINDS = ("16bit", "4bit")
 DTYPES = ("auto", "bf16", "fp16")
@@ -55,7 +57,7 @@ class ExportOptions:
     merged: str | None = None  # "16bit" | "4bit"
     dtype: str = "auto"  # merged dtype: auto (the base's 16-bit dtype) | bf16 | fp16
     lora: bool = False
-    gguf: list[str] = field(default_factory=list)  # llama.cpp types, validated by grpoctl.export.gguf
+    gguf: str | list[str] = field(default_factory=list)  # llama.cpp types ("q8_0,q4_k_m" or a list), aliases too
     output_dir: Path | None = None
     force: bool = False
     verify_only: bool = False
@@ -64,7 +66,6 @@ class ExportOptions:
     llama_cpp_dir: Path | None = None
     parity_gate: bool = True
     progress: bool = True
-    manifests: bool = True  # Ollama Modelfile + vLLM manifests for what was exported
     imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
     calibration: Path | None = None  # text to compute the matrix over instead of the run's data
 
@@ -171,11 +172,10 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        try:
-            from grpoctl.export.gguf import parse_gguf_types
-        except ImportError as err:
-            raise DependencyError(f"GGUF export is not available in this installation ({err})") from None
-        types = parse_gguf_types(",".join(options.gguf))
+        from grpoctl.export.gguf import parse_gguf_types
+
+        # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
+        types = parse_gguf_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
     if types or options.imatrix or options.calibration:
         from grpoctl.export.imatrix import check_types
 
@@ -189,33 +189,31 @@ def _validate(options: ExportOptions) -> list[str]:
     return types
 
 
-def _provenance(src: ExportSource, adapter, report) -> dict[str, Any]:
+def _provenance(src: ExportSource, adapter, report) -> Provenance:
+    from grpoctl.models import identify
+
     cfg = adapter.config
-    return {
-        "source": str(src.run.root if src.run else src.adapter_dir),
-        **({"run": str(src.run.root.resolve())} if src.run else {}),
-        "base_model": {"id": src.base.id, "revision": src.base.revision, "path": src.base.path},
-        "adapter": {"path": str(src.adapter_dir), "sha256": report.adapter_sha256, "r": adapter.r,
-                    "lora_alpha": adapter.alpha, "use_rslora": bool(cfg.get("use_rslora")),
-                    "use_dora": adapter.use_dora, "target_modules": cfg.get("target_modules"),
-                    "modules_to_save": cfg.get("modules_to_save"), "peft_version": cfg.get("peft_version")},
-    }
+    return Provenance(
+        source=str(src.run.root if src.run else src.adapter_dir),
+        run=str(src.run.root.resolve()) if src.run else None,
+        base_model=identify(src.base),
+        adapter=AdapterRecord(path=str(src.adapter_dir), sha256=report.adapter_sha256, r=adapter.r,
+                              lora_alpha=adapter.alpha, use_rslora=bool(cfg.get("use_rslora")),
+                              use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"),
+                              modules_to_save=cfg.get("modules_to_save"), peft_version=cfg.get("peft_version")))
 
 
-def _write_manifests(stage: Path, src: ExportSource, say: Callable[[str], None]) -> None:
-    """Serving manifests for the staged export; a template that does not translate faithfully fails the export,
-    a machine without a Go toolchain only loses the template check (noted in artifacts.json)."""
-    from grpoctl.manifests.api import TOKENIZER_FILES, ManifestOptions, render_manifests
+class Finisher(Protocol):
+    """A later stage that writes into the staged export before it is swapped into place, so that the export and
+    what that stage derives from it appear together or not at all. Passed in from above the stages
+    (``grpoctl.api.export`` passes the manifests stage): export never imports a later stage."""
 
-    # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
-    candidates = [src.tokenizer_dir, stage / "merged", stage / "lora", Path(src.base.path)]
-    tokenizer_dir = next((c for c in candidates if c and any((c / f).is_file() for f in TOKENIZER_FILES)), None)
-    written = render_manifests(stage, run=src.run, tokenizer_dir=tokenizer_dir,
-                               options=ManifestOptions(unchecked_ok=True))
-    section = ArtifactManifest.load(stage).sections.get("manifests", {})
-    for note in section.get("notes", []) if isinstance(section, dict) else []:
-        say(f"note: {note}")
-    say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written))
+    def check(self, existing: Artifacts) -> None:
+        """Before any work: refuse to add to ``existing`` (the export being added to), e.g. when a file the later
+        stage wrote there was edited since."""
+
+    def write(self, stage: Path, source: ExportSource, say: Callable[[str], None]) -> None:
+        """Write into ``stage``, whose ``artifacts.json`` is saved, and record what was written there."""
 
 
 @dataclass
@@ -230,7 +228,7 @@ class _Parts:
         return bool(self.merged or self.lora or self.gguf)
 
 
-def _existing_export(out: Path, force: bool) -> ArtifactManifest | None:
+def _existing_export(out: Path, force: bool) -> Artifacts | None:
     """The export already in ``out`` that this one adds to; None when ``out`` is new or empty, is replaced
     (``force``), or holds only an earlier --verify-only report. Any other content is refused."""
     from grpoctl.export.verify import VERIFY_FILE
@@ -240,12 +238,12 @@ def _existing_export(out: Path, force: bool) -> ArtifactManifest | None:
     if force or names <= {VERIFY_FILE}:
         return None
     if ARTIFACTS_FILE in names:
-        return ArtifactManifest.load(out)
+        return Artifacts.load(out)
     raise OutputExistsError(f"output directory {out} exists, is not empty and holds no export; pass --force to "
                             "replace it")
 
 
-def _missing_parts(existing: ArtifactManifest | None, src: ExportSource, adapter_sha256: str, merged_dtype: str,
+def _missing_parts(existing: Artifacts | None, src: ExportSource, adapter_sha256: str, merged_dtype: str,
                    wanted: _Parts, dtype_asked: bool, with_matrix: bool = False) -> _Parts:
     """What ``wanted`` adds to ``existing``. Only an export of the same adapter on the same base is added to;
     the parts it already has are kept as they are, never rebuilt (``--force`` rebuilds everything). A GGUF
@@ -253,16 +251,15 @@ def _missing_parts(existing: ArtifactManifest | None, src: ExportSource, adapter
     beside an earlier matrix, are refused: the export would hold two answers to one question."""
     if existing is None:
         return wanted
-    prov = existing.provenance
-    theirs = ((prov.get("adapter") or {}).get("sha256"), (prov.get("base_model") or {}).get("id"),
-              (prov.get("base_model") or {}).get("revision"))
+    adapter, base = existing.provenance.adapter, existing.provenance.base_model
+    theirs = (adapter and adapter.sha256, base and base.id, base and base.revision)
     if theirs != (adapter_sha256, src.base.id, src.base.revision):
         what = "another adapter" if theirs[0] != adapter_sha256 else f"the same adapter on another base ({theirs[1]})"
         raise OutputExistsError(f"{existing.root} holds an export of {what}; pass --force to replace it, or choose "
                                 "another folder with -o")
     merged = wanted.merged
     if merged == "16bit" and existing.by_kind("merged"):
-        have = (existing.sections.get("merged") or {}).get("dtype")
+        have = existing.merged.dtype if existing.merged else None
         if dtype_asked and have != merged_dtype:
             raise OutputExistsError(f"{existing.root}/merged holds {have} weights, not the {merged_dtype} asked for; "
                                     "pass --force to rebuild the export")
@@ -275,8 +272,8 @@ def _missing_parts(existing: ArtifactManifest | None, src: ExportSource, adapter
 
         for t in wanted.gguf:
             for entry in existing.by_kind(f"gguf:{t}"):
-                if bool(entry.extra.get("imatrix")) != (with_matrix and TYPES[t].reads_imatrix):
-                    made = "with" if entry.extra.get("imatrix") else "without"
+                if bool(entry.imatrix) != (with_matrix and TYPES[t].reads_imatrix):
+                    made = "with" if entry.imatrix else "without"
                     raise OutputExistsError(f"{existing.root}/{entry.path} was made {made} an importance matrix; "
                                             "pass --force to rebuild the export as asked")
         if with_matrix and existing.by_kind("imatrix") and any(TYPES[t].reads_imatrix for t in gguf):
@@ -308,10 +305,12 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     return need
 
 
-def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None) -> ArtifactManifest:
-    """Verify the adapter at ``source`` and write the requested artifacts; returns the saved manifest.
+def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None, *,
+           then: Finisher | None = None) -> Artifacts:
+    """Verify the adapter at ``source`` and write the requested artifacts; returns the saved artifacts.
 
-    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``).
+    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``). ``then`` writes into the
+    staged export before it is swapped into place (the manifests, from ``grpoctl.api.export``).
     """
     from grpoctl.export.merge import check_not_quantized, output_dtype
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
@@ -343,13 +342,11 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
             check_not_quantized(weights.config(), weights.dir)
             report = verify_adapter(adapter, weights, base_id=src.base.id, strict=options.strict)
             say(report.table())
-            verify_section = {k: v for k, v in report.to_dict().items() if k != "modules"}
-
             if options.verify_only:
                 with staged_file(out / VERIFY_FILE) as tmp:
                     report.save(tmp)
                 say(f"wrote {out / VERIFY_FILE}")
-                return ArtifactManifest(root=out, sections={"verify": verify_section})
+                return Artifacts(root=out, verify=report.section())
 
             merged_dtype = DTYPE_NAMES[output_dtype(weights, options.dtype)][0]
             parts = _missing_parts(existing, src, report.adapter_sha256, merged_dtype, wanted, options.dtype != "auto",
@@ -359,39 +356,37 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                     say(f"{out} already holds everything asked for, from this adapter; nothing to do "
                         "(--force rebuilds it)")
                     return existing
-                if options.manifests:
-                    from grpoctl.manifests.api import check_manifests_unedited
-
-                    check_manifests_unedited(existing)
+                if then is not None:
+                    then.check(existing)
             reuse = out / "merged" if existing is not None and existing.by_kind("merged") else None
             check_free_space(out, _estimate_bytes(parts, weights, adapter, src, options.dtype, reuse is not None),
                              "the export")
             # what is there now (--force, or a lone verify.json) may be replaced; what appears meanwhile may not
             replace = options.force or (out.is_dir() and any(out.iterdir()))
             with (updated_dir(out) if existing is not None else staged_dir(out, force=replace)) as stage:
-                manifest = ArtifactManifest.load(stage) if existing is not None else ArtifactManifest(root=stage)
-                manifest.provenance = _provenance(src, adapter, report)
-                _write_parts(stage, manifest, parts, src, adapter, weights, report, options,
+                artifacts = Artifacts.load(stage) if existing is not None else Artifacts(root=stage)
+                artifacts.provenance = _provenance(src, adapter, report)
+                _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
                              reuse=stage / "merged" if reuse else None, say=say, imatrix=imatrix)
-                manifest.save()
-                if options.manifests:
-                    _write_manifests(stage, src, say)
+                artifacts.save()
+                if then is not None:
+                    then.write(stage, src, say)
     say(f"export complete: {out}")
-    return ArtifactManifest.load(out)
+    return Artifacts.load(out)
 
 
-def _write_parts(stage: Path, manifest: ArtifactManifest, parts: _Parts, src: ExportSource, adapter, weights,
+def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
                  report, options: ExportOptions, reuse: Path | None, say: Callable[[str], None],
-                 imatrix: Any = None) -> None:
+                 imatrix: ImatrixRequest | None = None) -> None:
     """Write ``parts`` into ``stage`` and record them; ``reuse`` is a merged 16-bit folder already there."""
     from grpoctl.export.merge import merge_16bit, write_lora
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
     from grpoctl.export.verify import VERIFY_FILE
 
-    manifest.sections["verify"] = {k: v for k, v in report.to_dict().items() if k != "modules"}
+    artifacts.verify = report.section()
     with staged_file(stage / VERIFY_FILE) as tmp:  # a new file: the old one may be linked to the live export
         report.save(tmp)
-    manifest.add_file(stage / VERIFY_FILE, "report")
+    artifacts.add_file(stage / VERIFY_FILE, "report")
 
     merged16 = reuse
     if parts.merged == "16bit" or (parts.merged == "4bit" and reuse is None):
@@ -400,14 +395,14 @@ def _write_parts(stage: Path, manifest: ArtifactManifest, parts: _Parts, src: Ex
         result = merge_16bit(weights.dir, adapter, merged16, dtype=options.dtype,
                              tokenizer_dir=src.tokenizer_dir, allow_pickle=options.allow_pickle,
                              progress=options.progress, weights=weights)
-        manifest.sections["merged"] = {
-            "dtype": DTYPE_NAMES[result.dtype][0], "tensors": result.tensors, "merged_tensors": result.merged,
-            "shards": sum(p.suffix == ".safetensors" for p in result.files),
-            "chat_template": result.chat_template}
+        artifacts.merged = MergedSection(dtype=DTYPE_NAMES[result.dtype][0], tensors=result.tensors,
+                                        merged_tensors=result.merged,
+                                        shards=sum(p.suffix == ".safetensors" for p in result.files),
+                                        chat_template=result.chat_template)
         if not result.chat_template:
             say("warning: neither the adapter folder nor the base carries a chat template")
         if parts.merged == "16bit":
-            manifest.add_tree(merged16, "merged")
+            artifacts.add_tree(merged16, "merged")
     elif reuse is not None and (parts.merged or parts.gguf):
         say(f"using the merged model already in the export ({reuse.name}/) as the 16-bit source")
     if parts.merged == "4bit":
@@ -415,20 +410,20 @@ def _write_parts(stage: Path, manifest: ArtifactManifest, parts: _Parts, src: Ex
 
         say("quantizing the merged model to bitsandbytes nf4 -> merged-4bit/")
         quantize_nf4(merged16, stage / "merged-4bit")
-        manifest.add_tree(stage / "merged-4bit", "merged-4bit")
-        manifest.sections.setdefault("merged", {})["quantization"] = "bitsandbytes-nf4"
+        artifacts.add_tree(stage / "merged-4bit", "merged-4bit")
+        artifacts.merged.quantization = "bitsandbytes-nf4"
 
     if parts.lora:
         write_lora(adapter, stage / "lora", src.tokenizer_dir, weights.dir)
-        manifest.add_tree(stage / "lora", "lora")
+        artifacts.add_tree(stage / "lora", "lora")
         say("wrote the cleaned adapter -> lora/")
 
     if parts.gguf:
         from grpoctl.export.gguf import export_gguf
 
         export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
-                    manifest=manifest, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
-                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix)
+                    artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
+                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix, say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

@@ -15,7 +15,7 @@ import ctypes
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -81,16 +81,31 @@ TYPES: dict[str, GgufType] = {t.name: t for t in (
 ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m", "fp16": "f16", "float16": "f16",
            "bfloat16": "bf16", "q8": "q8_0"}
 SIXTEEN_BIT = ("bf16", "f16")
+# The type used where none is named (the plain Modelfile, serve, the Hub card's commands): the usual local
+# default first, then the next best size/quality trade-offs.
+PREFERRED = ("q4_k_m", "q5_k_m", "q8_0", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16", "f32")
+
+
+def canonical_type(name: str) -> str:
+    """``"Q4-K"`` -> ``"q4_k_m"``: the spelling of ``TYPES`` for a name or an alias (other names come back lowered)."""
+    name = name.strip().lower().replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+def default_type(available: Iterable[str]) -> str | None:
+    """Of the types ``available``, the one used when none is named: the first of ``PREFERRED``, else the first by
+    name; None when there is none."""
+    have = sorted(canonical_type(t) for t in available)
+    return next((t for t in PREFERRED if t in have), have[0] if have else None)
 
 
 def parse_types(text: str) -> list[str]:
     """``"q8_0, Q4_K_M"`` -> ``["q8_0", "q4_k_m"]`` (order kept, duplicates dropped)."""
     out: list[str] = []
     for raw in (text or "").split(","):
-        name = raw.strip().lower().replace("-", "_")
+        name = canonical_type(raw)
         if not name:
             continue
-        name = ALIASES.get(name, name)
         if name not in TYPES:
             raise UsageError(f"unknown GGUF type {raw.strip()!r}; valid types: {', '.join(TYPES)}")
         if name not in out:
@@ -136,9 +151,11 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
         os.close(saved_fd)
 
 
-def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
+def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None,
+             say: Callable[[str], None] = print) -> None:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process (no importance matrix:
-    ``grpoctl.export.imatrix.quantize_with_matrix`` takes one)."""
+    ``grpoctl.export.imatrix.quantize_with_matrix`` takes one); ``say`` gets the one summary line of tensors
+    that fell back to another type."""
     import llama_cpp
 
     gtype = TYPES[type_name]
@@ -152,7 +169,7 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
         log.seek(0)
         messages = log.read().decode("utf-8", errors="replace").splitlines()
     if rc == 0 and (note := fallback_note(messages, type_name)):
-        print(note, flush=True)
+        say(note)
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
         if no_space_left(dst.parent):
@@ -167,5 +184,5 @@ def fallback_note(messages: list[str], type_name: str) -> str | None:
     fallbacks = sum("falling back" in line for line in messages)
     if not fallbacks:
         return None
-    return (f"grpoctl:   {fallbacks} tensors use a fallback type: their row size is not a multiple of "
+    return (f"  {fallbacks} tensors use a fallback type: their row size is not a multiple of "
             f"{TYPES[type_name].label}'s block size (llama.cpp's own rule)")

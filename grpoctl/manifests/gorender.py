@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.chatprobes import Conversation, conversations
 from grpoctl.errors import DependencyError
 from grpoctl.fsutil import cache_dir, staged_file
 from grpoctl.manifests.templates import ChatFormat, UntranslatableTemplate, hf_render
@@ -103,11 +104,6 @@ def infer_reasoning_tags(template: str) -> tuple[str, str]:
 
 # --- fidelity check ---------------------------------------------------------------------------------
 
-# Two fixed days some conversations are rendered on (the others see the real clock, as the probe did): a
-# template that writes the current date (strftime_now) renders them differently, and a Go TEMPLATE cannot
-# follow the calendar, so the check fails it.
-CHECK_DAYS = ("2024-02-29", "2031-11-05")
-
 # What a failure in each kind of probe conversation means, for the refusal message.
 SHAPE_MEANING = {
     "whitespace": "message text with leading or trailing whitespace renders differently: the chat template trims "
@@ -122,19 +118,6 @@ SHAPE_MEANING = {
     "plain": "the prompt renders differently",
 }
 SHAPE_PRIORITY = ("date", "whitespace", "reasoning", "system", "think", "plain")  # most specific cause first
-
-
-@dataclass
-class Conversation:
-    name: str
-    messages: list[dict[str, str]]  # HF form
-    think: bool | None = None  # Ollama's request flag; HF enable_thinking=<think> when set
-    day: str | None = None  # the day both renderers see (None: the real clock)
-    shape: str = "plain"  # which kind of probe (SHAPE_MEANING)
-
-    @property
-    def ends_with_user(self) -> bool:
-        return self.messages[-1]["role"] == "user"
 
 
 @dataclass
@@ -167,54 +150,6 @@ class FidelityReport:
     @property
     def failed_shapes(self) -> list[str]:
         return sorted({c.get("shape", "plain") for c in self.failures})
-
-
-def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"role": role, "content": content} for role, content in pairs]
-
-
-def conversations(fmt: ChatFormat | None, system_prompt: str | None = None,
-                  markers: tuple[str, str] | None = None) -> list[Conversation]:
-    """The conversations both renderers must agree on (reasoning shapes with ``markers``, default the format's).
-
-    Plain shapes: system + user, multi-turn with and without system, a prefilled assistant turn (Ollama's
-    continuation; HF ``continue_final_message``). Hard shapes, where translations break: message text with
-    leading/trailing whitespace and line breaks, renders on two different days, reasoning followed by
-    whitespace before the answer (in the history and in a continued last turn), the think flag on and off,
-    and system messages even where the template rejects them (both renderers must then refuse).
-    """
-    sys = system_prompt or "You are a careful math tutor. Answer with \"#### <number>\"."
-    q1, a1 = "What is 12 * 7?", "12 * 7 = 84.\n#### 84"
-    q2 = "And 84 / 4? Use 'quotes', \"double\" and a {{ brace }}."
-    multi = _msgs(("system", sys), ("user", q1), ("assistant", a1), ("user", q2))
-    convs = [
-        Conversation("user", _msgs(("user", q1))),
-        Conversation("system+user", _msgs(("system", sys), ("user", q1)), shape="system"),
-        Conversation("multi-turn", multi, shape="system"),
-        Conversation("multi-turn-no-system", multi[1:]),
-        Conversation("prefill-assistant", _msgs(("system", sys), ("user", q1), ("assistant", "12 * 7 ="))),
-        Conversation("whitespace", _msgs(("system", "  Be terse.\n"), ("user", "\n  What is 12 * 7?  \n\n"),
-                                         ("assistant", "  84\n"), ("user", "And 84 / 4?\n")), shape="whitespace"),
-        Conversation("whitespace-no-system", _msgs(("user", "  What is 12 * 7?\n"), ("assistant", "\n84  "),
-                                                   ("user", "\tAnd 84 / 4? ")), shape="whitespace"),
-    ]
-    convs += [Conversation(f"{c.name}@{day}", c.messages, day=day, shape="date")
-              for day in CHECK_DAYS for c in convs[:2]]
-    markers = markers or (fmt.reasoning_markers if fmt is not None else None)
-    if markers:
-        o, c = markers
-        for sep in ("", "\n\n "):
-            reasoned = f"{o}\nMultiply 12 by 7.\n{c}{sep}12 * 7 = 84.\n#### 84"
-            tag = "" if not sep else "-whitespace-after-end"
-            convs += [Conversation(f"reasoning-in-history{tag}", _msgs(("user", q1), ("assistant", reasoned),
-                                                                      ("user", q2)), shape="reasoning"),
-                      Conversation(f"reasoning-last-turn{tag}", _msgs(("user", q1), ("assistant", reasoned)),
-                                   shape="reasoning")]
-    for think in (True, False):
-        flag = "on" if think else "off"
-        convs += [Conversation(f"think-{flag}-{c.name}", c.messages, think=think, shape="think")
-                  for c in convs if c.name in ("user", "multi-turn", "reasoning-in-history")]
-    return convs
 
 
 def ollama_split_reasoning(text: str, tags: tuple[str, str]) -> tuple[str, str]:
@@ -272,7 +207,7 @@ def check_fidelity(tok: Any, fmt: ChatFormat, go_template: str, system_prompt: s
 
     A conversation matches when both render the same prompt, or both refuse it (the template raises).
     """
-    convs = conversations(fmt, system_prompt)
+    convs = conversations(system_prompt, fmt.reasoning_markers)
     try:
         tags = infer_reasoning_tags(go_template)
     except TemplateParseError as err:

@@ -1,107 +1,15 @@
-"""Write Ollama Modelfiles whose values survive Ollama's Modelfile parser exactly.
+"""What Ollama renders a Modelfile's model with, and the TEMPLATE that makes it render the chat template.
 
-Ollama's parser (``parser/parser.go``) has no escape sequences. A value is bare, in double quotes or
-in triple double quotes; it ends at the first line break where the text read so far, trimmed, forms a complete
-quoted value, and it silently drops non-printable characters. So the writer picks, per value, a
-form the parser cannot cut short, and refuses values no form can carry (rather than writing a
-Modelfile that means something else).
+The Modelfile format itself (quoting, parsing, writing) is ``grpoctl.manifests.modelfile``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DependencyError, UsageError, VerificationError
-
-_NEWLINES = "\r\n"
-
-
-def _parser_keeps(ch: str) -> bool:
-    # The parser keeps printable runes, plus spaces, tabs and line breaks it copies while scanning a value.
-    return ch.isprintable() or ch in "\t\r\n"
-
-
-def _breaks(value: str) -> list[int]:
-    return [i for i, ch in enumerate(value) if ch in _NEWLINES]
-
-
-def _triple_safe(value: str) -> bool:
-    return not any(value[:i].rstrip().endswith('"""') for i in _breaks(value))
-
-
-def _single_safe(value: str) -> bool:
-    if value.startswith('""'):  # `"""` would then open a triple-quoted value
-        return False
-    return not any(value[:i].rstrip().endswith('"') for i in _breaks(value))
-
-
-def quote_value(value: str, what: str) -> str:
-    """The Modelfile spelling of ``value``; UsageError when the parser would alter it."""
-    bad = sorted({f"U+{ord(ch):04X}" for ch in value if not _parser_keeps(ch)})
-    if bad:
-        raise UsageError(f"{what} contains characters Ollama's Modelfile parser drops ({', '.join(bad)}); "
-                         "remove them")
-    bare_ok = (value and value == value.strip() and not value.startswith('"')
-               and not any(ch in _NEWLINES for ch in value))
-    if bare_ok:
-        return value
-    if _triple_safe(value):
-        return f'"""{value}"""'
-    if _single_safe(value):
-        return f'"{value}"'
-    raise UsageError(f"{what} cannot be written into a Modelfile: it has lines ending in both \" and \"\"\" "
-                     "(Ollama's Modelfile format has no escapes); rephrase it or leave it out (--no-system)")
-
-
-def _comment(text: str) -> str:
-    return "# " + " ".join(text.split())
-
-
-@dataclass
-class Modelfile:
-    """The pieces of one Modelfile; ``render()`` gives its text."""
-
-    from_path: str
-    template: str | None = None
-    system: str | None = None
-    stops: list[str] = field(default_factory=list)
-    parameters: dict[str, float | int] = field(default_factory=dict)
-    license: str | None = None
-    comments: list[str] = field(default_factory=list)
-
-    def render(self) -> str:
-        lines = [_comment(c) for c in self.comments]
-        lines.append(f"FROM {quote_value(self.from_path, 'the GGUF path')}")
-        if self.template is not None:
-            lines.append(f"TEMPLATE {quote_value(self.template, 'the chat template')}")
-        if self.system:
-            lines.append(f"SYSTEM {quote_value(self.system, 'the system prompt')}")
-        for stop in self.stops:
-            lines.append(f"PARAMETER stop {quote_value(stop, f'the stop token {stop!r}')}")
-        for name, val in self.parameters.items():
-            lines.append(f"PARAMETER {name} {_number(val)}")
-        if self.license:
-            lines.append(f"LICENSE {quote_value(self.license, 'the license')}")
-        return "\n".join(lines) + "\n"
-
-
-def _number(v: float | int) -> str:
-    if isinstance(v, bool):
-        raise UsageError(f"parameter value {v!r} is not a number")
-    return str(v) if isinstance(v, int) else repr(float(v))
-
 
 # --- Which template Ollama renders a Modelfile's model with ---------------------------------------------
 #
@@ -245,49 +153,6 @@ def llama_cpp_departures(chat_template: str, fmt: Any = None) -> list[str]:
     return out
 
 
-@contextmanager
-def _llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator[str]:
-    """llama-server (llama.cpp's own, built by grpoctl.llamacpp_tools; never built here) on ``gguf`` at a free
-    127.0.0.1 port, with its Jinja chat templating on (and ``chat_template_file`` instead of the GGUF's
-    template, when given); yields its URL and stops it however the block ends."""
-    from grpoctl.llamacpp_tools import tool
-
-    server = tool("llama-server", build=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup",
-                                 *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    tail = " ".join(log.read().strip().splitlines()[-2:])
-                    raise DependencyError(f"llama-server could not load {gguf.name} (exit {proc.returncode}: "
-                                          f"{tail[-300:]})")
-                with contextlib.suppress(OSError):
-                    with opener.open(url + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise DependencyError(f"llama-server did not load {gguf.name} within 300 s")
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: str | None,
                  chat_template_file: Path | None = None) -> Any:
     """Ollama's native chat, checked: the check's conversations that end with a user turn, rendered from the
@@ -297,30 +162,24 @@ def check_native(tok: Any, gguf: Path, markers: tuple[str, str] | None, system: 
     not treat as thinking (for one it does, Ollama always sets it). ``chat_template_file`` replaces the GGUF's
     template (for measuring templates on one GGUF). DependencyError when llama.cpp's tools are not built or
     the GGUF does not load."""
-    from grpoctl.manifests.gorender import FidelityReport, conversations
+    from grpoctl.chatprobes import conversations
+    from grpoctl.llamacpp_tools import apply_template, llama_server
+    from grpoctl.manifests.gorender import FidelityReport
     from grpoctl.manifests.templates import TemplateRaised, hf_render
 
     source = tok.chat_template if isinstance(tok.chat_template, str) else ""
     thinks = "thinking" in chat_template_capabilities(source)
-    convs = [c for c in conversations(None, system, markers or ("<think>", "</think>"))
+    convs = [c for c in conversations(system, markers or ("<think>", "</think>"))
              if c.ends_with_user and c.day is None and not (thinks and c.think is None)]
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     cases: list[dict[str, Any]] = []
-    with _llama_server(gguf, chat_template_file) as url:
+    with llama_server(gguf, chat_template_file) as url:
         for c in convs:
             kw = {} if c.think is None else {"enable_thinking": c.think}
             try:
                 hf, hf_error = hf_render(tok, c.messages, "", add_generation_prompt=True, **kw), ""
             except TemplateRaised as err:
                 hf, hf_error = "", err.message or "error"
-            req = urllib.request.Request(url + "/apply-template", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"messages": c.messages, **(
-                                             {"chat_template_kwargs": kw} if kw else {})}).encode())
-            try:
-                with opener.open(req, timeout=120) as r:
-                    ll, ll_error = json.loads(r.read())["prompt"], ""
-            except urllib.error.HTTPError as err:
-                ll, ll_error = "", f"HTTP {err.code}: {err.read()[:200].decode(errors='replace')}"
+            ll, ll_error = apply_template(url, c.messages, kw)
             match = bool(hf_error) == bool(ll_error) and (bool(hf_error) or hf == ll)
             entry: dict[str, Any] = {"name": c.name, "shape": c.shape, "match": match}
             if not match:

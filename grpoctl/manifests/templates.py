@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from grpoctl.chatprobes import THINK_OPEN_TAGS
+
 # Sentinels: plain mixed-case words, so trimming leaves them alone and case filters show up.
 S = "SysProbeQ7"
 U1 = "UserProbeZ1"
@@ -33,7 +35,6 @@ U2 = "UserProbeW2"
 R = "ReasonProbeK9"
 ANS = "AnswerProbeV3"
 
-THINK_OPEN_TAGS = ("<think>", "<thinking>", "<reasoning>")
 
 # Family of a translated format, named after the turn markers the template itself emits.
 FAMILY_MARKERS: tuple[tuple[str, str], ...] = (

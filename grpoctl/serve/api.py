@@ -60,11 +60,8 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> int:
     if opts.name and opts.engine == "ollama":
         ollama.check_model_name(opts.name)  # before reading or hashing anything
     target = resolve_target(opts.source, opts.quant)
-    if target.export_dir is not None:
-        from grpoctl.export.artifacts import ArtifactManifest, stale_export
-
-        if why := stale_export(ArtifactManifest.load(target.export_dir), target.run):
-            echo(f"warning: {why}; serving the old export anyway")
+    if target.artifacts is not None and (why := target.artifacts.stale()):
+        echo(f"warning: {why}; serving the old export anyway")
     info = read_gguf_info(target.gguf)
     n_ctx = context_size(target, info, opts.ctx)
     name = opts.name or default_model_name(target.gguf.stem, target.quant)

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.manifests.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.common import SmokeResult, chat_messages
 from grpoctl.serve.gguf_info import GGUFInfo
-from grpoctl.serve.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.source import ServeTarget
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -175,13 +175,8 @@ def parse_version(version: str) -> tuple[int, int, int] | None:
 def _checked_go_template(target: ServeTarget) -> str | None:
     """The Go template ``grpoctl manifests`` checked against the chat template but did not write (Ollama
     >= 0.30 renders the chat template itself), from the export's artifacts.json."""
-    from grpoctl.export.artifacts import ArtifactManifest
-
-    if target.export_dir is None or not (target.export_dir / "artifacts.json").is_file():
-        return None
-    section = ArtifactManifest.load(target.export_dir).sections.get("manifests", {})
-    go = section.get("ollama", {}).get("go_template") if isinstance(section, dict) else None
-    return go if isinstance(go, str) and go else None
+    manifests = target.artifacts.manifests if target.artifacts is not None else None
+    return manifests.ollama.go_template if manifests is not None else None
 
 
 def _choose_template(reg: Registration, target: ServeTarget, info: GGUFInfo, version: str | None) -> None:

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from grpoctl.cli import cli
-from tests.export.conftest import make_run
+from tests.conftest import make_run
 
 
 def _export(*args):
@@ -100,7 +100,7 @@ def test_disk_filling_up_at_each_stage_is_one_line_and_leaves_nothing(run, sizes
 
     monkeypatch.setattr(module, name, fill_then)
     out = small_disk / "out"
-    result = _export(run, "--merged", "16bit", "--gguf", "q4_k_m", "-o", out, "-q")
+    result = _export(run, "--merged", "16bit", "--gguf", "q4_k_m", "-o", out)  # the progress lines say how far it got
     _one_disk_full_line(result, out)
     said = result.output + capfd.readouterr().out
     assert ("quantizing ->" in said) == (stage == "quantizer")
@@ -136,7 +136,7 @@ def _enospc(*_a, **_k):
 @pytest.mark.parametrize("writer", [
     "grpoctl.export.merge.write_safetensors",  # merged shards and the lora/ adapter
     "grpoctl.export.verify.VerifyReport.save",
-    "grpoctl.export.artifacts.ArtifactManifest.save",
+    "grpoctl.artifacts.Artifacts.save",
     "grpoctl.manifests.api.staged_file",  # Modelfile, serve.sh, compose, k8s
 ])
 def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_path, monkeypatch, writer):
@@ -154,7 +154,7 @@ def test_injected_enospc_in_each_writer_is_one_line_and_leaves_nothing(run, tmp_
 
 
 def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, monkeypatch):
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts
 
     out = tmp_path / "out"
     assert _export(run, "--lora", "-o", out, "-q").exit_code == 0
@@ -165,14 +165,14 @@ def test_injected_enospc_in_manifests_keeps_the_export_as_it_was(run, tmp_path, 
     result = CliRunner().invoke(cli, ["manifests", str(out), "--tensor-parallel-size", "2"])
     _one_disk_full_line(result, out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert ArtifactManifest.load(out).by_kind("lora")
+    assert Artifacts.load(out).by_kind("lora")
     _nothing_left(tmp_path, "out")
 
 
 def test_hub_push_disk_full_is_the_disk_full_answer(tmp_path):
     """huggingface_hub wraps a failed cache write (Xet chunks, HF_HOME) in its own errors; the cause decides."""
     from grpoctl.errors import DiskFullError
-    from grpoctl.export.hub import hub_call
+    from grpoctl.push.hub import hub_call
 
     def upload():
         try:

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.export.conftest import make_run
+from tests.conftest import make_run
 from tests.export.lifecycle import children, grpoctl, isolated_env, leftovers, running, wait_for
 
 WORKER = b"grpoctl.export.convert_worker"
@@ -104,9 +104,8 @@ def test_second_export_into_a_busy_folder_fails_at_once_and_the_first_keeps_its_
 
 def test_adding_a_quant_keeps_what_the_export_has(spaced_run, tmp_path, env):
     """The practitioner's second export: one more GGUF type into an export of the same adapter, no --force."""
-    from grpoctl.export.artifacts import ArtifactManifest
-    from grpoctl.export.hub import plan
-    from grpoctl.rundir import RunDir
+    from grpoctl.artifacts import Artifacts
+    from grpoctl.push.hub import plan
 
     out = tmp_path / "out"
     first = grpoctl("export", spaced_run, "--gguf", "q8_0", "--merged", "16bit", "-o", out, "-q", env=env)
@@ -123,17 +122,16 @@ def test_adding_a_quant_keeps_what_the_export_has(spaced_run, tmp_path, env):
     assert "using the merged model already in the export (merged/)" in output
     assert {p: os.stat(p).st_ino for p in kept} == kept  # the very same files: kept, not rebuilt
     assert (out / "vllm" / "serve.sh").read_text() == serve_sh
-    manifest = ArtifactManifest.load(out)
+    manifest = Artifacts.load(out)
     ggufs = sorted(f.kind for f in manifest.by_kind("gguf"))
     assert ggufs == ["gguf:q4_k_m", "gguf:q8_0"] and manifest.by_kind("merged")
-    assert sorted(manifest.sections["parity"]["files"]) == ["qwen3-my-run-Q4_K_M.gguf",
-                                                            "qwen3-my-run-Q8_0.gguf"]
+    assert sorted(manifest.parity.files) == ["qwen3-my-run-Q4_K_M.gguf", "qwen3-my-run-Q8_0.gguf"]
     assert json.loads((out / "gguf" / "parity.json").read_text())["files"].keys() == \
-        manifest.sections["parity"]["files"].keys()
+        manifest.parity.files.keys()
     assert (out / "gguf" / "Modelfile.Q4_K_M").is_file() and (out / "gguf" / "Modelfile.Q8_0").is_file()
     for entry in manifest.files:  # the inventory describes the files on disk exactly
         assert (out / entry.path).stat().st_size == entry.size
-    (gguf_repo, card), = [(p, c) for p, c in plan(out, manifest, RunDir(spaced_run), {"gguf": "a/b-GGUF"}, "main")]
+    (gguf_repo, card), = [(p, c) for p, c in plan(manifest, {"gguf": "a/b-GGUF"}, "main")]
     assert "qwen3-my-run-Q4_K_M.gguf" in card.decode() and "qwen3-my-run-Q8_0.gguf" in card.decode()
 
     again = grpoctl("export", spaced_run, "--gguf", "q4_k_m,q8_0", "-o", out, env=env)
@@ -166,9 +164,9 @@ def test_manifests_re_derive_in_place_after_an_export(spaced_run, tmp_path, env)
     output, _ = again.communicate(timeout=300)
     assert again.returncode == 0, output
     assert "--tensor-parallel-size 2" in (run / "export" / "vllm" / "serve.sh").read_text()
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts
     from grpoctl.fsutil import sha256_file
 
-    for entry in ArtifactManifest.load(run / "export").files:
+    for entry in Artifacts.load(run / "export").files:
         assert sha256_file(run / "export" / entry.path) == entry.sha256
     assert leftovers(run / "export", tmp_path / "tmp", again.pid) == []

@@ -19,7 +19,7 @@ from grpoctl.export.converter import find_converter
 from grpoctl.export.quantize import TYPES, quantize
 from grpoctl.fsutil import sha256_file
 from grpoctl.llamacpp_tools import tool
-from tests.export.conftest import make_run
+from tests.conftest import make_run
 from tests.export.gguf_support import read_gguf
 
 
@@ -274,7 +274,7 @@ def test_an_export_is_not_added_to_with_quants_made_otherwise_than_its_own(qwen3
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "artifacts.json").read_text())
     kinds = {f["kind"]: f for f in manifest["files"]}
-    assert "imatrix" not in kinds["gguf:q4_k_m"]["extra"] and kinds["gguf:q5_0"]["extra"]["imatrix"]
+    assert "imatrix" not in kinds["gguf:q4_k_m"] and kinds["gguf:q5_0"]["imatrix"]
     assert kinds["imatrix"]["sha256"] == sha256_file(tiny_matrix)
 
     before = (out / "artifacts.json").read_text()
@@ -361,21 +361,21 @@ def test_tiny_run_imatrix_auto_is_computed_from_the_run_and_compared_on_held_out
     assert sum(q in cal_text for q in questions) == cal["documents"] == 64
     assert cal_text.count("<|im_start|>system\nYou are a careful math tutor.<|im_end|>") == 64
     assert manifest["imatrix"]["datasets"] == [f"{name}-calibration.txt"] and manifest["imatrix"]["chunks"] >= 2
-    assert by_kind["gguf:q4_k_m"]["extra"]["imatrix"] == f"{name}-imatrix.gguf"
-    assert "imatrix" not in by_kind["gguf:q8_0"]["extra"]
+    assert by_kind["gguf:q4_k_m"]["imatrix"] == f"{name}-imatrix.gguf"
+    assert "imatrix" not in by_kind["gguf:q8_0"]
+    assert manifest["imatrix"]["sha256"] == by_kind["imatrix"]["sha256"] and manifest["imatrix"]["entries"] == 14
     assert im.probe_hits((out / "gguf" / f"{name}-calibration.txt").read_text()) == []
     meta, _ = read_gguf(out / "gguf" / f"{name}-Q4_K_M.gguf")
     assert meta["quantize.imatrix.file"] == f"{name}-imatrix.gguf"
     assert meta["quantize.imatrix.dataset"] == f"{name}-calibration.txt"
     assert not list((out / "gguf").glob("plain-*")) and not list(out.rglob(".gguf-work-*"))
     # pushed with the GGUF repo and named in its model card
-    from grpoctl.export.artifacts import ArtifactManifest
-    from grpoctl.export.hub import push
-    from grpoctl.export.modelcard import CardContext, render_card
+    from grpoctl.artifacts import Artifacts
+    from grpoctl.push.hub import plan
 
-    pushed = {f.path_in_repo for r in push(out, "alice/tiny", what=["gguf"], dry_run=True).repos for f in r.files}
-    assert {f"{name}-imatrix.gguf", f"{name}-calibration.txt"} <= pushed
-    card = render_card("gguf", CardContext(ArtifactManifest.load(out), None, {"gguf": "alice/tiny-GGUF"}))
+    [(pushed, card_bytes)] = plan(Artifacts.load(out), {"gguf": "alice/tiny-GGUF"}, "main")
+    assert {f"{name}-imatrix.gguf", f"{name}-calibration.txt"} <= {f.path_in_repo for f in pushed.files}
+    card = card_bytes.decode()
     assert f"`llama-quantize --imatrix {name}-imatrix.gguf`" in card and f"`{name}-calibration.txt`" in card
     assert "| Q4_K_M (imatrix) |" in card and "| Q8_0 |" in card
     gain = rep["types"]["q4_k_m"]["gain"]["kl"]
@@ -383,12 +383,16 @@ def test_tiny_run_imatrix_auto_is_computed_from_the_run_and_compared_on_held_out
 
 
 def test_a_users_matrix_is_used_and_published(qwen3_run, tiny_matrix, tmp_path):
+    """-q holds for the matrix's lines too: its quantizing lines and the plain vs imatrix table go through the
+    export's one output channel."""
     out = tmp_path / "export"
     result = _run(qwen3_run, "-o", out, "--gguf", "q4_k_m", "--imatrix", tiny_matrix, "--no-manifests", "-q")
     assert result.exit_code == 0, result.output
+    assert "importance matrix" not in result.stdout and "plain vs imatrix" not in result.stdout, result.stdout
     manifest = json.loads((out / "artifacts.json").read_text())
     [entry] = [f for f in manifest["files"] if f["kind"] == "imatrix"]
-    assert entry["sha256"] == sha256_file(tiny_matrix) and entry["extra"]["entries"] == 14
+    assert entry["sha256"] == sha256_file(tiny_matrix) == manifest["imatrix"]["sha256"]
+    assert manifest["imatrix"]["entries"] == 14 and manifest["imatrix"]["given"] == str(tiny_matrix)
     assert not [f for f in manifest["files"] if f["kind"] == "calibration"]
     assert manifest["imatrix"]["source"] == "file" and manifest["imatrix"]["held_out"] is None
     assert json.loads((out / "gguf" / "parity.json").read_text())["imatrix"]["types"]["q4_k_m"]["plain"]
@@ -408,9 +412,9 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
     matrix at all."""
     import numpy as np
 
+    from grpoctl.artifacts import Artifacts
     from grpoctl.config import DEFAULT_SYSTEM_PROMPT
     from grpoctl.export import parity
-    from grpoctl.export.artifacts import ArtifactManifest
     from grpoctl.rundir import RunDir
     from tests.export.gguf_support import make_adapter as small_adapter
 
@@ -425,10 +429,10 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
                    "trainer": {"max_completion_length": 32, "temperature": 1.0, "min_p": 0.1}}}))
     request = im.ImatrixRequest(run=RunDir(run_dir), samples=16)
     out = tmp_path / "export" / "gguf"
-    manifest = ArtifactManifest(root=tmp_path / "export")
+    artifacts = Artifacts(root=tmp_path / "export")
     name = "SmolLM2-135M-Instruct-grpo"
     gg.export_gguf(smollm2_dir, run_dir / "adapter", out, ["q4_k_m", "q2_k", "bf16"], name=name,
-                   manifest=manifest, system_prompt=DEFAULT_SYSTEM_PROMPT, imatrix=request)
+                   artifacts=artifacts, system_prompt=DEFAULT_SYSTEM_PROMPT, imatrix=request)
     rep = json.loads((out / "parity.json").read_text())
     assert rep["passed"] and rep["imatrix"]["held_out"] and set(rep["imatrix"]["types"]) == {"q4_k_m", "q2_k"}
     figures = {t: rep["imatrix"]["types"][t] for t in ("q4_k_m", "q2_k")}
@@ -436,8 +440,8 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
         assert row["imatrix"]["kl"] < row["plain"]["kl"], (t, row)
     q4 = figures["q4_k_m"]["tensor_types"]
     assert q4.get("q5_0", 0) > q4.get("q4_K", 0) + q4.get("q6_K", 0)  # the fallback, as the docs say
-    cal = manifest.sections["imatrix"]["calibration"]
-    assert cal["documents"] == 16 and cal["max_new_tokens"] == 32 and cal["system_prompt"] == DEFAULT_SYSTEM_PROMPT
+    cal = artifacts.imatrix.calibration
+    assert cal.documents == 16 and cal.max_new_tokens == 32 and cal.system_prompt == DEFAULT_SYSTEM_PROMPT
 
     matrix, bf16 = out / f"{name}-imatrix.gguf", out / f"{name}-BF16.gguf"
     broken = {"uniform": lambda v: np.full_like(v, v.mean()),

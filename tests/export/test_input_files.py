@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from grpoctl.cli import cli
-from tests.export.conftest import make_run
+from tests.conftest import make_run
 
 
 def _invoke(*args):

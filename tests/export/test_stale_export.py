@@ -8,9 +8,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.cli import cli
 from grpoctl.errors import VerificationError
-from grpoctl.export.artifacts import ArtifactManifest, stale_export
 from grpoctl.rundir import RunDir
 from tests.export.adapters import make_adapter
 
@@ -34,7 +34,7 @@ def _train_further(run, tiny_qwen3):
 
 def test_an_export_in_step_with_its_run_is_not_stale(exported_run):
     run = RunDir(exported_run)
-    assert stale_export(ArtifactManifest.load(run.export_dir), run) is None
+    assert Artifacts.load(run.export_dir).stale() is None
     res = CliRunner().invoke(cli, ["push", str(exported_run), "--repo", "alice/tiny", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "stale" not in res.output
@@ -46,7 +46,7 @@ def test_push_refuses_an_export_older_than_the_runs_adapter(exported_run, tiny_q
     assert res.exit_code == VerificationError.exit_code, res.output
     err = res.stderr
     assert err.startswith("grpoctl: the export in ") and "is stale" in err and err.count("\n") == 1
-    recorded = ArtifactManifest.load(exported_run / "export").provenance["adapter"]["sha256"]
+    recorded = Artifacts.load(exported_run / "export").provenance.adapter.sha256
     assert recorded[:12] in err and "--allow-stale" in err
     assert f"grpoctl export {exported_run} --lora --force" in err  # what rebuilds this export
 

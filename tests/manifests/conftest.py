@@ -107,11 +107,14 @@ def write_export(run: Path, *, name: str = "Tiny-GRPO", quants=("Q4_K_M",), merg
                  lora: bool = True, merged_4bit: bool = False, real_gguf: bool = False) -> Path:
     """An export directory recorded in artifacts.json: GGUF files (placeholders, or the embedded real
     SmolLM2 GGUF), merged/ and lora/ folders carrying the run's tokenizer."""
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts, Provenance
+    from grpoctl.models import identify
+    from grpoctl.rundir import RunDir
 
     export = run / "export"
     (export / "gguf").mkdir(parents=True, exist_ok=True)
-    manifest = ArtifactManifest(root=export, provenance={"run": str(run)})
+    manifest = Artifacts(root=export, provenance=Provenance(source=str(run), run=str(run),
+                                                            base_model=identify(RunDir(run).base_model)))
     for q in quants:
         p = export / "gguf" / f"{name}-{q}.gguf"
         if real_gguf:

