@@ -7,6 +7,7 @@ which one built them.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +26,17 @@ def has_module(name: str) -> bool:
 
 
 def pick_backend(requested: str) -> str:
-    """``auto`` is unsloth on a CUDA GPU with unsloth installed, else trl; an explicit unsloth must be possible."""
+    """``auto`` is unsloth on a CUDA GPU with unsloth installed, else trl; an explicit unsloth must be possible.
+
+    Under several processes unsloth trains only as DDP (a whole model per GPU), so ``auto`` is trl when
+    accelerate shards the weights (FSDP, ZeRO)."""
+    from grpoctl.train.distributed import check_strategy, running_strategy
+
     if requested == "trl":
         return "trl"
     cuda = has_cuda()
     unsloth = has_module("unsloth")
+    strategy = running_strategy()
     if requested == "unsloth":
         if not cuda:
             raise DependencyError("--backend unsloth needs an NVIDIA GPU with CUDA (none found); use --backend trl "
@@ -37,8 +44,15 @@ def pick_backend(requested: str) -> str:
         if not unsloth:
             raise DependencyError("--backend unsloth needs unsloth: pip install 'grpoctl[gpu]' "
                                   "(unsloth, plus vllm for fast generation)")
+        if strategy is not None:
+            check_strategy(strategy, "unsloth", load_in_4bit=False)
         return "unsloth"
-    return "unsloth" if cuda and unsloth else "trl"
+    return "unsloth" if cuda and unsloth and strategy in (None, "ddp") else "trl"
+
+
+def gpu_index() -> int:
+    """This process's GPU: its ``LOCAL_RANK`` under a launcher (one GPU per process), else the first visible."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def pick_optimizer(requested: str) -> tuple[str, str | None]:
@@ -81,20 +95,30 @@ def load_trl(cfg: TrainConfig, model_path: str) -> Loaded:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grpoctl.train.distributed import check_strategy, running_strategy
+
     kwargs: dict[str, Any] = {"dtype": _dtype(cfg)}
+    if has_cuda():
+        # every process on its own GPU: FSDP refuses a model on another rank's device, and 4-bit weights
+        # are quantized where they are loaded
+        torch.cuda.set_device(gpu_index())
     if cfg.model.load_in_4bit:
         if not has_cuda() or not has_module("bitsandbytes"):
             raise DependencyError("model.load_in_4bit needs a CUDA GPU and bitsandbytes (pip install bitsandbytes); "
                                   "set model.load_in_4bit=false on CPU")
+        strategy = running_strategy()
+        if strategy is not None:
+            check_strategy(strategy, "trl", load_in_4bit=True)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"],
             bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": gpu_index()}
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if has_cuda() and not cfg.model.load_in_4bit:
-        model = model.to("cuda")
+        model = model.to(f"cuda:{gpu_index()}")
     if cfg.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -21,6 +21,7 @@ from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
+from grpoctl.train import distributed
 
 
 def is_main_process() -> bool:
@@ -81,9 +82,11 @@ def train(cfg: TrainConfig) -> RunDir:
     # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every step of TRL
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     if cfg.distributed.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from grpoctl.train.distributed import launch
-
-        return launch(cfg)
+        return distributed.launch(cfg)
+    cfg = distributed.record_launch(cfg)
+    gpu_note = distributed.one_gpu_for_one_process()  # before anything initialises CUDA
+    if gpu_note:
+        print(f"grpoctl: {gpu_note}", flush=True)
 
     from grpoctl.train.rewards import RewardContext, build_rewards
     from grpoctl.train.tracking import check_tracking
@@ -188,8 +191,9 @@ def train(cfg: TrainConfig) -> RunDir:
         if tracker is not None:
             tracker.finish()
     _save_checkpoint_if_needed(trainer)
+    state = distributed.gathered_state_dict(trainer.model_wrapped)  # every process, where weights are sharded
     if main:
-        _save_adapter(loaded, out / ADAPTER_DIR, base.path)
+        _save_adapter(loaded, out / ADAPTER_DIR, base.path, state)
         _write_summary(out, trainer, metrics, started, stop_reason, first_step, resume_from)
     if stop_reason == "interrupted":
         raise KeyboardInterrupt
@@ -251,11 +255,15 @@ def _save_checkpoint_if_needed(trainer: Any) -> None:
         trainer._save_checkpoint(trainer.model, trial=None)
 
 
-def _save_adapter(loaded: Any, final: Path, base_path: str) -> None:
-    """PEFT adapter + tokenizer (chat template included), published in one rename."""
+def _save_adapter(loaded: Any, final: Path, base_path: str, state: dict[str, Any] | None = None) -> None:
+    """PEFT adapter + tokenizer (chat template included), published in one rename; ``state`` holds the
+    gathered weights where the strategy sharded them."""
     with staged_dir(final, force=True) as tmp:
         # TRL adds a frozen "ref" copy for the KL term when the adapter pre-exists; ship only the trained one
-        loaded.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        if state is None:
+            loaded.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        else:
+            distributed.save_gathered_adapter(loaded.model, state, tmp)
         loaded.tokenizer.save_pretrained(str(tmp))
         cfg_file = tmp / "adapter_config.json"
         adapter_cfg = json.loads(cfg_file.read_text())
