@@ -111,6 +111,33 @@ def check_strategy(strategy: str, backend: str, load_in_4bit: bool) -> None:
                           "are not sharded; use --strategy ddp or zero2 (each GPU holds the 4-bit base)")
 
 
+def match_frozen_dtype(model: Any) -> None:
+    """Under FSDP, give every frozen weight the base model's dtype before accelerate wraps the model.
+
+    FSDP flattens the frozen weights of each layer into one tensor of one dtype (the trained LoRA weights get
+    units of their own). TRL adds a frozen copy of the adapter as the KL reference, in float32 by PEFT's
+    default, beside the layer's 16-bit weights, and FSDP refuses that mix. Its B is zero at the start, so
+    the reference it computes does not change with the cast.
+    """
+    if running_strategy() != "fsdp":
+        return
+    base = model.get_input_embeddings().weight.dtype
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != base:
+            p.data = p.data.to(base)
+
+
+def trainer_mixed_precision() -> bool:
+    """Whether the trainer may run mixed precision (bf16/fp16 autocast) for a 16-bit model on a GPU.
+
+    Not under FSDP: there accelerate turns it into FSDP's own mixed precision, which hands every wrapped
+    unit its weights in 16-bit, the float32 LoRA units too, while PEFT casts their input to the adapter's
+    float32; the adapter's matmul then fails on two dtypes. Without it the 16-bit base still runs in 16-bit
+    and the adapter in float32, PEFT casting between them.
+    """
+    return running_strategy() != "fsdp"
+
+
 def gathered_state_dict(model_wrapped: Any) -> dict[str, Any] | None:
     """The trainable weights whole on rank 0 (empty elsewhere) where the strategy shards them, else None.
 
@@ -157,6 +184,8 @@ def save_gathered_adapter(model: Any, state: dict[str, Any], dest: Path) -> None
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model.peft_config["default"])
+    others = [f".{name}." for name in model.peft_config if name != "default"]  # TRL's frozen "ref" copy
+    state = {k: v for k, v in state.items() if not any(o in k for o in others)}
     with init_empty_weights():
         skeleton = get_peft_model(AutoModelForCausalLM.from_config(model.get_base_model().config), config)
     skeleton.save_pretrained(str(dest), state_dict=state)

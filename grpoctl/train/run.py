@@ -163,6 +163,7 @@ def train(cfg: TrainConfig) -> RunDir:
         _write_json(out / RUN_FILE, meta)
 
     trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out)
+    distributed.match_frozen_dtype(trainer.model)
     from grpoctl.train.callbacks import MetricsCallback, StepProgress, SwanLabTracker
 
     metrics = MetricsCallback(out / METRICS_FILE)
@@ -207,6 +208,7 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available()
+    amp = on_gpu and distributed.trainer_mixed_precision()
     dtype = next(loaded.model.parameters()).dtype
     kwargs: dict[str, Any] = dict(
         output_dir=str(out / CHECKPOINTS_DIR),
@@ -231,8 +233,8 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
         reward_weights=reward_weights,
         report_to="none",
         gradient_checkpointing=cfg.lora.gradient_checkpointing,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        bf16=amp and dtype == torch.bfloat16,
+        fp16=amp and dtype == torch.float16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,

@@ -17,7 +17,12 @@ import pytest
 from grpoctl.config import load_config
 from grpoctl.errors import ConfigError, DependencyError, UsageError
 from grpoctl.train import backends
-from grpoctl.train.distributed import gathered_state_dict, launch_command, one_gpu_for_one_process
+from grpoctl.train.distributed import (
+    gathered_state_dict,
+    launch_command,
+    match_frozen_dtype,
+    one_gpu_for_one_process,
+)
 from grpoctl.train.run import resumed_config_base, train
 
 pytestmark = pytest.mark.integration
@@ -192,6 +197,17 @@ def test_auto_backend_under_sharding_launches_is_trl_and_explicit_unsloth_is_ref
     assert backends.pick_backend("auto") == "trl"
 
 
+def test_fsdp_runs_without_the_trainers_mixed_precision(monkeypatch):
+    from grpoctl.train.distributed import trainer_mixed_precision
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not trainer_mixed_precision()  # FSDP's 16-bit units would meet PEFT's float32 adapter input
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert trainer_mixed_precision()
+
+
 def test_deepspeed_strategies_name_the_extra_that_installs_deepspeed(tmp_path, monkeypatch):
     import grpoctl.train.distributed as distributed
 
@@ -213,20 +229,28 @@ def _fsdp_save_worker(rank: int, world: int, port: int, model_dir: str, out: str
     from grpoctl.train.backends import Loaded
     from grpoctl.train.run import _save_adapter
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      ACCELERATE_USE_FSDP="true")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        # a 16-bit base with a float32 adapter, as grpoctl loads it on a GPU
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16),
                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        # what TRL's GRPOTrainer does with a ready PEFT model: a frozen copy of the adapter as the KL reference
+        model.add_adapter("ref", model.peft_config["default"])
+        if gather:
+            match_frozen_dtype(model)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "lora_B" in name:  # values a trained adapter could hold, different per tensor
+                if "lora_B" in name and ".default." in name:  # values a trained adapter could hold, per tensor
                     p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / 1000 + len(name))
         from peft.utils.other import fsdp_auto_wrap_policy
 
         wrapped = FSDP(model, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD,
                        use_orig_params=True, auto_wrap_policy=fsdp_auto_wrap_policy(model))
+        # a training step as grpoctl runs it under FSDP (no mixed precision): 16-bit base, float32 adapter
+        wrapped(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.float().sum().backward()
         state = gathered_state_dict(wrapped) if gather else None
         if rank == 0:
             _save_adapter(Loaded(model, AutoTokenizer.from_pretrained(model_dir), "trl", False), Path(out),
@@ -244,9 +268,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp_sharded_adapter_is_gathered_whole_before_rank0_saves_it(tiny_qwen3, tmp_path):
-    """Under FSDP each process holds flat slices of the LoRA weights; the saved adapter must hold the whole
-    tensors with the values the model had (the same file a single process would write)."""
+def test_fsdp_wraps_trls_reference_adapter_and_saves_the_gathered_adapter(tiny_qwen3, tmp_path):
+    """FSDP wraps a 16-bit model carrying TRL's float32 reference copy of the adapter (it refuses mixed dtypes
+    in one layer), and as each process holds flat slices of the LoRA weights, the saved adapter must hold the
+    whole tensors with the values the model had (the same file a single process would write)."""
     import torch
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
