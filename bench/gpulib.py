@@ -123,11 +123,24 @@ def run_logged(name: str, cmd: list[str], out: Path, timeout: float, env: dict[s
         try:
             rc: int | str = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the launcher's workers too
-            proc.wait()
+            stop(proc)
             rc = "timeout"
     return {"name": name, "rc": rc, "process_wall_s": round(time.perf_counter() - start, 1),
             "command": " ".join(cmd)}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a run and everything it started. SIGTERM first: torchrun (under accelerate launch) starts its
+    workers in sessions of their own and ends them only when it is asked to, so a SIGKILL to the launcher's
+    group alone leaves them training on the GPUs."""
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def log_tail(out: Path, name: str, chars: int = 2500) -> str:

@@ -33,7 +33,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpulib import GpuSampler, build_qwen3_in_child, default_tokenizer, log_tail, run_logged, versions, write_json  # noqa: E402
+from gpulib import (  # noqa: E402
+    GpuSampler,
+    build_qwen3_in_child,
+    default_tokenizer,
+    log_tail,
+    run_logged,
+    stop,
+    versions,
+    write_json,
+)
 from steptimer import step_times  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -195,8 +204,7 @@ def main() -> None:
                     rc = r["proc"].wait(timeout=max(1.0, min(args.round_timeout_s, left - 20)
                                                     - (time.perf_counter() - r["start"])))
                 except subprocess.TimeoutExpired:
-                    os.killpg(r["proc"].pid, 9)
-                    r["proc"].wait()
+                    stop(r["proc"])
                     rc = "timeout"
                 r["rc"], r["process_wall_s"] = rc, round(time.perf_counter() - r["start"], 1)
                 r["log"].close()

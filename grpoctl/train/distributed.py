@@ -173,21 +173,25 @@ def gathered_state_dict(model_wrapped: Any) -> dict[str, Any] | None:
 def save_gathered_adapter(model: Any, state: dict[str, Any], dest: Path) -> None:
     """Write the adapter of a PEFT ``model`` whose weights were sharded, from ``state`` (``gathered_state_dict``).
 
-    PEFT finds the adapter's entries by walking the model's modules, and the sharding wrappers rename those
-    (``layers.0._fsdp_wrapped_module.self_attn``...), so it would write an empty adapter. PEFT writes it
-    instead from a weightless copy of the same structure (meta device), which costs no memory.
+    PEFT finds the adapter's entries by walking the model's modules. FSDP renames those
+    (``layers.0._fsdp_wrapped_module.self_attn``...), so PEFT would write an empty adapter: there it writes
+    from a weightless copy of the same structure (meta device) instead. ZeRO-3 keeps the names.
     """
     import copy
 
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    config = copy.deepcopy(model.peft_config["default"])
     others = [f".{name}." for name in model.peft_config if name != "default"]  # TRL's frozen "ref" copy
     state = {k: v for k, v in state.items() if not any(o in k for o in others)}
+    if not any(isinstance(m, FSDP) for m in model.modules()):
+        model.save_pretrained(str(dest), selected_adapters=["default"], state_dict=state)
+        return
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    base = model.get_base_model()
     with init_empty_weights():
-        skeleton = get_peft_model(AutoModelForCausalLM.from_config(model.get_base_model().config), config)
+        skeleton = get_peft_model(type(base)(base.config), copy.deepcopy(model.peft_config["default"]))
     skeleton.save_pretrained(str(dest), state_dict=state)
 
 

@@ -295,3 +295,29 @@ def test_fsdp_wraps_trls_reference_adapter_and_saves_the_gathered_adapter(tiny_q
         assert tensor.dim() == 2 and tensor.shape[1] == 4 and torch.equal(tensor, expected), key
     lora_a = [v for k, v in saved.items() if "lora_A" in k]
     assert len(lora_a) == 4 and all(t.shape[0] == 4 and t.shape[1] == 64 for t in lora_a)
+
+
+def test_gathered_adapter_without_renamed_modules_is_the_file_peft_writes(tiny_qwen3, tmp_path):
+    """ZeRO-3 gathers the trained weights under the model's own names (no FSDP wrappers): the adapter written
+    from them is byte for byte what PEFT's own save writes, without TRL's frozen reference copy."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from grpoctl.train.distributed import save_gathered_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.add_adapter("ref", model.peft_config["default"])  # frozen, as TRL adds it
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_gathered_adapter(model, state, tmp_path / "gathered")
+    model.save_pretrained(str(tmp_path / "peft"), selected_adapters=["default"])
+    ours, peft = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("gathered", "peft"))
+    assert sorted(ours) == sorted(peft) and len(ours) == 8
+    assert all(torch.equal(ours[k], peft[k]) for k in peft)
