@@ -52,7 +52,8 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
     bias: str = "none"
     use_rslora: bool = False
-    gradient_checkpointing: bool = False
+    # None: on with unsloth (its "unsloth" mode, activations offloaded; the tutorial's setting), off with trl
+    gradient_checkpointing: bool | None = None
 
 
 @dataclass

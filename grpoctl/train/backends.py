@@ -50,6 +50,14 @@ def pick_backend(requested: str) -> str:
     return "unsloth" if cuda and unsloth and strategy in (None, "ddp") else "trl"
 
 
+def gradient_checkpointing(cfg: TrainConfig, backend: str) -> bool:
+    """``lora.gradient_checkpointing`` resolved: unset means on with unsloth, whose "unsloth" mode offloads the
+    saved activations to CPU (the tutorial's setting; at 8B with long completions the activations would
+    otherwise outgrow a 24 GB card), and off with trl, where transformers' checkpointing recomputes them."""
+    value = cfg.lora.gradient_checkpointing
+    return backend == "unsloth" if value is None else bool(value)
+
+
 def gpu_index() -> int:
     """This process's GPU: its ``LOCAL_RANK`` under a launcher (one GPU per process), else the first visible."""
     return int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,7 +130,8 @@ def load_trl(cfg: TrainConfig, model_path: str) -> Loaded:
     if cfg.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.lora.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model,
+                                                use_gradient_checkpointing=gradient_checkpointing(cfg, "trl"))
     torch.manual_seed(cfg.trainer.seed)  # LoRA A init is random: the seed's random_state
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), bias=cfg.lora.bias,
@@ -154,7 +163,7 @@ def load_unsloth(cfg: TrainConfig, model_path: str) -> Loaded:
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.lora.r, target_modules=list(cfg.lora.target_modules), lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora.dropout, bias=cfg.lora.bias, use_rslora=cfg.lora.use_rslora,
-        use_gradient_checkpointing="unsloth" if cfg.lora.gradient_checkpointing else False,
+        use_gradient_checkpointing="unsloth" if gradient_checkpointing(cfg, "unsloth") else False,
         random_state=cfg.trainer.seed)
     _ensure_pad(tokenizer)
     return Loaded(model=model, tokenizer=tokenizer, backend="unsloth", fast_inference=bool(fast))

@@ -21,7 +21,7 @@ from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
-from grpoctl.train import distributed
+from grpoctl.train import backends, distributed
 
 
 def is_main_process() -> bool:
@@ -95,8 +95,6 @@ def train(cfg: TrainConfig) -> RunDir:
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
 
-    from grpoctl.train import backends
-
     backend = backends.pick_backend(cfg.trainer.backend)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must patch transformers/trl before anything imports them)
@@ -139,6 +137,7 @@ def train(cfg: TrainConfig) -> RunDir:
     resolved = cfg.to_dict()
     resolved["trainer"].update(backend=backend, optim=optim, max_prompt_length=data.max_prompt_length,
                                max_completion_length=data.max_completion_length)
+    resolved["lora"]["gradient_checkpointing"] = backends.gradient_checkpointing(cfg, backend)
     meta = {
         "grpoctl_version": __version__,
         "backend": backend,
@@ -151,7 +150,8 @@ def train(cfg: TrainConfig) -> RunDir:
         # values grpoctl computed rather than the user chose; a resumed run derives them again
         "derived": [f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
                     if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
-                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else []),
+                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
+                   + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
         "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
                        "length_cutoff": data.length_cutoff},
         "reward_weights": dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
@@ -232,7 +232,7 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
         beta=t.beta,
         reward_weights=reward_weights,
         report_to="none",
-        gradient_checkpointing=cfg.lora.gradient_checkpointing,
+        gradient_checkpointing=backends.gradient_checkpointing(cfg, loaded.backend),
         bf16=amp and dtype == torch.bfloat16,
         fp16=amp and dtype == torch.float16,
         use_cpu=not on_gpu,
