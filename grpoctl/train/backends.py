@@ -52,8 +52,8 @@ def pick_backend(requested: str) -> str:
 
 def gradient_checkpointing(cfg: TrainConfig, backend: str) -> bool:
     """``lora.gradient_checkpointing`` resolved: unset means on with unsloth, whose "unsloth" mode offloads the
-    saved activations to CPU (the tutorial's setting; at 8B with long completions the activations would
-    otherwise outgrow a 24 GB card), and off with trl, where transformers' checkpointing recomputes them."""
+    saved activations to CPU (the tutorial's setting, for memory), and off with trl, where transformers'
+    checkpointing recomputes them at a cost in step time."""
     value = cfg.lora.gradient_checkpointing
     return backend == "unsloth" if value is None else bool(value)
 
