@@ -330,7 +330,9 @@ def serve(ctx: click.Context, source: Path | None, engine: str, quant: str | Non
 @cli.command()
 @click.option("--fetch-converter", is_flag=True, help="First fetch llama.cpp's GGUF converter into the cache "
               "(from the installed llama-cpp-python's sdist on PyPI), so later exports work offline.")
-def doctor(fetch_converter: bool) -> None:
+@click.option("--build-llama-tools", is_flag=True, help="First build llama.cpp's C++ tools (llama-quantize, "
+              "llama-imatrix, llama-server, llama-perplexity) into the cache from the same sdist; minutes, once.")
+def doctor(fetch_converter: bool, build_llama_tools: bool) -> None:
     """Check the engines grpoctl uses and say what to do about missing ones."""
     from grpoctl.doctor import run_checks
 
@@ -338,6 +340,10 @@ def doctor(fetch_converter: bool) -> None:
         from grpoctl.export.converter import find_converter
 
         click.echo(f"GGUF converter ready at {find_converter(fetch=True).root}")
+    if build_llama_tools:
+        from grpoctl.llamacpp_tools import find_tools
+
+        click.echo(f"llama.cpp tools ready in {find_tools(build=True).bin_dir}")
 
     failed = 0
     for check in run_checks():

@@ -58,6 +58,26 @@ def _converter() -> Check:
     return Check("gguf-converter", "ok", str(conv.root))
 
 
+def _llama_tools() -> Check:
+    from grpoctl.llamacpp_tools import ENV_BIN, TOOLS, check_version, find_tools
+
+    hint = (f"run `grpoctl doctor --build-llama-tools` once (compiles {', '.join(TOOLS)}; minutes, needs cmake "
+            f"and a C++ compiler), or set {ENV_BIN} to a directory of llama.cpp tools")
+    try:
+        tools = find_tools(build=False)
+    except Exception as e:
+        return Check("llama.cpp-tools", "warn", str(e).splitlines()[0].split(";")[0], hint)
+    if tools.source == "env":
+        missing = [t for t in TOOLS if t not in tools.available()]
+        if missing:
+            return Check("llama.cpp-tools", "warn", f"{ENV_BIN}={tools.bin_dir} lacks {', '.join(missing)}", hint)
+        if note := check_version(tools):
+            return Check("llama.cpp-tools", "warn", note, f"unset {ENV_BIN} to use a build of the matching commit")
+        return Check("llama.cpp-tools", "ok", f"{ENV_BIN}={tools.bin_dir}")
+    commit = (tools.info.get("llama_cpp_commit") or "unknown")[:8]
+    return Check("llama.cpp-tools", "ok", f"{tools.bin_dir} (llama.cpp {commit}, built for {tools.info.get('cpu')})")
+
+
 def _ollama() -> Check:
     from grpoctl.serve.ollama import ping
 
@@ -81,6 +101,7 @@ def run_checks() -> list[Check]:
         _package("unsloth", "unsloth", False, "GPU only: pip install 'grpoctl[gpu]'"),
         _package("vllm", "vllm", False, "GPU only: pip install 'grpoctl[gpu]' for fast generation"),
         _converter(),
+        _llama_tools(),
         _ollama(),
     ]
     return checks

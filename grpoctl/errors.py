@@ -53,6 +53,10 @@ class DependencyError(GrpoctlError, ImportError):
     exit_code = 6
 
 
+class ToolBuildError(DependencyError):
+    """Building llama.cpp's C++ tools from source failed; the message ends with the build log's last lines."""
+
+
 class VerificationError(GrpoctlError):
     """An adapter failed verification (never trained, NaN/Inf, shapes that do not fit the base)."""
 

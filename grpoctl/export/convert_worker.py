@@ -5,10 +5,11 @@ with the converter's ``gguf-py`` first on PYTHONPATH (see ``Converter.python_pat
 here is the vendored one. It does what ``convert_hf_to_gguf.py``'s ``main()`` does for a text model,
 plus three hooks:
 
-- fused LoRA merge: every base tensor the adapter touches is wrapped in a lazy tensor whose value is
-  ``merge_weight(W, scale * B @ A)``, computed one or two tensors ahead of the writer on a second thread;
-  for an f16 file the bf16 projections and embeddings are narrowed to f16 directly (same bytes, no
-  float32 copy);
+- fused LoRA merge: every tensor the adapter changes is wrapped in a lazy tensor whose value is
+  ``MergePlan.merged`` (``grpoctl.export.lora``, the same per-tensor merge as the 16-bit export: LoRA,
+  DoRA, saved modules, an lm_head untied from the embedding), computed one or two tensors ahead of the
+  writer on a second thread; for an f16 file the bf16 projections and embeddings are narrowed to f16
+  directly (same bytes, no float32 copy);
 - pre-tokenizer fallback: an unrecognised BPE hash is resolved by the tokenizer's split rules
   (:mod:`grpoctl.export.pretokenizer`) or an explicit override, never by guessing;
 - end-of-turn tokens: the template's end-of-turn token is written as EOT when it is not the EOS.
@@ -36,14 +37,27 @@ DIRECT_F16_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight",
                        "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
-def _install_fused_merge(model_base: Any, lazy_cls: Any, adapter_dir: str, direct_f16: bool) -> dict[str, Any]:
+def _fused_plan(model_dir: Path, adapter_dir: str):
+    """The adapter fitted to the base being converted (refusals become a typed failure, before any work)."""
+    from grpoctl.errors import GrpoctlError
+    from grpoctl.export.lora import LoraAdapter
+    from grpoctl.export.tensors import ModelWeights
+
+    try:
+        weights = ModelWeights(model_dir)
+        return LoraAdapter.open(Path(adapter_dir)).plan({k: i.shape for k, i in weights.tensors.items()},
+                                                        weights.config())
+    except GrpoctlError as e:
+        raise _Fail("adapter", str(e)) from None
+
+
+def _install_fused_merge(model_base: Any, lazy_cls: Any, plan: Any, direct_f16: bool) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from grpoctl.export.lora import LoraAdapter
+    from grpoctl.errors import GrpoctlError
 
-    adapter = LoraAdapter.open(Path(adapter_dir))
     state: dict[str, Any] = {"merged": 0, "missing": []}
     original = model_base.index_tensors
     # The merge of the next adapted tensors (B @ A, the float32 sum, the rounding to the base dtype) runs
@@ -55,13 +69,10 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, adapter_dir: str, direc
     base_loaders: dict[str, Any] = {}
 
     def merge(key: str):
-        # == lora.merge_weight (fp32 sum, one rounding to the base dtype), adding into the fp32 delta in place
-        weight = lazy_cls.to_eager(base_loaders[key]())
-        d = adapter.delta(key)
-        if tuple(d.shape) != tuple(weight.shape):
-            raise _Fail("adapter", f"adapter does not fit the base: {key} delta {tuple(d.shape)} vs weight "
-                        f"{tuple(weight.shape)}")
-        return d.add_(weight).to(weight.dtype)
+        try:
+            return plan.merged(key, lazy_cls.to_eager(base_loaders[key]()))
+        except GrpoctlError as e:
+            raise _Fail("adapter", str(e)) from None
 
     def merged(key: str):
         i = order.index(key) if key in order else len(order)
@@ -91,19 +102,24 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, adapter_dir: str, direc
             return t.to(torch.float16) if t.dtype == torch.bfloat16 else t  # lazy stays lazy
         return load
 
+    def converter_name(cls, key: str) -> str:
+        try:
+            item = cls.filter_tensors((key, None))
+            return item[0] if item else key
+        except Exception:  # a class whose filter needs the tensor: its names are the HF names anyway
+            return key
+
     def index_tensors(self, remote_hf_model_id=None):
         tensors = original(self, remote_hf_model_id)
-        for key in adapter.modules:
-            name = key
-            try:
-                item = type(self).filter_tensors((key, None))
-                name = item[0] if item else key
-            except Exception:  # a class whose filter needs the tensor: its names are the HF names anyway
-                name = key
-            if name not in tensors:
+        base = dict(tensors)  # an added tensor starts from its source's base value, never a merged one
+        keys: dict[str, str] = {}  # converter's tensor name -> the merge's (HF) name
+        for key, source in plan.sources.items():
+            name, source_name = converter_name(type(self), key), converter_name(type(self), source)
+            if source_name not in base:
                 state["missing"].append(key)
                 continue
-            tensors[name] = merged_loader(tensors[name], key)
+            tensors[name] = merged_loader(base[source_name], key)
+            keys[name] = key
             state["merged"] += 1
         if state["missing"]:
             raise _Fail("adapter", f"the adapter targets {len(state['missing'])} weights the base model does not "
@@ -114,7 +130,7 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, adapter_dir: str, direc
                     tensors[name] = f16_loader(tensors[name])
                     state["direct_f16"] = state.get("direct_f16", 0) + 1
         # the writer streams tensors in this (insertion) order; prefetch follows it
-        order[:] = [k for k in tensors if k in adapter.modules]
+        order[:] = [keys[name] for name in tensors if name in keys]
         return tensors
 
     model_base.index_tensors = index_tensors
@@ -219,9 +235,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             raise _Fail("arch", f"llama.cpp cannot convert architecture {arch}; supported: "
                         + ", ".join(sorted(TEXT_MODEL_MAP))) from None
         state["architecture"] = arch
+        extra: dict[str, Any] = {}
         if spec.get("adapter_dir"):
-            state["fused"] = _install_fused_merge(ModelBase, LazyTorchTensor, spec["adapter_dir"],
-                                                  direct_f16=spec["outtype"] == "f16")
+            plan = _fused_plan(model_dir, spec["adapter_dir"])
+            state["fused"] = _install_fused_merge(ModelBase, LazyTorchTensor, plan, direct_f16=spec["outtype"] == "f16")
+            if plan.config_changes:
+                # the converter reads the merged model's config, as it would from PEFT's merged folder
+                # (tie_word_embeddings false once lm_head differs from the embedding)
+                extra["hparams"] = {**hparams, **plan.config_changes}
+                state["fused"]["config_changes"] = plan.config_changes
         _install_pretokenizer_fallback(TextModel, model_dir, state)
         eot_ids = spec.get("eot_token_ids")
         if eot_ids is None:  # worked out here, where transformers is loaded anyway for the vocabulary
@@ -234,7 +256,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if metadata is not None:
             _install_license(gguf, json.loads(metadata.read_text()).get("general.license"))
         model = model_class(model_dir, ftypes[spec["outtype"]], Path(spec["outfile"]), metadata_override=metadata,
-                            model_name=spec.get("model_name"))
+                            model_name=spec.get("model_name"), **extra)
         model.write()
     return state
 

@@ -6,7 +6,8 @@ package and ``gguf-py/``. They come from one of, in order:
 1. ``--llama-cpp-dir`` / ``$GRPOCTL_LLAMA_CPP_DIR``: a llama.cpp checkout the user already has;
 2. the cache ``<cache_dir>/llama.cpp/llama-cpp-python-<version>/``;
 3. on first use, the sdist of the installed llama-cpp-python version, fetched from PyPI with
-   ``pip download`` (only those three parts are extracted into the cache). Never a git clone.
+   ``pip download`` and kept (``grpoctl.llamacpp_sdist``, shared with the C++ tools); only those three
+   parts are extracted into the cache. Never a git clone.
 
 Pre-fetch while online (e.g. before going to an air-gapped machine): ``python -m grpoctl.export.converter``.
 
@@ -18,20 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from grpoctl.errors import DependencyError, InputNotFoundError, OfflineError
 from grpoctl.fsutil import cache_dir, staged_dir
+from grpoctl.llamacpp_sdist import DIST, extract_vendored, fetch_sdist, installed_version
 
 ENV_DIR = "GRPOCTL_LLAMA_CPP_DIR"
-DIST = "llama-cpp-python"
 # what the converter needs from a llama.cpp tree; nothing else is extracted
 PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
 SOURCE_FILE = "grpoctl-source.json"
@@ -60,14 +55,6 @@ class Converter:
         if os.environ.get("PYTHONPATH"):
             parts.append(os.environ["PYTHONPATH"])
         return os.pathsep.join(parts)
-
-
-def installed_version() -> str:
-    try:
-        return metadata.version(DIST)
-    except metadata.PackageNotFoundError:
-        raise DependencyError("llama-cpp-python is not installed; GGUF export needs it: "
-                              "pip install 'llama-cpp-python[server]==0.3.36'") from None
 
 
 def cached_root(version: str | None = None) -> Path:
@@ -102,50 +89,26 @@ def find_converter(fetch: bool = True, llama_cpp_dir: Path | None = None) -> Con
 
 
 def fetch_converter(version: str | None = None) -> Converter:
-    """Download the llama-cpp-python sdist with pip and extract the converter parts into the cache."""
+    """Extract the converter parts of the llama-cpp-python sdist (fetched once from PyPI) into the cache."""
     version = version or installed_version()
     root = cached_root(version)
-    print(f"grpoctl: fetching llama.cpp's converter from the {DIST}=={version} sdist on PyPI (once) -> {root}",
-          flush=True)
-    with tempfile.TemporaryDirectory(prefix="grpoctl-sdist-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "--quiet", "-d", tmp, f"{DIST}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise OfflineError(f"could not download the {DIST}=={version} sdist from PyPI ({tail[0]}); when offline, "
-                               f"fetch it once on a machine with access (`python -m grpoctl.export.converter`, then "
-                               f"copy {root}) or set {ENV_DIR} / --llama-cpp-dir to a llama.cpp checkout")
-        with staged_dir(root, force=True) as stage:
-            _extract(sdists[0], stage)
-            if not _is_tree(stage):
-                raise DependencyError(f"the {DIST}=={version} sdist has no complete llama.cpp converter "
-                                      f"({', '.join(PARTS)}); use --llama-cpp-dir with a llama.cpp checkout")
-            (stage / SOURCE_FILE).write_text(json.dumps({"sdist": sdists[0].name, "llama_cpp_python": version}) + "\n")
+    sdist = fetch_sdist(version, hint=f"when offline, fetch it once on a machine with access (`python -m "
+                        f"grpoctl.export.converter`, then copy {cache_dir()}) or set {ENV_DIR} / --llama-cpp-dir "
+                        "to a llama.cpp checkout")
+    print(f"grpoctl: extracting llama.cpp's converter from {sdist.path.name} (once) -> {root}", flush=True)
+    with staged_dir(root, force=True) as stage:
+        _extract(sdist.path, stage)
+        if not _is_tree(stage):
+            raise DependencyError(f"the {DIST}=={version} sdist has no complete llama.cpp converter "
+                                  f"({', '.join(PARTS)}); use --llama-cpp-dir with a llama.cpp checkout")
+        (stage / SOURCE_FILE).write_text(json.dumps({"sdist": sdist.path.name, "llama_cpp_python": version,
+                                                     "sdist_sha256": sdist.sha256}) + "\n")
     return Converter(root=root, source="cache", llama_cpp_python=version)
 
 
 def _extract(sdist: Path, dest: Path) -> None:
     """Extract only vendor/llama.cpp/{convert_hf_to_gguf.py,conversion/,gguf-py/} from the sdist."""
-    with tarfile.open(sdist) as tar:
-        for member in tar.getmembers():
-            parts = Path(member.name).parts
-            # <pkg>-<ver>/vendor/llama.cpp/<part>/...
-            if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or parts[3] not in PARTS:
-                continue
-            if not (member.isfile() or member.isdir()):
-                continue
-            rel = Path(*parts[3:])
-            target = dest / rel
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(member)
-            assert src is not None
-            with src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+    extract_vendored(sdist, dest, keep=lambda parts: parts[0] in PARTS)
 
 
 def main() -> None:

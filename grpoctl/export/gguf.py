@@ -4,7 +4,7 @@
         -> llama.cpp converter, each adapted tensor merged as it streams   (no merged copy on disk)
         -> one 16-bit GGUF (kept when f16/bf16 is asked for, else a temporary intermediate)
         -> llama_cpp.llama_model_quantize per requested type (q8_0, q4_k_m, q5_k_m, ...)
-        -> every file loaded in llama.cpp and compared with the merged model in transformers
+        -> every file loaded in llama.cpp and compared with base + adapter merged by PEFT in transformers
         -> EXPORT/gguf/<Name>-<QUANT>.gguf, parity.json, artifacts.json entries
 
 Files appear under their final names only after they loaded in llama.cpp and passed the parity gate.
@@ -51,9 +51,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
 
-    ``merged_dir``, when the merged 16-bit folder was written anyway, is converted and used as the
-    parity reference instead of merging again. Raises ParityError when a file is below its floor and
-    ``parity_gate`` is on (failing files are not kept; parity.json says why).
+    ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
+    again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
+    nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
+    files are not kept; parity.json says why).
     """
     types = parse_types(",".join(types))
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -78,9 +79,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
 
-        print("grpoctl: parity: running the merged model in transformers (float32 reference, bf16 noise floor)",
-              flush=True)
-        ref = parity.prepare_reference(source, adapter, view, system_prompt, eot_ids)
+        what = "base + adapter merged by PEFT" if adapter_dir else "the model"
+        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor)", flush=True)
+        ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
+                                       eot_ids)
         files: dict[str, dict[str, Any]] = {}
         for t in types:
             fname = gguf_filename(name, t)

@@ -1,10 +1,12 @@
 """Streaming 16-bit merge: base safetensors + LoRA -> merged safetensors, one tensor at a time.
 
-For every base tensor, in shard order: read it, apply the adapter (``W + scale * B @ A``, DoRA's row
-rescaling, or a ``modules_to_save`` replacement), cast to the output dtype, write it, drop it. Output
+For every base tensor, in shard order: read it, merge it (``MergePlan.merged`` in ``lora.py``, the one
+per-tensor merge, equal to PEFT's ``merge_and_unload``), cast to the output dtype, write it, drop it. Output
 shards mirror the base's shards and get Hugging Face's names and index, so peak memory is a few
-tensors plus the adapter, whatever the model size. Config, generation config, tokenizer and chat
-template are carried over so the folder loads in transformers and vLLM as is.
+tensors plus the adapter, whatever the model size. A tensor the base lacks (an lm_head the adapter unties
+from the embedding) goes into the shard of the tensor it starts from. Config (with the plan's changes),
+generation config, tokenizer and chat template are carried over so the folder loads in transformers and
+vLLM as is.
 """
 
 from __future__ import annotations
@@ -101,24 +103,26 @@ def _merge_16bit(base_dir: Path, adapter: LoraAdapter, out_dir: Path, *, dtype: 
     config = weights.config()
     check_not_quantized(config, Path(base_dir))
     code = output_dtype(weights, dtype)
-    missing = [k for k in [*adapter.modules, *adapter.saved_modules] if k not in weights]
-    if missing:
-        raise VerificationError(f"adapter does not fit the base: {missing[0]} is not a weight of {base_dir}")
+    plan = adapter.plan({k: i.shape for k, i in weights.tensors.items()}, config)
+    added: dict[str, list[str]] = {}  # shard of the source tensor -> tensors the base lacks, written there
+    for key, source in plan.added.items():
+        added.setdefault(weights.tensors[source].shard, []).append(key)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = MergeResult(out_dir=out_dir, dtype=code)
     names = list(shard_names(len(weights.shards)))
     weight_map: dict[str, str] = {}
     total = 0
-    bar = tqdm(total=len(weights.tensors), desc="merging", unit="tensor", disable=not progress, leave=False)
+    bar = tqdm(total=len(weights.tensors) + len(plan.added), desc="merging", unit="tensor", disable=not progress,
+               leave=False)
 
     def produce(spec: TensorInfo):
         result.tensors += 1
-        if not adapter.touches(spec.key):
+        if not plan.touches(spec.key):
             raw = weights.raw(spec.key)
             if raw is not None and weights.tensors[spec.key].dtype == spec.dtype:
                 return raw  # unchanged bytes: copied in the kernel, never loaded
             return weights.get(spec.key)
-        t = adapter.merged(spec.key, weights.get(spec.key))
+        t = plan.merged(spec.key, weights.get(plan.sources[spec.key]))
         result.merged += 1
         if spec.dtype == "F16":
             import torch
@@ -130,8 +134,11 @@ def _merge_16bit(base_dir: Path, adapter: LoraAdapter, out_dir: Path, *, dtype: 
         return t
 
     try:
-        for name, infos in zip(names, weights.shards.values(), strict=True):
+        for name, (shard, infos) in zip(names, weights.shards.items(), strict=True):
             specs = [TensorInfo(i.key, name, code if i.is_float else i.dtype, i.shape) for i in infos]
+            for key in added.get(shard, []):
+                src = weights.tensors[plan.sources[key]]
+                specs.append(TensorInfo(key, name, code if src.is_float else src.dtype, src.shape))
             total += write_safetensors(out_dir / name, specs, produce, on_tensor=bar.update)
             weight_map.update({s.key: name for s in specs})
             result.files.append(out_dir / name)
@@ -147,7 +154,7 @@ def _merge_16bit(base_dir: Path, adapter: LoraAdapter, out_dir: Path, *, dtype: 
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         result.files.append(out_dir / SAFE_INDEX)
 
-    config = dict(config)
+    config = {**config, **plan.config_changes}
     torch_name = DTYPES[code][0]
     config["dtype"] = torch_name
     if "torch_dtype" in config:
@@ -216,11 +223,11 @@ def copy_tokenizer(out_dir: Path, tokenizer_dir: Path | None, base_dir: Path) ->
 
 
 def write_lora(adapter: LoraAdapter, out_dir: Path, tokenizer_dir: Path | None, base_dir: Path) -> list[Path]:
-    """The adapter alone, cleaned for ``--enable-lora`` serving: only LoRA tensors (plus DoRA magnitudes and
-    saved modules, which belong to it) and a config with local paths and training-only fields dropped."""
+    """The adapter alone, cleaned for ``--enable-lora`` serving: only LoRA tensors (plus DoRA magnitudes, LoRA
+    biases and saved modules, which belong to it) and a config with local paths and training-only fields dropped."""
     from grpoctl.export.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    keys = [k for m in adapter.modules.values() for k in (m.a_key, m.b_key, m.magnitude_key) if k]
+    keys = [k for m in adapter.modules.values() for k in (m.a_key, m.b_key, m.magnitude_key, m.bias_key) if k]
     keys += list(adapter.saved_modules.values())
     out_dir.mkdir(parents=True, exist_ok=True)
     infos = []

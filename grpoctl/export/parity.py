@@ -1,13 +1,15 @@
 """Does a GGUF behave like the model it came from? Measured, not assumed.
 
-For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the merged model in transformers
-(float32) read the same fixed probe texts, teacher-forced on exactly the same token ids: prose, math,
-code, and chat conversations rendered by the model's own template with the training system prompt.
-Per file: top-1 next-token agreement and mean KL(reference || GGUF) over all positions, one greedy chat
-answer from each side, whether llama.cpp tokenises the rendered chat to the same ids with one BOS, whether
-every end-of-turn token is an end-of-generation token, and whether the template llama.cpp reads from the
-file renders the same prompt text as the HF tokenizer's. The noise floor (the same merged model in
-bf16 vs float32 on the same probes) is reported beside, for scale.
+For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with the
+adapter merged by PEFT's own ``merge_and_unload`` in transformers (float32), read the same fixed probe
+texts, teacher-forced on exactly the same token ids: prose, math, code, and chat conversations rendered
+by the model's own template with the training system prompt. Per file: top-1 next-token agreement and
+mean KL(reference || GGUF) over all positions, one greedy chat answer from each side, whether llama.cpp
+tokenises the rendered chat to the same ids with one BOS, whether every end-of-turn token is an
+end-of-generation token, and whether the template llama.cpp reads from the file renders the same prompt
+text as the HF tokenizer's. The noise floor (the same reference in bf16 vs float32 on the same probes)
+is reported beside, for scale. The reference never uses grpoctl's merge code, so it can disagree with a
+file grpoctl merged wrong.
 """
 
 from __future__ import annotations
@@ -137,8 +139,12 @@ def build_probes(tokenizer: Any, system_prompt: str) -> list[Probe]:
 # --- reference (transformers) --------------------------------------------------------------------
 
 def load_reference(model_dir: Path, adapter_dir: Path | None):
-    """The merged model in transformers at its stored 16-bit precision (merge done in memory, per tensor)."""
-    import torch
+    """The trained model as PEFT defines it, at the base's stored precision: the base in transformers, the
+    adapter loaded by ``PeftModel.from_pretrained`` and merged by PEFT's own ``merge_and_unload``.
+
+    Nothing of grpoctl's merge is used here (nor its merged/ folder), so a GGUF that grpoctl merged wrong
+    (a module left out, a wrong scale, the base's lm_head) disagrees with this reference.
+    """
     from transformers import AutoModelForCausalLM
 
     try:
@@ -151,16 +157,26 @@ def load_reference(model_dir: Path, adapter_dir: Path | None):
         raise UsageError(f"transformers cannot load {model_dir} as saved ({len(bad)} weights missing or of the "
                          f"wrong shape, first: {bad[0]}); the model folder's config does not match its weights")
     if adapter_dir is not None:
-        from grpoctl.export.lora import LoraAdapter, merge_weight
-
-        adapter = LoraAdapter.open(adapter_dir)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for key in adapter.modules:
-                if key not in params:
-                    raise UsageError(f"the adapter targets {key}, which the base model does not have")
-                params[key].data = merge_weight(params[key].data, adapter.delta(key))
+        model = _peft_merged(model, Path(adapter_dir))
     model.eval()
+    return model
+
+
+def _peft_merged(model: Any, adapter_dir: Path):
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise UsageError(f"PEFT cannot load the adapter {adapter_dir} onto the base for the parity reference "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [str(w.message) for w in seen if "missing adapter keys" in str(w.message)]
+    if missing:  # PEFT would run part of the adapter only: that is not the trained model
+        raise UsageError(f"PEFT cannot load all of the adapter {adapter_dir} for the parity reference: {missing[0]}")
     return model
 
 
@@ -301,6 +317,7 @@ class ParityReference:
     tokenizer: Any
     system_prompt: str
     eot_ids: list[int]
+    description: str = "base model in transformers, float32"
 
 
 def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path, system_prompt: str | None,
@@ -320,9 +337,16 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
                            add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
     answer = greedy_reference(model, tokenizer, prompt_ids, eot_ids)
     del model
+    what = "base model in transformers, float32"
+    if adapter_dir is not None:
+        import peft
+
+        what = f"base + adapter merged by PEFT's merge_and_unload (peft {peft.__version__}) in transformers, float32"
     return ParityReference(probes=probes, ref32=ref32, noise={"top1": top1, "kl": kl, "positions": n},
                            confidence=confidence, answer=answer,
-                           prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt, eot_ids=eot_ids)
+                           prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt, eot_ids=eot_ids,
+                           description=what)
+
 
 
 def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> dict[str, Any]:
@@ -349,10 +373,10 @@ def report(ref: ParityReference, files: dict[str, dict[str, Any]]) -> dict[str, 
     for p in ref.probes:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1
     return {
-        "reference": "merged model in transformers, float32",
+        "reference": ref.description,
         "probes": {"texts": len(ref.probes), "positions": ref.noise["positions"], "kinds": kinds,
                    "system_prompt": ref.system_prompt},
-        "noise_floor": {"what": "merged model in bf16 vs float32", "top1": round(ref.noise["top1"], 5),
+        "noise_floor": {"what": "the reference in bf16 vs float32", "top1": round(ref.noise["top1"], 5),
                         "kl": round(ref.noise["kl"], 6)},
         "reference_confidence": round(ref.confidence, 4),
         "top1_gated": ref.confidence >= MIN_CONFIDENCE,

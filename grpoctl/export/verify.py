@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DataError, VerificationError
-from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter
+from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, natural_order
 from grpoctl.export.tensors import ModelWeights, corrupt
 from grpoctl.fsutil import sha256_file
 
@@ -47,6 +47,7 @@ class VerifyReport:
     modules: list[ModuleStats] = field(default_factory=list)
     saved_modules: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts about the merge worth knowing, not problems
 
     @property
     def zero_modules(self) -> list[str]:
@@ -65,6 +66,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "strict": self.strict, "adapter": self.adapter, "base": self.base,
                 "adapter_sha256": self.adapter_sha256, "summary": self.summary(), "warnings": self.warnings,
+                "notes": self.notes,
                 "saved_modules": self.saved_modules, "modules": [asdict(m) for m in self.modules]}
 
     def save(self, path: Path) -> Path:
@@ -85,13 +87,9 @@ class VerifyReport:
         s = self.summary()
         lines.append(f"{s['modules']} modules, {s['zero_b']} with all-zero lora_B"
                      + (f", saved whole: {', '.join(self.saved_modules)}" if self.saved_modules else ""))
-        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
         lines.append(f"verify: {self.status.upper()}")
         return "\n".join(lines)
-
-
-def _natural(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def _targets_match(name: str, targets: Any) -> bool:
@@ -120,31 +118,26 @@ def base_aliases(weights: ModelWeights, base_id: str | None) -> set[str]:
     return {n for n in names if n}
 
 
-def _pair_stats(adapter: LoraAdapter, f, module, base_shape: tuple[int, ...]) -> ModuleStats:
+def _pair_stats(adapter: LoraAdapter, f, module) -> ModuleStats:
+    """Size of one module's update; shapes were checked when the adapter was fitted to the base."""
     import torch
 
     a = f.get_tensor(module.a_key).float()
     b = f.get_tensor(module.b_key).float()
-    name = module.base_key.removesuffix(".weight")
-    for label, t in (("lora_A", a), ("lora_B", b)):
+    label_a, label_b = module.labels
+    for label, t in ((label_a, a), (label_b, b)):
         if not bool(torch.isfinite(t).all()):
-            raise VerificationError(f"adapter {adapter.path} has NaN/Inf in {name}.{label}; training diverged "
-                                    "(lower the learning rate, or export an earlier checkpoint)")
-    out_dim, in_dim = base_shape if not adapter.fan_in_fan_out else base_shape[::-1]
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or b.shape[0] != out_dim or a.shape[1] != in_dim:
-        raise VerificationError(
-            f"adapter does not fit the base: {name} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-            f"base weight is {tuple(base_shape)} (was the adapter trained on another model? check --base)")
+            raise VerificationError(f"adapter {adapter.path} has NaN/Inf in {module.name}.{label}; training "
+                                    "diverged (lower the learning rate, or export an earlier checkpoint)")
     if a.shape[0] != module.r:
-        raise VerificationError(f"{name} has rank {a.shape[0]} but adapter_config says r={module.r}")
-    if module.magnitude_key is not None:
-        mag = f.get_tensor(module.magnitude_key).float()
-        if mag.numel() != out_dim or not bool(torch.isfinite(mag).all()):
-            raise VerificationError(f"{name}: DoRA magnitude has {mag.numel()} values (expected {out_dim}) or NaN/Inf")
+        raise VerificationError(f"{module.name} has rank {a.shape[0]} but adapter_config says r={module.r}")
+    for key in (module.magnitude_key, module.bias_key):
+        if key is not None and not bool(torch.isfinite(f.get_tensor(key).float()).all()):
+            raise VerificationError(f"adapter {adapter.path} has NaN/Inf in {key}")
     # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the full out x in update
     gram = float(torch.trace((b.T @ b) @ (a @ a.T)))
     norm = abs(module.scale) * math.sqrt(max(gram, 0.0))
-    return ModuleStats(module=name, rank=int(a.shape[0]), scale=module.scale, b_zero=not bool(b.any()),
+    return ModuleStats(module=module.name, rank=int(a.shape[0]), scale=module.scale, b_zero=not bool(b.any()),
                        max_abs_b=float(b.abs().max()) if b.numel() else 0.0, delta_norm=norm,
                        dora=module.magnitude_key is not None)
 
@@ -160,11 +153,10 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
 
     report = VerifyReport(adapter=str(adapter.path), base=base_id or str(weights.dir),
                           adapter_sha256=sha256_file(adapter.weights_file), strict=strict)
-    if adapter.unsupported:
-        raise VerificationError(f"adapter tensor {adapter.unsupported[0]} is not a plain LoRA pair (embedding LoRA, "
-                                "lora_bias or trainable tokens); merge it with PEFT's merge_and_unload instead")
     if not adapter.modules:
         raise VerificationError(f"adapter {adapter.path} contains no lora_A/lora_B tensors")
+    # what cannot be merged faithfully is refused here, by name, before any export work
+    plan = adapter.plan({k: i.shape for k, i in weights.tensors.items()}, weights.config())
 
     named = adapter.base_model_name
     aliases = base_aliases(weights, base_id)
@@ -185,28 +177,25 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
                                         f"{report.base} does not have (adapter for another architecture?)")
         if not restricted:
             have = {k.removesuffix(".weight") for k in adapter.modules}
-            expected = [m for m in base_modules if _targets_match(m, targets) and not m.endswith("embed_tokens")]
-            lacking = sorted(set(expected) - have, key=_natural)
+            expected = [m for m in base_modules if _targets_match(m, targets)]
+            lacking = sorted(set(expected) - have, key=natural_order)
             if lacking:
                 raise VerificationError(f"adapter {adapter.path} is incomplete: {lacking[0]} is a target module "
                                         f"but has no lora_A/lora_B ({len(lacking)} such modules)")
 
     try:
         with safe_open(adapter.weights_file, framework="pt") as f:
-            for key in sorted(adapter.modules, key=_natural):
-                module = adapter.modules[key]
-                if key not in weights:
-                    raise VerificationError(f"adapter does not fit the base: {key.removesuffix('.weight')} is not "
-                                            f"a module of {report.base} (check --base)")
-                report.modules.append(_pair_stats(adapter, f, module, weights.tensors[key].shape))
+            for key in sorted(adapter.modules, key=natural_order):
+                report.modules.append(_pair_stats(adapter, f, adapter.modules[key]))
             for key, akey in sorted(adapter.saved_modules.items()):
-                sl = f.get_slice(akey)
-                if key not in weights or tuple(sl.get_shape()) != weights.tensors[key].shape:
-                    raise VerificationError(f"adapter does not fit the base: saved module {key} "
-                                            f"{tuple(sl.get_shape())} has no counterpart in {report.base}")
                 if not bool(torch.isfinite(f.get_tensor(akey).float()).all()):
                     raise VerificationError(f"adapter {adapter.path} has NaN/Inf in saved module {key}")
-                report.saved_modules.append(key)
+                if plan.touches(key):  # a saved lm_head kept tied to a saved embedding is the same tensor
+                    report.saved_modules.append(key)
+            if plan.config_changes:
+                report.notes.append("the adapter changes one side of the base's tied embeddings: the merged "
+                                    "model unties them (tie_word_embeddings false, lm_head written), as PEFT's "
+                                    "merge_and_unload does")
     except SafetensorError as err:
         raise corrupt(adapter.weights_file, err) from None
 

@@ -24,18 +24,6 @@ def make_adapter(model_dir: Path, out: Path, r: int = 4, alpha: int = 8, std: fl
     return out
 
 
-def peft_merged_copy(model_dir: Path, adapter_dir: Path, out: Path) -> Path:
-    """The reference path users take by hand: PEFT merge_and_unload + save_pretrained (+ tokenizer)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 def read_gguf(path: Path):
     """(metadata dict of scalars/strings, {tensor name: (type name, raw bytes)}) via the installed gguf reader."""
     from gguf import GGUFReader, GGUFValueType

@@ -13,7 +13,9 @@ from grpoctl.export import gguf as gg
 from grpoctl.export import parity
 from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import find_converter
-from tests.export.gguf_support import make_adapter, peft_merged_copy, read_gguf
+from tests.export import adapters
+from tests.export.adapters import VARIANTS, peft_merged_folder
+from tests.export.gguf_support import make_adapter, read_gguf
 
 
 @pytest.fixture(scope="module")
@@ -41,31 +43,90 @@ def test_parse_types_normalises_and_rejects_unknown():
     assert gg.gguf_filename("SmolLM2-135M-Instruct-grpo", "q4_k_m") == "SmolLM2-135M-Instruct-grpo-Q4_K_M.gguf"
 
 
-@pytest.mark.parametrize(("arch", "outtype"), [("qwen3", "bf16"), ("qwen3", "f16"), ("llama", "f16")])
-def test_fused_conversion_equals_converting_a_peft_merged_folder(converter, tiny_models, qwen3_adapter, tmp_path,
-                                                                 arch, outtype):
-    """Merging each tensor as the converter streams it gives the same GGUF tensors as PEFT merge + save + convert
-    (for f16 also with the projections and embeddings narrowed from bf16 to f16 directly; Llama's q/k permute)."""
-    base = tiny_models[arch]
-    adapter = qwen3_adapter if arch == "qwen3" else make_adapter(base, tmp_path / "adapter")
-    fused = tmp_path / "fused.gguf"
+def _differing(a: Path, b: Path) -> list[str]:
+    """Names of the tensors whose type or bytes differ between two GGUF files (all of them, if the sets differ)."""
+    _, at = read_gguf(a)
+    _, bt = read_gguf(b)
+    if at.keys() != bt.keys():
+        return sorted(set(at) ^ set(bt))
+    return [k for k in bt if at[k] != bt[k]]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fused_gguf_equals_converting_peft_merged_folder_and_passes_parity(converter, variant, tmp_path, name):
+    """For every adapter shape (adapters.VARIANTS: plain LoRA, rsLoRA, rank/alpha patterns, DoRA, modules_to_save of
+    lm_head or embed_tokens, embedding LoRA, lora_bias, tied embeddings untied or kept tied): the fused GGUF has
+    exactly the tensors llama.cpp's converter writes for PEFT's merge_and_unload + save_pretrained folder (in f16
+    also with the direct bf16 -> f16 narrowing; Llama's q/k permute), and the parity gate, whose reference is
+    PEFT's merge, passes it."""
+    base, adapter, peft_dir = variant(name)
+    outtype = "bf16" if name in ("rslora", "tied_modules_to_save_embed") else "f16"
+    fused, ref = tmp_path / "fused.gguf", tmp_path / "peft.gguf"
     info = _convert(converter, base, fused, outtype, adapter=adapter)
-    assert info["fused"]["merged"] == 14 and not info["fused"]["missing"]
-    # 14 projections + embedding (+ head when not tied) narrowed directly in an f16 file, none otherwise
+    _convert(converter, peft_dir, ref, outtype)
+    assert not _differing(fused, ref)
+    # the merge hooked in (that the adapter moves the model is shown by the 16-bit test of the same variant)
+    assert info["fused"]["merged"] >= 1 and not info["fused"]["missing"]
     assert info["fused"].get("direct_f16", 0) >= 15 if outtype == "f16" else "direct_f16" not in info["fused"]
-    merged_dir = peft_merged_copy(base, adapter, tmp_path / "merged")
-    ref = tmp_path / "ref.gguf"
-    _convert(converter, merged_dir, ref, outtype)
-    _, fused_t = read_gguf(fused)
-    _, ref_t = read_gguf(ref)
-    assert fused_t.keys() == ref_t.keys()
-    assert all(fused_t[k] == ref_t[k] for k in ref_t), [k for k in ref_t if fused_t[k] != ref_t[k]]
-    # and the adapter really changed the weights (the comparison is not vacuous)
-    plain = tmp_path / "plain.gguf"
-    _convert(converter, base, plain, outtype)
-    _, plain_t = read_gguf(plain)
-    assert plain_t["blk.0.attn_q.weight"] != fused_t["blk.0.attn_q.weight"]
-    assert plain_t["token_embd.weight"] == fused_t["token_embd.weight"]
+    reference = parity.prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
+    assert "PEFT" in reference.description
+    result = parity.measure(fused, outtype, reference, parity.DEFAULT_FLOORS[outtype])
+    assert result["passed"] and result["kl"] < 0.001, result
+
+
+@pytest.fixture(scope="module")
+def wrong_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """A trained adapter (LoRA on every projection, lm_head saved whole) and copies doctored the way merge bugs
+    go wrong: the lm_head left out (the base's kept), one module dropped, the scale of rsLoRA applied to plain LoRA."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("wrong")
+    good = adapters.make_adapter(tiny_models["llama"], root / "good", modules_to_save=["lm_head"], saved_std=0.05)
+
+    def doctored(name: str, keep=lambda key: True, config=None) -> Path:
+        out = root / name
+        shutil.copytree(good, out)
+        tensors = load_file(good / "adapter_model.safetensors")
+        save_file({k: v for k, v in tensors.items() if keep(k)}, out / "adapter_model.safetensors")
+        cfg = json.loads((good / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        return out
+
+    return {"good": good,
+            "base lm_head": doctored("base-head", lambda k: "lm_head" not in k, {"modules_to_save": None}),
+            "dropped module": doctored("dropped", lambda k: "layers.0.self_attn.q_proj" not in k),
+            "wrong scale": doctored("scale", config={"use_rslora": True})}
+
+
+def test_parity_gate_fails_a_gguf_with_the_base_lm_head_a_dropped_module_or_a_wrong_scale(converter, tiny_models,
+                                                                                         wrong_adapters, tmp_path):
+    """Each wrong file is what a merge bug writes, made by the real fused conversion from a doctored copy of the
+    adapter; the reference is PEFT on the true adapter, so each falls below the f16 floor and the right one passes.
+    (A reference merged by grpoctl's own merge code passes the base-lm_head file: top-1 99.8%, KL 0.000001.)"""
+    base = tiny_models["llama"]
+    eot = gg.end_of_turn_ids(base)
+    reference = parity.prepare_reference(base, wrong_adapters["good"], base, None, eot)
+    results = {}
+    for what, adapter in wrong_adapters.items():
+        path = tmp_path / f"{what.replace(' ', '-')}.gguf"
+        _convert(converter, base, path, "f16", adapter=adapter)
+        results[what] = parity.measure(path, "f16", reference, parity.DEFAULT_FLOORS["f16"])
+    assert results.pop("good")["passed"]
+    floor = parity.DEFAULT_FLOORS["f16"].kl
+    assert {what: r["passed"] for what, r in results.items()} == dict.fromkeys(results, False)
+    assert all(r["kl"] > 1.5 * floor for r in results.values()), {w: r["kl"] for w, r in results.items()}
+
+
+def test_a_wrong_merged_folder_fails_the_gate_because_the_reference_is_peft(tiny_models, wrong_adapters, tmp_path):
+    """export_gguf converts an existing merged/ folder instead of merging again, but measures it against PEFT's
+    merge of base + adapter, never against that folder: a folder that lost the trained lm_head fails."""
+    base = tiny_models["llama"]
+    wrong = peft_merged_folder(base, wrong_adapters["base lm_head"], tmp_path / "merged")
+    with pytest.raises(ParityError, match="below the parity floor"):
+        gg.export_gguf(base, wrong_adapters["good"], tmp_path / "gguf", ["f16"], name="m",
+                       manifest=ArtifactManifest(root=tmp_path), merged_dir=wrong)
+    rep = json.loads((tmp_path / "gguf" / "parity.json").read_text())
+    assert "merge_and_unload" in rep["reference"] and not rep["files"]["m-F16.gguf"]["passed"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -256,7 +317,7 @@ def test_parity_floors_are_configurable():
 
 def test_export_from_an_already_merged_folder_single_pass(tiny_models, qwen3_adapter, tmp_path):
     """When the merged 16-bit copy exists anyway it is converted (one direct q8_0 pass) and used as reference."""
-    merged = peft_merged_copy(tiny_models["qwen3"], qwen3_adapter, tmp_path / "merged")
+    merged = peft_merged_folder(tiny_models["qwen3"], qwen3_adapter, tmp_path / "merged")
     manifest = ArtifactManifest(root=tmp_path)
     [path] = gg.export_gguf(tiny_models["qwen3"], qwen3_adapter, tmp_path / "gguf", ["q8_0"], name="m",
                             manifest=manifest, merged_dir=merged)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from grpoctl.export.lora import LoraAdapter
+from grpoctl.export.lora import LoraAdapter, MergePlan
 from grpoctl.export.merge import merge_16bit, read_chat_template
-from tests.export.adapters import make_adapter, peft_merged_state
+from tests.export.adapters import VARIANTS, make_adapter, peft_merged_state
 
 
 def _load_merged(folder: Path) -> dict:
@@ -50,13 +50,23 @@ def test_merge_equals_peft_merge_and_unload(tiny_models, tmp_path, arch):
     assert len(changed) == 14  # exactly the adapted projections moved
 
 
-@pytest.mark.parametrize("variant", [{"use_rslora": True}, {"use_dora": True}, {"modules_to_save": ["lm_head"]},
-                                     {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 64}}],
-                         ids=["rslora", "dora", "modules_to_save", "rank_alpha_pattern"])
-def test_merge_variants_equal_peft(tiny_qwen3, tmp_path, variant):
-    adapter = make_adapter(tiny_qwen3, tmp_path / "adapter", **variant)
-    merge_16bit(tiny_qwen3, LoraAdapter.open(adapter), tmp_path / "merged", progress=False)
-    assert_equal_to_peft(_load_merged(tmp_path / "merged"), peft_merged_state(tiny_qwen3, adapter))
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_merged_16bit_equals_peft_merged_folder_for_every_variant(variant, tmp_path, name):
+    """--merged 16bit writes exactly what PEFT's merge_and_unload + save_pretrained writes: the same tensors bit
+    for bit (an lm_head untied from the embedding included, a tied one left out) and the same tie setting."""
+    import torch
+
+    base, adapter, peft_dir = variant(name)
+    result = merge_16bit(base, LoraAdapter.open(adapter), tmp_path / "merged", progress=False)
+    ours, ref = _load_merged(tmp_path / "merged"), _load_merged(peft_dir)
+    assert sorted(ours) == sorted(ref)
+    differ = [k for k in ref if not torch.equal(ours[k], ref[k])]
+    assert not differ, f"{len(differ)} tensors differ from PEFT's, first {differ[0]}"
+    tie = json.loads((peft_dir / "config.json").read_text()).get("tie_word_embeddings")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text()).get("tie_word_embeddings") == tie
+    # and the adapter really moved the model (the comparison is not vacuous)
+    base_state = _load_merged(base)
+    assert result.merged >= 1 and any(k not in base_state or not torch.equal(ours[k], base_state[k]) for k in ours)
 
 
 def test_merge_equals_peft_on_embedded_smollm2(smollm2_dir, tmp_path):
@@ -188,7 +198,7 @@ def test_interrupted_export_leaves_no_folder(qwen3_run, monkeypatch, tmp_path):
     """Ctrl-C in the middle of the merge: the staged folder is removed, no export appears."""
     from grpoctl.export.pipeline import ExportOptions, export
 
-    real = LoraAdapter.merged
+    real = MergePlan.merged
     seen = {"n": 0}
 
     def interrupt_on_third(self, key, weight):
@@ -197,7 +207,7 @@ def test_interrupted_export_leaves_no_folder(qwen3_run, monkeypatch, tmp_path):
             raise KeyboardInterrupt
         return real(self, key, weight)
 
-    monkeypatch.setattr(LoraAdapter, "merged", interrupt_on_third)
+    monkeypatch.setattr(MergePlan, "merged", interrupt_on_third)
     with pytest.raises(KeyboardInterrupt):
         export(qwen3_run, ExportOptions(output_dir=tmp_path / "export", progress=False))
     assert list(tmp_path.iterdir()) == []

@@ -138,13 +138,25 @@ def test_other_base_name_warns_when_shapes_fit(qwen3_adapter, tiny_qwen3, tmp_pa
     assert report.status == "warn" and "Qwen/Qwen3-8B" in report.warnings[0]
 
 
-def test_embedding_lora_is_refused_with_a_clear_message(tiny_qwen3, tmp_path):
-    adapter = make_adapter(tiny_qwen3, tmp_path / "embed", target_modules=["q_proj", "embed_tokens"])
-    with pytest.raises(VerificationError, match=r"lora_embedding_[AB].* is not a plain LoRA pair.*merge_and_unload"):
-        _verify(adapter, tiny_qwen3)
+def test_embedding_lora_and_lora_bias_verify_with_per_module_stats(variant):
+    """PEFT merges both (W + s * (B @ A).T; b + s * lora_B.bias), so they are verified like any LoRA pair."""
+    base, adapter, _ = variant("lora_embedding")
+    report = _verify(adapter, base)
+    assert report.status == "ok" and {m.module for m in report.modules} >= {"model.embed_tokens", "lm_head"}
+    assert all(m.delta_norm > 0 for m in report.modules)
+    base, adapter, _ = variant("lora_bias")
+    assert _verify(adapter, base).status == "ok"
 
 
-def test_lora_bias_is_refused_with_a_clear_message(tiny_qwen3, tmp_path):
-    adapter = make_adapter(tiny_qwen3, tmp_path / "bias", target_modules=["q_proj"], lora_bias=True)
-    with pytest.raises(VerificationError, match=r"lora_B\.bias is not a plain LoRA pair"):
-        _verify(adapter, tiny_qwen3)
+def test_embedding_lora_on_tied_embeddings_is_refused_with_a_clear_message(variant_bases, tmp_path):
+    adapter = make_adapter(variant_bases["llama-tied"], tmp_path / "embed", target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(VerificationError, match=r"trains model\.embed_tokens with LoRA, but the base ties it to "
+                                                r"lm_head .*would differ from the trained one"):
+        _verify(adapter, variant_bases["llama-tied"])
+
+
+def test_untying_a_tied_base_is_a_note_not_a_warning(variant):
+    base, adapter, _ = variant("tied_modules_to_save_lm_head")
+    report = _verify(adapter, base, strict=True)
+    assert report.status == "ok" and report.saved_modules == ["lm_head.weight"]
+    assert "unties them" in report.notes[0] and "note: the adapter changes one side" in report.table()

@@ -1,0 +1,412 @@
+"""llama.cpp's own C++ tools (llama-quantize, llama-imatrix, llama-server, llama-perplexity), built once.
+
+Some work needs the real command-line tools rather than the Python bindings: an importance matrix can only
+reach the quantizer through ``llama-quantize --imatrix`` (the C API's ``imatrix`` field is a C++ map),
+``llama-imatrix`` computes one, ``llama-perplexity`` measures KL-divergence against a base's logits, and
+``llama-server``'s ``POST /apply-template`` renders a chat template with llama.cpp's C++ Jinja engine.
+
+They come from one of, in order:
+
+1. ``$GRPOCTL_LLAMA_CPP_BIN``: a directory of llama.cpp tools the user already built (used as is; a
+   llama.cpp commit other than the one inside the installed llama-cpp-python is reported, not refused);
+2. the cache ``<cache_dir>/llama.cpp/llama-cpp-python-<version>-tools/bin/``;
+3. on first use, a CMake build of ``vendor/llama.cpp`` from the sdist of the installed llama-cpp-python
+   (the same download as the converter's, ``grpoctl.llamacpp_sdist``). Never a git clone.
+
+The build is CPU only, Release, static (the executables depend on no library in the build tree), without
+the web UI, HTTPS or downloads, and compiled for this machine's CPU (``GGML_NATIVE``): a cache copied to
+an older CPU may fail with an illegal instruction, so rebuild there. It runs in a staging folder renamed
+into place when complete, under a lock so that concurrent first uses wait for one build.
+``grpoctl doctor --build-llama-tools`` builds ahead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpoctl.errors import DependencyError, InputNotFoundError, ToolBuildError, UsageError
+from grpoctl.fsutil import cache_dir, file_lock, staged_dir
+from grpoctl.llamacpp_sdist import DIST, Sdist, cached_sdist, extract_vendored, fetch_sdist, installed_version
+
+ENV_BIN = "GRPOCTL_LLAMA_CPP_BIN"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-server", "llama-perplexity")
+INFO_FILE = "build.json"
+MIN_CMAKE = (3, 18)  # llama.cpp's own scripts/ui-assets.cmake requires it
+# Parts of vendor/llama.cpp the build never reads: vocab test models, docs, tests, examples, the converter.
+_SKIP = frozenset({"models", "docs", "media", "benches", "examples", "pocs", "tests", "gguf-py", "conversion",
+                   ".github", ".devops"})
+_BUILD_TAIL = 25  # log lines quoted in a build failure
+
+
+def cmake_flags(commit: str | None) -> list[str]:
+    """The configure flags, recorded with every build (why each one matters in the comments)."""
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",  # the staging folder is renamed: no RPATH may point into it
+        "-DGGML_NATIVE=ON",  # this CPU's instruction set; the cache is per machine
+        "-DGGML_METAL=OFF", "-DGGML_CUDA=OFF", "-DGGML_VULKAN=OFF",  # CPU only (Metal is on by default on macOS)
+        "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no npm, no web UI download from the Hub
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",  # offline: no model downloads (LLAMA_CURL: older trees)
+        "-DLLAMA_ALL_WARNINGS=OFF",
+    ]
+    if commit:  # the sdist has no .git work tree: `--version` would say "unknown"
+        flags.append(f"-DLLAMA_BUILD_COMMIT={commit[:8]}")
+    return flags
+
+
+@dataclass(frozen=True)
+class Tools:
+    """A directory of llama.cpp tools: ``source`` is "cache" (built here) or "env" ($GRPOCTL_LLAMA_CPP_BIN)."""
+
+    bin_dir: Path
+    source: str
+    info: dict = field(default_factory=dict)  # build.json of a cached build
+
+    def path(self, name: str) -> Path:
+        _check_name(name)
+        exe = self.bin_dir / name
+        if not exe.is_file():
+            raise InputNotFoundError(f"{self.bin_dir} has no {name}" + (f" (set by {ENV_BIN})" if self.source == "env"
+                                                                         else ""))
+        return exe
+
+    def available(self) -> dict[str, Path]:
+        return {name: self.bin_dir / name for name in TOOLS if (self.bin_dir / name).is_file()}
+
+
+_warned: set[Path] = set()  # $GRPOCTL_LLAMA_CPP_BIN directories whose version note was printed
+
+
+def tool(name: str, *, build: bool = True) -> Path:
+    """Path of llama.cpp's tool ``name`` (one of TOOLS), building all of them on first use when ``build``."""
+    _check_name(name)
+    tools = find_tools(build=build)
+    if tools.source == "env" and tools.bin_dir not in _warned:
+        _warned.add(tools.bin_dir)
+        if note := check_version(tools):
+            print(f"grpoctl: warning: {note}", flush=True)
+    return tools.path(name)
+
+
+def built_tools() -> dict[str, Path]:
+    """The tools usable now without building: {name: path}, empty when none are."""
+    try:
+        return find_tools(build=False).available()
+    except (DependencyError, InputNotFoundError):
+        return {}
+
+
+def find_tools(build: bool = False) -> Tools:
+    """The tools to use: $GRPOCTL_LLAMA_CPP_BIN, else the cache, else (when ``build``) a build into the cache."""
+    if os.environ.get(ENV_BIN):
+        return _env_tools(Path(os.environ[ENV_BIN]))
+    if (found := _cached(cached_root())) is not None:
+        return found
+    if not build:
+        raise DependencyError(f"llama.cpp's tools are not built ({cached_root()} is missing); build them once with "
+                              f"`grpoctl doctor --build-llama-tools` (needs cmake and a C++ compiler), or set "
+                              f"{ENV_BIN} to a directory of llama.cpp tools")
+    return build_tools()
+
+
+def cached_root(version: str | None = None) -> Path:
+    return cache_dir() / "llama.cpp" / f"{DIST}-{version or installed_version()}-tools"
+
+
+def build_log(version: str | None = None) -> Path:
+    """The log of the latest build attempt, kept next to the cached build (also when the build failed)."""
+    root = cached_root(version)
+    return root.with_name(root.name + ".log")
+
+
+def build_tools(force: bool = False, jobs: int | None = None) -> Tools:
+    """Build TOOLS from the installed llama-cpp-python's sdist into the cache (once; ``force`` rebuilds).
+
+    Raises DependencyError when cmake or a C/C++ compiler is missing, OfflineError when the sdist cannot be
+    downloaded, ToolBuildError (with the log's last lines) when the build fails.
+    """
+    version = installed_version()
+    root = cached_root(version)
+    if not force and (found := _cached(root)) is not None:
+        return found
+    with file_lock(root.with_name(root.name + ".lock"),
+                   waiting="grpoctl: another process is building llama.cpp's tools; waiting for it"):
+        if not force and (found := _cached(root)) is not None:  # built while we waited
+            return found
+        _remove_leftovers(root)  # we hold the lock: any staging folder is from a build that was killed
+        cmake, compiler = _toolchain()
+        sdist = fetch_sdist(version, hint=f"when offline, build once on a machine with access (`grpoctl doctor "
+                            f"--build-llama-tools`, then copy {root}) or set {ENV_BIN} to a directory of llama.cpp "
+                            "tools")
+        return _build(root, sdist, cmake, compiler, jobs or _cores())
+
+
+def check_version(tools: Tools) -> str | None:
+    """For tools from $GRPOCTL_LLAMA_CPP_BIN: a note when their llama.cpp commit differs from the one inside the
+    installed llama-cpp-python; None when they match or either side cannot tell."""
+    expected = _expected_commit()
+    found = _reported_commit(tools.bin_dir)
+    if not expected or not found or expected.startswith(found):
+        return None
+    return (f"{ENV_BIN} tools are llama.cpp {found}, the installed {DIST}=={installed_version()} carries "
+            f"{expected[:8]}; their results may differ")
+
+
+# --- finding --------------------------------------------------------------------------------------------
+
+def _check_name(name: str) -> None:
+    if name not in TOOLS:
+        raise UsageError(f"unknown llama.cpp tool {name!r}; grpoctl provides {', '.join(TOOLS)}")
+
+
+def _cached(root: Path) -> Tools | None:
+    """A finished build: build.json (written last, before the rename) and every tool present."""
+    try:
+        info = json.loads((root / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    tools = Tools(bin_dir=root / "bin", source="cache", info=info)
+    return tools if len(tools.available()) == len(TOOLS) else None
+
+
+def _env_tools(directory: Path) -> Tools:
+    directory = directory.expanduser().resolve()
+    if not directory.is_dir():
+        raise InputNotFoundError(f"{ENV_BIN}={directory} is not a directory")
+    # a llama.cpp build keeps its executables in build/bin; accept either that folder or the build folder
+    bin_dir = directory if any((directory / t).is_file() for t in TOOLS) or not (directory / "bin").is_dir() \
+        else directory / "bin"
+    return Tools(bin_dir=bin_dir, source="env")
+
+
+def _expected_commit() -> str | None:
+    if (found := _cached(cached_root())) is not None and found.info.get("llama_cpp_commit"):
+        return found.info["llama_cpp_commit"]
+    sdist = cached_sdist()
+    return sdist.llama_cpp_commit if sdist else None
+
+
+def _reported_commit(bin_dir: Path) -> str | None:
+    """The commit a tool prints for --version: "version: 0.5.0 (build 7000, commit abc1234)" or older
+    "version: 7000 (abc1234)". llama-quantize has no --version; the others share one build."""
+    for name in ("llama-server", "llama-imatrix", "llama-perplexity"):
+        exe = bin_dir / name
+        if not exe.is_file():
+            continue
+        try:
+            proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        m = re.search(r"^version: .*?(?:commit )?([0-9a-f]{7,40})\)", proc.stdout + proc.stderr, re.M)
+        if m:
+            return m.group(1)
+    return None
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _toolchain() -> tuple[str, str]:
+    """cmake and the C++ compiler CMake will pick, or a DependencyError saying what to install."""
+    cmake = shutil.which("cmake")
+    alternative = f"; or set {ENV_BIN} to a directory of llama.cpp tools built elsewhere"
+    need = f"building llama.cpp's tools needs CMake >= {'.'.join(map(str, MIN_CMAKE))}"
+    if cmake is None:
+        raise DependencyError(f"cmake not found on PATH; {need}: pip install cmake (or apt install cmake){alternative}")
+    out = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if not m or (int(m.group(1)), int(m.group(2))) < MIN_CMAKE:
+        have = out.splitlines()[0] if out else "not working"
+        raise DependencyError(f"{cmake} is {have}; {need}: pip install -U cmake{alternative}")
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    cxx = next((p for c in candidates if (p := shutil.which(c))), None)
+    cc_candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    if cxx is None or not any(shutil.which(c) for c in cc_candidates):
+        raise DependencyError(f"no C/C++ compiler found (looked for {', '.join(cc_candidates + candidates)}); "
+                              "building llama.cpp's tools needs one: apt install build-essential (Debian/Ubuntu), "
+                              f"dnf install gcc-c++ (Fedora), xcode-select --install (macOS){alternative}")
+    return cmake, cxx
+
+
+def _remove_leftovers(root: Path) -> None:
+    for stale in root.parent.glob(f".{root.name}.*"):
+        if stale.is_dir() and (".partial-" in stale.name or ".old-" in stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _build(root: Path, sdist: Sdist, cmake: str, cxx: str, jobs: int) -> Tools:
+    log_path = build_log(sdist.version)
+    flags = cmake_flags(sdist.llama_cpp_commit)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    print(f"grpoctl: building llama.cpp's {', '.join(TOOLS)} from the {DIST}=={sdist.version} sdist "
+          f"(once; CPU only, {jobs} job{'s' * (jobs != 1)}, several minutes) -> {root}", flush=True)
+    start = time.monotonic()
+    with staged_dir(root, force=True) as stage, open(log_path, "w", buffering=1) as log:
+        src, build = stage / "src", stage / "build"
+        extract_vendored(sdist.path, src, keep=lambda parts: parts[0] not in _SKIP)
+        _run_logged([cmake, "-S", str(src), "-B", str(build), *generator, *flags], log, log_path, "configure")
+        _run_logged([cmake, "--build", str(build), "--config", "Release", "--parallel", str(jobs),
+                     "--target", *TOOLS], log, log_path, "build", progress=_Progress(start))
+        (stage / "bin").mkdir()
+        for name in TOOLS:
+            exe = next((p for p in (build / "bin" / name, build / "bin" / "Release" / name) if p.is_file()), None)
+            if exe is None:
+                raise ToolBuildError(f"the llama.cpp build finished without {name}; see {log_path}")
+            shutil.copy2(exe, stage / "bin" / name)
+        compiler = _cmake_cache(build, "CMAKE_CXX_COMPILER") or cxx
+        info = {
+            "llama_cpp_python": sdist.version,
+            "sdist": sdist.path.name,
+            "sdist_sha256": sdist.sha256,
+            "llama_cpp_commit": sdist.llama_cpp_commit,
+            "tools": list(TOOLS),
+            "cmake_flags": flags,
+            "generator": "Ninja" if generator else "default",
+            "cmake": subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+            "compiler": _first_line([compiler, "--version"]) or compiler,
+            "compiler_path": compiler,
+            "machine": platform.machine(),
+            "cpu": _cpu_name(),
+            "jobs": jobs,
+            "build_seconds": round(time.monotonic() - start, 1),
+        }
+        shutil.rmtree(src)
+        shutil.rmtree(build)
+        (stage / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    print(f"grpoctl: llama.cpp's tools built in {_clock(time.monotonic() - start)} -> {root / 'bin'}", flush=True)
+    found = _cached(root)
+    assert found is not None
+    return found
+
+
+def _run_logged(cmd: list[str], log, log_path: Path, step: str, progress: _Progress | None = None) -> None:
+    """Run one build step with its output appended to the log; on failure raise with the log's last lines."""
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    env = os.environ | {"NINJA_STATUS": "[%f/%t] ", "CLICOLOR_FORCE": "0"}
+    # its own process group, so that stopping it reaches the build tool and the compilers under cmake
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            text=True, errors="replace", env=env, process_group=0)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if progress is not None:
+                progress.update(line)
+        rc = proc.wait()
+    finally:  # Ctrl-C or any error here: the compilers must not keep writing into a folder being removed
+        if proc.poll() is None:
+            _stop_group(proc)
+        log.flush()
+    if rc != 0:
+        tail = _tail(log_path, _BUILD_TAIL)
+        raise ToolBuildError(f"llama.cpp's tools failed to {step} (exit {rc}); full log: {log_path}; last lines:\n"
+                             + "\n".join(f"  {ln}" for ln in tail))
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class _Progress:
+    """Percent, current file and a rough ETA from CMake's "[12/216] ..." (Ninja) or "[ 5%] ..." (Make) lines.
+
+    A line goes out per 5 % step or 30 s, whichever comes first, so logs of a non-interactive run stay short.
+    """
+
+    _NINJA = re.compile(r"^\[(\d+)/(\d+)\]\s+(.*)")
+    _MAKE = re.compile(r"^\[\s*(\d+)%\]\s+(.*)")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.last_pct = -100.0
+        self.last_time = 0.0
+
+    def update(self, line: str) -> None:
+        if m := self._NINJA.match(line):
+            done, total, what = int(m.group(1)), int(m.group(2)), m.group(3)
+            pct = 100.0 * done / max(total, 1)
+            count = f" ({done}/{total})"
+        elif m := self._MAKE.match(line):
+            pct, what, count = float(m.group(1)), m.group(2), ""
+        else:
+            return
+        now = time.monotonic()
+        if pct - self.last_pct < 5 and now - self.last_time < 30 and pct < 100:
+            return
+        self.last_pct, self.last_time = pct, now
+        elapsed = now - self.start
+        eta = f", ETA ~{_clock(elapsed * (100 - pct) / pct)}" if 0 < pct < 100 else ""
+        print(f"grpoctl:   {pct:3.0f}%{count} {_describe(what)}  [{_clock(elapsed)}{eta}]", flush=True)
+
+
+def _describe(what: str) -> str:
+    """"Building CXX object tools/server/CMakeFiles/server-context.dir/server-context.cpp.o" -> "server-context.cpp"."""
+    if m := re.search(r"(?:Building \w+ object|Linking \w+ \w+(?: library)?) (\S+)", what):
+        target = m.group(1)
+        name = Path(target).name.removesuffix(".o").removesuffix(".obj")
+        return ("linking " if what.startswith("Linking") else "compiling ") + name
+    return what.strip()[:60]
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    lines = [ln.rstrip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-n:]
+
+
+def _cmake_cache(build: Path, key: str) -> str | None:
+    try:
+        text = (build / "CMakeCache.txt").read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(rf"^{key}:\w+=(.*)$", text, re.M)
+    return m.group(1).strip() if m else None
+
+
+def _first_line(cmd: Iterable[str]) -> str | None:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
