@@ -86,7 +86,7 @@ class TrainerConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     lr_scheduler_type: str = "linear"
-    optim: str = "auto"  # auto: adamw_8bit with bitsandbytes on CUDA, else adamw_torch
+    optim: str = "auto"  # auto: adamw_8bit with bitsandbytes on CUDA (not under FSDP), else adamw_torch
     per_device_train_batch_size: int | None = None  # completions per device and step; None = num_generations
     gradient_accumulation_steps: int = 1
     num_generations: int = 4

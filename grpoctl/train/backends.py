@@ -65,11 +65,17 @@ def gpu_index() -> int:
 
 def pick_optimizer(requested: str) -> tuple[str, str | None]:
     """The seed's 8-bit AdamW needs bitsandbytes on CUDA; elsewhere plain AdamW, and the reason is returned."""
+    from grpoctl.train.distributed import running_strategy
+
     if requested != "auto":
         return requested, None
-    if has_cuda() and has_module("bitsandbytes"):
+    # FSDP gathers the optimizer state into the last step's checkpoint and fails on bitsandbytes' 8-bit state
+    # (seen on two GPUs: "Expected all tensors to be on the same device"); torch's AdamW keeps its step on the CPU
+    fsdp = running_strategy() == "fsdp"
+    if has_cuda() and has_module("bitsandbytes") and not fsdp:
         return "adamw_8bit", None
-    why = "no CUDA GPU" if not has_cuda() else "bitsandbytes is not installed"
+    why = ("FSDP cannot gather its 8-bit state into a checkpoint" if fsdp else
+           "no CUDA GPU" if not has_cuda() else "bitsandbytes is not installed")
     return "adamw_torch", f"optimizer adamw_torch instead of the recipe's adamw_8bit ({why})"
 
 

@@ -321,3 +321,21 @@ def test_gathered_adapter_without_renamed_modules_is_the_file_peft_writes(tiny_q
     ours, peft = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("gathered", "peft"))
     assert sorted(ours) == sorted(peft) and len(ours) == 8
     assert all(torch.equal(ours[k], peft[k]) for k in peft)
+
+
+def test_fsdp_trains_with_torchs_adamw_as_its_checkpoint_cannot_gather_8bit_state(monkeypatch):
+    """The recipe's 8-bit AdamW on a GPU with bitsandbytes, except under FSDP, whose checkpoint of the last step
+    gathers the optimizer state across processes and fails on bitsandbytes' state (seen on two H200s after 20
+    steps); an optimizer the user set is kept."""
+    from grpoctl.train import backends
+
+    monkeypatch.setattr(backends, "has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "has_module", lambda name: True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert backends.pick_optimizer("auto") == ("adamw_8bit", None)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    optim, note = backends.pick_optimizer("auto")
+    assert optim == "adamw_torch" and "FSDP" in note
+    assert backends.pick_optimizer("adamw_8bit") == ("adamw_8bit", None)
