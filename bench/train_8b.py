@@ -2,6 +2,7 @@
 trl backend, on a random model with the real Qwen3-8B config (151,936-token vocabulary).
 
     python bench/train_8b.py OUTDIR [--steps 6] [--completion 128] [--tokenizer DIR] [--deadline-s 570]
+                             [--rounds 1,2,3]
 
 Needs two GPUs: runs go in pairs, one per GPU at the same time, and the pairs swap GPUs and order:
     round 1  GPU0 grpoctl unsloth   GPU1 by hand
@@ -170,6 +171,7 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=570.0)
     ap.add_argument("--round-timeout-s", type=float, default=200.0)
     ap.add_argument("--cpu", action="store_true", help="rehearse on a CPU (see above)")
+    ap.add_argument("--rounds", default="1,2,3", help="which rounds to run (the two-GPU check goes with round 1)")
     args = ap.parse_args()
     t0 = time.monotonic()
     work = args.out
@@ -184,7 +186,8 @@ def main() -> None:
                               f"from pathlib import Path; build_qwen3(Path({str(work / 'models' / args.shape)!r}), "
                               f"{args.shape!r}, {str(tokenizer)!r}, {device!r})"],
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
-    multi = [] if args.cpu else unsloth_on_two_gpus(work, tokenizer, 150)
+    rounds = [int(n) for n in args.rounds.split(",")]
+    multi = [] if args.cpu or 1 not in rounds else unsloth_on_two_gpus(work, tokenizer, 150)
     if build.wait() != 0:
         raise SystemExit("building the model failed")
     model = work / "models" / args.shape
@@ -192,6 +195,8 @@ def main() -> None:
 
     rows: list[dict] = []
     for n, pair in enumerate(ROUNDS, 1):
+        if n not in rounds:
+            continue
         left = args.deadline_s - (time.monotonic() - t0)
         if left < 120:
             rows += [{"kind": k, "label": f"r{n}_{k}", "rc": "skipped", "why": f"{left:.0f} s left"} for k in pair]
