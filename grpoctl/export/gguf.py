@@ -79,10 +79,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
 
-        what = "base + adapter merged by PEFT" if adapter_dir else "the model"
-        print(f"grpoctl: parity: running {what} in transformers (float32 reference, bf16 noise floor)", flush=True)
+        what = "base + adapter applied by PEFT" if adapter_dir else "the model"
+        plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
+        how = "weights streamed layer by layer" if plan[1] else "in memory"
+        print(f"grpoctl: parity: running {what} in transformers (float32 reference on {plan[0]}, {how}; bf16 noise "
+              "floor)", flush=True)
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids)
+                                       eot_ids, plan=plan)
         files: dict[str, dict[str, Any]] = {}
         for t in types:
             fname = gguf_filename(name, t)
