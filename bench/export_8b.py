@@ -2,7 +2,7 @@
 by-hand route beside it (PEFT merge + save, llama.cpp's convert_hf_to_gguf.py, one quantization per type).
 
     python bench/export_8b.py WORK [--shape qwen3-8b] [--types q8_0,q4_k_m,q5_k_m] [--merged]
-                              [--by-hand] [--no-parity-gate] [--tokenizer DIR] [--keep]
+                              [--by-hand [--skip-grpoctl]] [--no-parity-gate] [--tokenizer DIR] [--keep]
 
 Builds the base tensor by tensor into ~4 GB safetensors shards (the real Qwen3-8B config, 151,936-row
 vocabulary, random bf16 weights; about 16.4 GB) and a PEFT adapter of rank 32 on the seven projections with
@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--types", default="q8_0,q4_k_m,q5_k_m")
     ap.add_argument("--merged", action="store_true", help="also --merged 16bit")
     ap.add_argument("--by-hand", action="store_true")
+    ap.add_argument("--skip-grpoctl", action="store_true", help="the by-hand route only (grpoctl's measured before)")
     ap.add_argument("--no-parity-gate", action="store_true")
     ap.add_argument("--tokenizer", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model and outputs")
@@ -256,16 +257,21 @@ def main() -> None:
     cmd = [sys.executable, "-m", "grpoctl", "export", str(adapter), "--base", str(base), "--gguf", args.types,
            "-o", str(out)] + (["--merged", "16bit"] if args.merged else []) + \
           (["--no-parity-gate"] if args.no_parity_gate else [])
-    print("(a) " + " ".join(cmd[2:]), flush=True)
-    a, lines = run("a grpoctl export", cmd, work / "grpoctl-export.log", env)
-    a_steps = grpoctl_steps(a, lines)
-    for s in a_steps:
-        print(f"    {s['step']:42} {s['wall_s']:8.1f} s  peak RSS {s['peak_rss_mib']:6d} MiB "
-              f"(anon {s['peak_anon_mib']}, file {s['peak_file_mib']})", flush=True)
-    parity = out / "gguf" / "parity.json"
-    parity_table = [ln for _, ln in lines if "%" in ln and ("gguf" in ln.lower() or "noise floor" in ln)]
-    for ln in parity_table:
-        print("    " + ln, flush=True)
+    a, a_steps, parity_table, parity_report = None, [], [], None
+    if not args.skip_grpoctl:
+        print("(a) " + " ".join(cmd[2:]), flush=True)
+        a, lines = run("a grpoctl export", cmd, work / "grpoctl-export.log", env)
+        a_steps = grpoctl_steps(a, lines)
+        for s in a_steps:
+            print(f"    {s['step']:42} {s['wall_s']:8.1f} s  peak RSS {s['peak_rss_mib']:6d} MiB "
+                  f"(anon {s['peak_anon_mib']}, file {s['peak_file_mib']})", flush=True)
+        parity = out / "gguf" / "parity.json"
+        parity_report = json.loads(parity.read_text()) if parity.is_file() else None
+        parity_table = [ln for _, ln in lines if "%" in ln and ("gguf" in ln.lower() or "noise floor" in ln)]
+        for ln in parity_table:
+            print("    " + ln, flush=True)
+        if not args.keep:  # the by-hand route needs the disk
+            shutil.rmtree(out, ignore_errors=True)
 
     b_rows: list[dict] = []
     if args.by_hand:
@@ -305,19 +311,23 @@ def main() -> None:
             shutil.rmtree(hand, ignore_errors=True)
 
     summary = {"env": info, "shape": args.shape, "types": args.types, "merged": args.merged,
-               "largest_shard_mib": round(largest), "grpoctl": {k: v for k, v in a.items() if not k.startswith("_")},
+               "largest_shard_mib": round(largest),
+               "grpoctl": {k: v for k, v in (a or {}).items() if not k.startswith("_")},
                "grpoctl_steps": a_steps, "parity_lines": parity_table,
-               "parity": json.loads(parity.read_text()) if parity.is_file() else None,
+               "parity": parity_report,
                "by_hand": [{k: v for k, v in r.items() if not k.startswith("_")} for r in b_rows]}
-    print(f"\npeak RSS of the whole export {a['peak_rss_mib']} MiB = {a['peak_rss_mib'] / largest:.2f}x the largest "
-          f"shard ({largest:.0f} MiB); anonymous {a['peak_anon_mib']} MiB = {a['peak_anon_mib'] / largest:.2f}x")
-    if b_rows and all(r["rc"] == 0 for r in b_rows):
+    if a:
+        print(f"\npeak RSS of the whole export {a['peak_rss_mib']} MiB = {a['peak_rss_mib'] / largest:.2f}x the "
+              f"largest shard ({largest:.0f} MiB); anonymous {a['peak_anon_mib']} MiB = "
+              f"{a['peak_anon_mib'] / largest:.2f}x")
+    if a and b_rows and all(r["rc"] == 0 for r in b_rows):
         wall_b = sum(r["wall_s"] for r in b_rows)
         rss_b = max(r["peak_rss_mib"] for r in b_rows)
         print(f"grpoctl / by hand: wall {a['wall_s']:.0f} s / {wall_b:.0f} s = {a['wall_s'] / wall_b:.2f}x (grpoctl "
               f"includes parity, by hand has none); peak RSS {a['peak_rss_mib']} / {rss_b} MiB = "
               f"{a['peak_rss_mib'] / rss_b:.2f}x")
-    (work / "export_8b.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    name = "export_8b_by_hand.json" if args.skip_grpoctl else "export_8b.json"
+    (work / name).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(json.dumps({k: summary[k] for k in ("grpoctl", "grpoctl_steps", "by_hand")}, default=str))
     if not args.keep:
         for d in ("base", "adapter", "export"):
