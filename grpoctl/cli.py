@@ -13,21 +13,23 @@ from pathlib import Path
 import click
 
 from grpoctl import __version__
-from grpoctl.errors import GrpoctlError, NotImplementedYetError
+from grpoctl.errors import GrpoctlError
 
 
 class _Group(click.Group):
     """Turns every expected failure into one line on stderr and a non-zero exit code."""
 
     def main(self, *args, **kwargs):  # type: ignore[override]
+        from grpoctl.procs import termination_as_interrupt
+
         kwargs["standalone_mode"] = False
         try:
-            rv = super().main(*args, **kwargs)
+            with termination_as_interrupt():  # SIGTERM/SIGHUP clean up exactly as Ctrl-C does
+                rv = super().main(*args, **kwargs)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.exceptions.Abort:
-            click.echo("grpoctl: interrupted", err=True)
-            sys.exit(130)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _interrupted()
         except click.ClickException as e:
             ctx = getattr(e, "ctx", None)
             where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
@@ -36,10 +38,14 @@ class _Group(click.Group):
         except GrpoctlError as e:
             click.echo(f"grpoctl: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("grpoctl: interrupted", err=True)
-            sys.exit(130)
         except Exception as e:  # a bug, not bad input: still one line unless asked for more
+            from grpoctl.fsutil import disk_full_error
+
+            where = getattr(e, "filename", None)
+            full = disk_full_error(e, Path(where).parent if where else Path.cwd(), cleaned=False)
+            if full is not None:  # a writer no stage expected to fill the disk: still the disk-full answer
+                click.echo(f"grpoctl: {full}", err=True)
+                sys.exit(full.exit_code)
             if os.environ.get("GRPOCTL_DEBUG"):
                 raise
             click.echo(f"grpoctl: internal error: {type(e).__name__}: {e} "
@@ -50,17 +56,46 @@ class _Group(click.Group):
         return rv
 
 
+def _interrupted() -> None:
+    from grpoctl.procs import interrupt_exit_code, interrupt_name
+
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()  # a bar left open redraws itself at exit, after what should be the last line
+    name = interrupt_name()
+    click.echo("grpoctl: interrupted" + ("" if name == "SIGINT" else f" ({name})"), err=True)
+    sys.exit(interrupt_exit_code())
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="grpoctl")
 def cli() -> None:
     """GRPO fine-tuning to deployment: train, export, push, manifests, serve."""
 
 
-def _not_yet(command: str) -> None:
-    raise NotImplementedYetError(f"`grpoctl {command}` is not implemented yet")
-
-
 # --- train ------------------------------------------------------------------------------------------
+def _column_options(f):
+    """Which dataset columns hold what: the usual ``data.*`` keys as flags (train and eval)."""
+    for opt in reversed([
+        click.option("--prompt-field", metavar="COLUMN", help="Column with the question/prompt (default: question)."),
+        click.option("--solution-field", metavar="COLUMN",
+                     help="Column with the worked solution; the answer is taken from it (default: answer)."),
+        click.option("--answer-field", metavar="COLUMN",
+                     help="Column that already holds the bare answer (then the solution column is optional)."),
+        click.option("--extract-hash-answer/--no-extract-hash-answer", default=None,
+                     help="Take the answer after '####' in the solution, as GSM8K writes it (default: on)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _column_flags(prompt_field: str | None, solution_field: str | None, answer_field: str | None,
+                  extract_hash_answer: bool | None) -> dict:
+    given = {"prompt_field": prompt_field, "solution_field": solution_field, "answer_field": answer_field,
+             "extract_hash_answer": extract_hash_answer}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @cli.command()
 @click.option("--config", "-c", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -77,17 +112,19 @@ def _not_yet(command: str) -> None:
               help="Multi-process strategy (default: ddp).")
 @click.option("--accelerate-config", type=click.Path(path_type=Path), help="accelerate config file to launch with.")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir from its newest checkpoint.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --output-dir.")
+@click.option("--force", is_flag=True, help="Delete what --output-dir holds (a previous run included) and start again.")
+@_column_options
 def train(config_file: Path | None, overrides: tuple[str, ...], model: str | None, dataset: str | None,
           output_dir: Path | None, backend: str | None, max_steps: int | None, tracking: str | None,
           num_processes: int | None, strategy: str | None, accelerate_config: Path | None, resume: bool,
-          force: bool) -> None:
+          force: bool, **columns) -> None:
     """Train a LoRA adapter with GRPO and write a run directory."""
     from grpoctl.config import load_config
     from grpoctl.train.run import resumed_config_base
     from grpoctl.train.run import train as run_training
 
-    flags: dict = {"model": {"name": model}, "data": {"dataset": dataset}, "trainer": {"backend": backend,
+    data = {"dataset": dataset, **_column_flags(**columns)}
+    flags: dict = {"model": {"name": model}, "data": data, "trainer": {"backend": backend,
                    "max_steps": max_steps}, "tracking": {"mode": tracking},
                    "distributed": {"num_processes": num_processes, "strategy": strategy,
                                    "accelerate_config": str(accelerate_config) if accelerate_config else None},
@@ -108,15 +145,18 @@ def train(config_file: Path | None, overrides: tuple[str, ...], model: str | Non
 @cli.command(name="eval")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--samples", "-n", type=int, default=20, show_default=True, help="Prompts to sample.")
-@click.option("--max-new-tokens", type=int, help="Completion length (default: the run's max_completion_length).")
+@click.option("--max-new-tokens", type=int, help="Completion length (default: the run's max_completion_length, "
+              "at most 256 without a GPU).")
 @click.option("--seed", type=int, default=3407, show_default=True, help="Sampling and selection seed.")
 @click.option("--dataset", "-d", help="Evaluate on this dataset instead of the run's own.")
-def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, dataset: str | None) -> None:
+@_column_options
+def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, dataset: str | None, **columns) -> None:
     """Compare the model with and without the trained LoRA on sampled prompts."""
     from grpoctl.rundir import RunDir
     from grpoctl.train.evaluate import evaluate, format_table
 
-    result = evaluate(RunDir(run), samples=samples, max_new_tokens=max_new_tokens, seed=seed, dataset=dataset)
+    result = evaluate(RunDir(run), samples=samples, max_new_tokens=max_new_tokens, seed=seed, dataset=dataset,
+                      columns=_column_flags(**columns), log=click.echo)
     click.echo(format_table(result))
     click.echo(f"grpoctl: wrote {Path(run) / 'eval.json'}")
 
@@ -153,20 +193,20 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     Writes merged weights, the cleaned adapter and GGUF files as asked, then an Ollama Modelfile and vLLM
     manifests for them, all listed with sha256 in EXPORT/artifacts.json.
     """
-    from grpoctl.export.pipeline import ExportOptions
-    from grpoctl.export.pipeline import export as run_export
+    from grpoctl.api import ExportOptions
+    from grpoctl.api import export as run_export
 
     if push_repo and verify_only:
         raise click.BadParameter("cannot be combined with --verify-only", param_hint="--push")
     if push_repo:
-        from grpoctl.export.hub import validate_repo_id
+        from grpoctl.push.hub import validate_repo_id
 
         validate_repo_id(push_repo)  # before hours of work, not after
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
                             output_dir=output_dir, force=force, verify_only=verify_only, strict=strict,
                             allow_pickle=allow_pickle, llama_cpp_dir=llama_cpp_dir, parity_gate=not no_parity_gate,
-                            progress=not quiet, manifests=not no_manifests)
-    manifest = run_export(source, options, log=None if quiet else click.echo)
+                            progress=not quiet)
+    manifest = run_export(source, options, manifests=not no_manifests, log=None if quiet else click.echo)
     kinds: dict[str, list] = {}
     for entry in manifest.files:
         kinds.setdefault(entry.kind, []).append(entry)
@@ -176,7 +216,7 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     if not verify_only:
         click.echo(f"manifest: {manifest.root / 'artifacts.json'}")
     if push_repo:
-        from grpoctl.export.hub import push as push_export
+        from grpoctl.push.hub import push as push_export
 
         for line in push_export(manifest.root, push_repo).lines():
             click.echo(line)
@@ -205,17 +245,19 @@ def _repo_overrides(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--private", is_flag=True, help="Create new repos as private (existing repos keep their visibility).")
 @click.option("--revision", metavar="BRANCH", default=None, help="Existing branch to commit to (default: main).")
 @click.option("--dry-run", is_flag=True, help="List what would go where, with sizes; needs no network or token.")
+@click.option("--allow-stale", is_flag=True, help="Publish the export even though the run's adapter changed after it "
+              "was made (e.g. trained further with --resume).")
 def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], private: bool,
-         revision: str | None, dry_run: bool) -> None:
+         revision: str | None, dry_run: bool, allow_stale: bool) -> None:
     """Publish an export (RUN or RUN/export) to the Hugging Face Hub with generated model cards.
 
     The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
     Unchanged files are not uploaded again and an unchanged repo gets no new commit.
     """
-    from grpoctl.export.hub import push as push_export
+    from grpoctl.push.hub import push as push_export
 
     report = push_export(source, repo, what=what.split(",") if what is not None else None, private=private,
-                         revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for))
+                         revision=revision, dry_run=dry_run, names=_repo_overrides(repo_for), allow_stale=allow_stale)
     for line in report.lines():
         click.echo(line)
     if dry_run:
@@ -240,36 +282,34 @@ def push(source: Path, repo: str, what: str | None, repo_for: tuple[str, ...], p
               help="vLLM replicas behind the endpoint (default: the run's training process count divided by "
                    "the tensor parallel size).")
 @click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--ollama-template", type=click.Choice(["auto", "go", "native"]), default="auto", show_default=True,
+              help="Modelfile TEMPLATE: auto = what Ollama 0.30+ renders exactly like the chat template (usually "
+                   "none: Ollama renders the GGUF's own template); go = the checked Go translation, for Ollama "
+                   "before 0.30; native = never.")
 @click.option("--force", is_flag=True,
               help="Replace existing manifests, and write them even if the Ollama template check fails.")
 def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_template: Path | None, quant: str | None,
               served_model_name: str | None, hub_repo: str | None, gpu_memory_utilization: float,
-              tensor_parallel_size: int | None, data_parallel_size: int | None, port: int, force: bool) -> None:
+              tensor_parallel_size: int | None, data_parallel_size: int | None, port: int, ollama_template: str,
+              force: bool) -> None:
     """Write an Ollama Modelfile and vLLM serving manifests for an export.
 
     SOURCE is a run directory (its export/ is used) or an export directory.
     """
-    from grpoctl.export.artifacts import resolve_export
-    from grpoctl.manifests.api import ManifestOptions, write_manifests
+    from grpoctl.api import ManifestOptions, write_manifests
 
-    export_dir, run = resolve_export(source)
     options = ManifestOptions(output_dir=output_dir, no_system=no_system, chat_template=chat_template, quant=quant,
                               served_model_name=served_model_name, hub_repo=hub_repo,
                               gpu_memory_utilization=gpu_memory_utilization,
                               tensor_parallel_size=tensor_parallel_size, data_parallel_size=data_parallel_size,
-                              port=port, force=force)
-    written = write_manifests(export_dir, run=run, options=options)
-    for path in written:
+                              port=port, ollama_template=ollama_template, force=force)
+    written = write_manifests(source, options)
+    for path in written.files:
         rel = os.path.relpath(path)
         click.echo(path if rel.startswith("..") else rel)
-    from grpoctl.export.artifacts import ArtifactManifest
-
-    section = ArtifactManifest.load(export_dir).sections.get("manifests", {})
-    fidelity = section.get("ollama", {}).get("fidelity")
-    if isinstance(fidelity, dict) and fidelity.get("passed"):
-        click.echo(f"grpoctl: Ollama template ({section['ollama'].get('family')}) renders like the chat template "
-                   f"in Go text/template on {len(fidelity.get('conversations', []))} conversations", err=True)
-    for note in section.get("notes", []):
+    if summary := written.section.ollama.summary:
+        click.echo(f"grpoctl: {summary}", err=True)
+    for note in written.section.notes:
         click.echo(f"grpoctl: note: {note}", err=True)
 
 
@@ -358,4 +398,9 @@ def doctor(fetch_converter: bool, build_llama_tools: bool) -> None:
 
 
 def main() -> None:
+    # OpenMP threads that spin while they wait turn a CPU shared with other work into a crawl: one demo
+    # training step took 300 s with torch's default and 42 s with sleeping threads on a busy 2-core machine
+    # (bench/cpu_threads_bench.py). OpenMP reads this once, when torch loads, so it is set before any command
+    # imports torch; a value the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="grpoctl")

@@ -65,7 +65,7 @@ class DataConfig:
     solution_field: str = "answer"
     answer_field: str | None = None  # a column that already holds the bare answer; else derived from solution
     extract_hash_answer: bool = True  # GSM8K: the answer follows "####"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None (or "") = no system message
     length_quantile: float = 0.9  # drop prompts longer than this quantile of token length
     max_samples: int | None = None
     reasoning_start: str = "<think>"  # used only when the tokenizer has no reasoning tokens of its own
@@ -194,10 +194,24 @@ def _section_classes() -> dict[str, type]:
     return {k: v for k, v in hints.items() if dataclasses.is_dataclass(v)}
 
 
+class _SetText(str):
+    """A ``--set`` value: the text as typed, and its TOML reading (``parsed``). A string setting keeps the
+    text (``--set data.system_prompt=true`` is the word "true", ``1e3`` stays "1e3"); others take the reading."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any) -> _SetText:
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Turn a TOML/--set value into the field's type, or fail naming the key and the expected type."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if isinstance(value, _SetText) and hint is not str and origin not in (types.UnionType, typing.Union):
+        value = value.parsed
     if origin in (types.UnionType, typing.Union):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
@@ -232,9 +246,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key} expects a number, got {value!r}") from None
     if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key} expects a string, got {value!r}")
-        return str(value)
+        if isinstance(value, _SetText):
+            return value.parsed if isinstance(value.parsed, str) else str.__str__(value)
+        if not isinstance(value, str):  # TOML: `system_prompt = true` is a typo, not the word "True"
+            raise ConfigError(f"{key} expects a string, got {_toml(value)}; quote it")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -242,18 +258,28 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects a list, got {value!r}")
         return [_coerce(v, args[0], key) for v in value]
     if origin is dict:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return {}  # `--set rewards.weights=none` clears the table
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a table like {{name = 1.0}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     return value
 
 
-def _parse_override_value(raw: str) -> Any:
-    """``--set`` values are TOML literals where they parse (numbers, booleans, lists, tables), else strings."""
+def _parse_override_value(raw: str) -> _SetText:
+    """``--set`` values are TOML literals where they parse (numbers, booleans, lists, tables), else strings;
+    the typed text is kept beside the reading for string settings."""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        parsed = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        return raw
+        parsed = raw
+    return _SetText(raw, parsed)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value)
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], origin: str, strict: bool = True) -> None:
@@ -282,20 +308,25 @@ def apply(cfg: TrainConfig, values: dict[str, Any], origin: str, strict: bool = 
             raise ConfigError(f"{origin}: unknown section or key {name!r}; valid: {', '.join([*sections, *top])}")
 
 
-def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["lora.r=16", "trainer.max_steps=5"]`` -> ``{"lora": {"r": 16}, "trainer": {"max_steps": 5}}``."""
+def parse_overrides(items: list[str] | tuple[str, ...], keep_text: bool = False) -> dict[str, Any]:
+    """``["lora.r=16", "trainer.max_steps=5"]`` -> ``{"lora": {"r": 16}, "trainer": {"max_steps": 5}}``.
+
+    ``keep_text``: each value also carries the text as typed, which string settings keep (see ``_SetText``).
+    """
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         path, raw = item.split("=", 1)
         parts = path.strip().split(".")
+        value = _parse_override_value(raw)
+        value = value if keep_text else value.parsed
         if len(parts) == 1:
-            out[parts[0]] = _parse_override_value(raw)
+            out[parts[0]] = value
             continue
         if len(parts) != 2:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        out.setdefault(parts[0], {})[parts[1]] = _parse_override_value(raw)
+        out.setdefault(parts[0], {})[parts[1]] = value
     return out
 
 
@@ -323,7 +354,7 @@ def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...]
         apply(cfg, base, "run.json", strict=False)
     if path is not None:
         apply(cfg, load_toml(path), str(path))
-    apply(cfg, parse_overrides(overrides), "--set")
+    apply(cfg, parse_overrides(overrides, keep_text=True), "--set")
     if flags:
         apply(cfg, flags, "command line")
     cfg.validate()

@@ -90,6 +90,20 @@ def _ollama() -> Check:
     return Check("ollama", "ok", f"daemon {version} at {host}")
 
 
+def _leftovers() -> Check:
+    """Staging folders of exports killed outright (kill -9, power loss) and their temporary folders: each can
+    hold a full merged copy, and only a live owner may keep one."""
+    from grpoctl.fsutil import human_bytes, sweep_stale_scratch, sweep_stale_staging
+
+    removed = sweep_stale_staging() + sweep_stale_scratch()
+    if not removed:
+        return Check("leftovers", "ok", "no staging or temporary folders left by killed grpoctl processes")
+    total = sum(size for _, size in removed)
+    names = ", ".join(str(p) for p, _ in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+    return Check("leftovers", "ok", f"removed {len(removed)} folder(s) left by killed grpoctl processes "
+                 f"({human_bytes(total)}): {names}")
+
+
 def run_checks() -> list[Check]:
     checks = [
         _package("torch", "torch", True, "pip install torch==2.13.0 (CPU) or a CUDA build from pytorch.org"),
@@ -103,5 +117,6 @@ def run_checks() -> list[Check]:
         _converter(),
         _llama_tools(),
         _ollama(),
+        _leftovers(),
     ]
     return checks

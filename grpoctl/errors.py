@@ -30,7 +30,9 @@ class InputNotFoundError(GrpoctlError, FileNotFoundError):
 
 
 class DataError(GrpoctlError, ValueError):
-    """A dataset is unreadable or lacks the mapped columns, or no usable rows are left."""
+    """Input data is not what it should be: a dataset that is unreadable, lacks the mapped columns or keeps no
+    usable rows, or a file another tool or stage wrote (``adapter_config.json``, a base ``config.json``,
+    ``run.json``, ``artifacts.json``, safetensors) that is corrupt, not JSON or holds values of the wrong type."""
 
     exit_code = 4
 
@@ -42,9 +44,16 @@ class OutputExistsError(GrpoctlError, FileExistsError):
 
 
 class DiskFullError(GrpoctlError, OSError):
-    """The disk filled up while writing an output; the partial output was removed."""
+    """The disk filled up while writing an output (or would, by the space check before starting); the partial
+    output was removed."""
 
     exit_code = 13
+
+
+class OutputBusyError(GrpoctlError, BlockingIOError):
+    """Another grpoctl process is writing the same output folder right now (its lock is held)."""
+
+    exit_code = 14
 
 
 class DependencyError(GrpoctlError, ImportError):
@@ -92,8 +101,3 @@ class HubError(GrpoctlError):
 
     exit_code = 12
 
-
-class NotImplementedYetError(GrpoctlError, NotImplementedError):
-    """A command exists in the CLI but its behaviour has not been built yet."""
-
-    exit_code = 64

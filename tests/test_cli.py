@@ -49,3 +49,20 @@ def test_doctor_reports_one_line_per_engine():
     # torch and llama.cpp are installed in any environment that runs these tests
     assert any(line.startswith("[ok  ] torch") for line in r.stdout.splitlines())
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_grpoctl_lets_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
+    """Spinning OpenMP threads made a demo step 7x slower on a shared CPU (bench/cpu_threads.md)."""
+    import os
+    import sys
+
+    from grpoctl.cli import main
+
+    for preset, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if preset is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+        monkeypatch.setattr(sys, "argv", ["grpoctl", "--version"])
+        main()
+        assert os.environ["OMP_WAIT_POLICY"] == expected

@@ -67,3 +67,138 @@ def test_staged_outputs_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+
+
+# --- one owner per output ---------------------------------------------------------------------------
+HOLD = """
+import sys, time
+from pathlib import Path
+from grpoctl.fsutil import output_lock
+with output_lock(Path(sys.argv[1]), what="holder"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(final):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(final)], stdout=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_owner_fails_at_once_and_a_killed_owner_frees_the_folder(tmp_path):
+    from grpoctl.errors import OutputBusyError
+    from grpoctl.fsutil import lock_path
+
+    final = tmp_path / "out"
+    holder = _holder(final)
+    try:
+        with pytest.raises(OutputBusyError, match=rf"out is being written by another grpoctl process \(holder, pid "
+                                                  rf"{holder.pid}\)"):
+            with staged_dir(final):
+                pass
+        assert not final.exists() and not list(tmp_path.glob(".out.partial-*"))
+    finally:
+        holder.kill()  # SIGKILL: no cleanup in the holder; the kernel drops its lock
+        holder.wait()
+    assert lock_path(final).exists()  # the file stays behind a kill -9 ...
+    with staged_dir(final) as tmp:  # ... but it binds nobody
+        (tmp / "done").write_text("x")
+    assert (final / "done").read_text() == "x" and not lock_path(final).exists()
+
+
+def test_final_rename_never_replaces_a_folder_that_appeared_meanwhile(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="appeared while the output was being written"):
+        with staged_dir(final) as tmp:
+            (tmp / "ours").write_text("ours")
+            final.mkdir()
+            (final / "theirs").write_text("theirs")  # another tool wrote here while we worked
+    assert sorted(p.name for p in final.iterdir()) == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, no lock
+    with staged_dir(final, force=True) as tmp:  # --force at the start: replacing it was asked for
+        (tmp / "ours").write_text("ours")
+    assert sorted(p.name for p in final.iterdir()) == ["ours"]
+
+
+def test_updated_dir_swaps_in_a_changed_copy_and_keeps_the_live_files_untouched(tmp_path):
+    import os
+
+    from grpoctl.fsutil import updated_dir
+
+    final = tmp_path / "out"
+    (final / "sub").mkdir(parents=True)
+    (final / "sub" / "big.bin").write_bytes(b"w" * 4096)
+    (final / "index.json").write_text("old")
+    inode = os.stat(final / "sub" / "big.bin").st_ino
+    with pytest.raises(RuntimeError):
+        with updated_dir(final) as tmp:
+            with staged_file(tmp / "index.json") as f:
+                f.write_text("half")
+            raise RuntimeError("interrupted")
+    assert (final / "index.json").read_text() == "old"
+    with updated_dir(final) as tmp:
+        with staged_file(tmp / "index.json") as f:
+            f.write_text("new")
+        (tmp / "added").write_text("+")
+        assert (final / "index.json").read_text() == "old"  # readers see the old tree until the swap
+    assert (final / "index.json").read_text() == "new" and (final / "added").read_text() == "+"
+    assert os.stat(final / "sub" / "big.bin").st_ino == inode  # kept, not copied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_stale_staging_of_a_dead_owner_is_swept_and_a_live_ones_is_not(tmp_path, monkeypatch):
+    import subprocess
+
+    from grpoctl.fsutil import sweep_stale_siblings, sweep_stale_staging
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    final = tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid in (dead.pid, live.pid):
+            stage = tmp_path / f".out.partial-{pid}-abc"
+            (stage / "merged").mkdir(parents=True)
+            (stage / "merged" / "model.safetensors").write_bytes(b"x" * 1000)
+        removed = sweep_stale_siblings(final)
+        assert [(p.name, size) for p, size in removed] == [(f".out.partial-{dead.pid}-abc", 1000)]
+        assert (tmp_path / f".out.partial-{live.pid}-abc").is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    # doctor's sweep works from the journal, wherever the folder is
+    journal = tmp_path / "cache" / "staging"
+    journal.mkdir(parents=True)
+    (journal / f"out.partial-{live.pid}-abc.json").write_text(
+        f'{{"path": "{tmp_path / f".out.partial-{live.pid}-abc"}", "pid": {live.pid}, "start": null}}')
+    assert [p.name for p, _ in sweep_stale_staging()] == [f".out.partial-{live.pid}-abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"] and not list(journal.iterdir())
+
+
+def test_disk_full_from_any_layer_is_one_error_naming_the_output(tmp_path):
+    import errno
+    import os
+
+    from grpoctl.errors import DiskFullError
+    from grpoctl.fsutil import disk_full_is_one_line
+
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError) as caught:
+        with disk_full_is_one_line(out):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".out.partial-1-x" / "a"))
+            except OSError as err:
+                raise RuntimeError("a library's own wrapper") from err
+    assert str(caught.value) == (f"disk full while writing {out}: No space left on device; nothing was kept. "
+                                 "Free some space and run it again")
+    with pytest.raises(PermissionError):  # anything else passes through untouched
+        with disk_full_is_one_line(out):
+            raise PermissionError(errno.EACCES, "denied")

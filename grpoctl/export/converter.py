@@ -96,7 +96,7 @@ def fetch_converter(version: str | None = None) -> Converter:
                         f"grpoctl.export.converter`, then copy {cache_dir()}) or set {ENV_DIR} / --llama-cpp-dir "
                         "to a llama.cpp checkout")
     print(f"grpoctl: extracting llama.cpp's converter from {sdist.path.name} (once) -> {root}", flush=True)
-    with staged_dir(root, force=True) as stage:
+    with staged_dir(root, force=True, wait=True) as stage:  # a concurrent fetch queues
         _extract(sdist.path, stage)
         if not _is_tree(stage):
             raise DependencyError(f"the {DIST}=={version} sdist has no complete llama.cpp converter "

@@ -4,7 +4,7 @@
         -> llama.cpp converter, each adapted tensor merged as it streams   (no merged copy on disk)
         -> one 16-bit GGUF (kept when f16/bf16 is asked for, else a temporary intermediate)
         -> llama_cpp.llama_model_quantize per requested type (q8_0, q4_k_m, q5_k_m, ...)
-        -> every file loaded in llama.cpp and compared with base + adapter merged by PEFT in transformers
+        -> every file loaded in llama.cpp and compared with base + adapter applied by PEFT in transformers
         -> EXPORT/gguf/<Name>-<QUANT>.gguf, parity.json, artifacts.json entries
 
 Files appear under their final names only after they loaded in llama.cpp and passed the parity gate.
@@ -13,25 +13,30 @@ Files appear under their final names only after they loaded in llama.cpp and pas
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import ConversionError, InputNotFoundError, ParityError, UsageError
+from grpoctl.artifacts import Artifacts, ParitySection
+from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
 from grpoctl.export import parity
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import Converter, find_converter
-from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, parse_types, quantize
+from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.jsonfiles import from_json, to_json
+from grpoctl.models import TOKENIZER_FILES, has_tokenizer
+from grpoctl.procs import run_child
 
 PARITY_FILE = "parity.json"
-# tokenizer files a training run may have changed (added tokens, chat template); they override the base's
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+# where progress lines and the parity table go: the export's one output channel (silent under --quiet)
+Say = Callable[[str], None]
 
 
 def parse_gguf_types(text: str) -> list[str]:
@@ -45,14 +50,14 @@ def gguf_filename(name: str, type_name: str) -> str:
 
 
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
-                manifest: ArtifactManifest, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
+                artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
-                floors: dict[str, parity.Floor] | None = None) -> list[Path]:
+                floors: dict[str, parity.Floor] | None = None, say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
-    ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
+    ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
 
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
-    again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
+    again. The parity reference is always the base plus the adapter applied by PEFT (never grpoctl's merge,
     nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
     files are not kept; parity.json says why).
     """
@@ -67,12 +72,15 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     converter = find_converter(fetch=True, llama_cpp_dir=llama_cpp_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_disk_space(source, types, out_dir)
+    # types written now replace their earlier files; the export's other GGUFs and their parity records stay
+    kept = {n: f for n, f in (artifacts.parity.files if artifacts.parity else {}).items()
+            if any(Path(e.path).name == n for q, e in artifacts.ggufs().items() if q not in types)}
     floors = floors if floors is not None else parity.parse_floors(os.environ.get(parity.ENV_FLOORS))
 
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
         work = Path(work_str)
         view = model_view(source, adapter_dir, work / "model")
-        built = convert_all(converter, view, adapter, work, types, name=name,
+        built = convert_all(converter, view, adapter, work, types, name=name, say=say,
                             metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None))
         eot_ids = built["_info"]["eot_token_ids"]
 
@@ -82,18 +90,20 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         what = "base + adapter applied by PEFT" if adapter_dir else "the model"
         plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
         how = "weights streamed layer by layer" if plan[1] else "in memory"
-        print(f"grpoctl: parity: running {what} in transformers (float32 reference on {plan[0]}, {how}; bf16 noise "
-              "floor)", flush=True)
+        say(f"parity: running {what} in transformers (float32 reference on {plan[0]}, {how}; bf16 noise floor; "
+            "a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
                                        eot_ids, plan=plan)
         files: dict[str, dict[str, Any]] = {}
-        for t in types:
+        for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
-            print(f"grpoctl: parity: {fname} in llama.cpp", flush=True)
+            say(f"parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)")
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
         rep = parity.report(ref, files)
         rep["conversion"] = built.get("_info", {})
-        print(parity.format_table(rep), flush=True)
+        say(parity.format_table(rep))
+        rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
+        rep["passed"] = all(f["passed"] for f in rep["files"].values())
 
         written: list[tuple[Path, str]] = []
         for t in types:
@@ -105,12 +115,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             written.append((final, t))
     parity.write_report(rep, out_dir / PARITY_FILE)
 
-    manifest.remove_kind("gguf:")
+    artifacts.files = [f for f in artifacts.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
-        manifest.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"])
-    manifest.add_file(out_dir / PARITY_FILE, "report")
-    manifest.sections["parity"] = {k: v for k, v in rep.items() if k != "conversion"}
+        artifacts.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"])
+    artifacts.add_file(out_dir / PARITY_FILE, "report")
+    artifacts.parity = from_json(ParitySection, {k: v for k, v in rep.items() if k != "conversion"},
+                                out_dir / PARITY_FILE, "")
 
     failed = [n for n, f in files.items() if not f["passed"]]
     if failed and parity_gate:
@@ -123,6 +134,8 @@ def _why(f: dict[str, Any]) -> str:
     tok = f["tokenizer"]
     if not tok.get("ok", True):
         bad = [k for k in ("bos_once", "chat_ids_match", "template_matches") if tok.get(k) is False]
+        template = tok.get("template") if isinstance(tok.get("template"), dict) else {}
+        bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
     fl = f["floor"]
@@ -133,8 +146,8 @@ def _why(f: dict[str, Any]) -> str:
 # --- conversion ----------------------------------------------------------------------------------
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
-                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None
-                ) -> dict[str, Any]:
+                metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
+                say: Say = print) -> dict[str, Any]:
     """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``)."""
     direct = [t for t in types if TYPES[t].source == "convert"]
     rest = [t for t in types if TYPES[t].source != "convert"]
@@ -148,7 +161,7 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     inter = work / gguf_filename(name, intermediate_type)
     start = time.perf_counter()
     what = "base + adapter, merged per tensor" if adapter else "model"
-    print(f"grpoctl: converting {what} -> {intermediate_type.upper()} with llama.cpp's converter", flush=True)
+    say(f"converting {what} -> {intermediate_type.upper()} with llama.cpp's converter")
     info = convert(converter, view, adapter, inter, intermediate_type, name=name, eot_ids=eot_ids, metadata=metadata)
     info["convert_s"] = round(time.perf_counter() - start, 2)
     if keep:
@@ -156,11 +169,10 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     for t in [t for t in direct if t != intermediate_type] + rest:
         dst = work / gguf_filename(name, t)
         start = time.perf_counter()
-        print(f"grpoctl: quantizing -> {dst.name} (llama.cpp, {threads or default_threads()} threads)", flush=True)
-        quantize(inter, dst, t, threads)
+        say(f"quantizing -> {dst.name} (llama.cpp, {threads or default_threads()} threads)")
+        quantize(inter, dst, t, threads, say=say)
         info[f"quantize_{t}_s"] = round(time.perf_counter() - start, 2)
-        print(f"grpoctl:   {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s",
-              flush=True)
+        say(f"  {dst.name}: {dst.stat().st_size / 2**20:.0f} MiB in {info[f'quantize_{t}_s']:.1f} s")
         built[t] = dst
     if not keep:
         inter.unlink(missing_ok=True)
@@ -176,7 +188,7 @@ def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, out
 
     ``eot_ids`` None: the end-of-turn tokens are worked out from the model's template in the subprocess.
     """
-    with tempfile.TemporaryDirectory(prefix="grpoctl-convert-") as tmp:
+    with scratch_dir("convert") as tmp:
         tmp_path = Path(tmp)
         meta_file = None
         if metadata:
@@ -188,18 +200,79 @@ def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, out
                 "verbose": verbose}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": converter.python_path(), "NO_LOCAL_GGUF": "1"}
-        proc = subprocess.run([sys.executable, "-m", "grpoctl.export.convert_worker", str(tmp_path / "spec.json")],
-                              env=env, stdout=None, stderr=None)
+        stderr = _HeldTraceback()
+        try:
+            code = run_child([sys.executable, "-m", "grpoctl.export.convert_worker", str(tmp_path / "spec.json")],
+                             env=env, stderr=subprocess.PIPE, while_running=stderr.forward)
+        except BaseException:
+            outfile.unlink(missing_ok=True)  # the child is gone (run_child waits), so nothing rewrites it
+            raise
         result_file = tmp_path / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if proc.returncode != 0 or not result or not result.get("ok"):
+        try:
+            result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        except ValueError:
+            result = None
+    if code != 0 or not result or not result.get("ok"):
+        detail = result["message"] if result else f"exit code {code}"
+        # numpy's short tofile() carries no errno: a full file system (checked before the partial file goes) says it
+        full = _disk_full(detail + stderr.held) or no_space_left(outfile.parent)
         outfile.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"disk full while llama.cpp's converter wrote {outfile.parent}: {detail}") \
+                from disk_full_cause(outfile)
+        stderr.release()
         if result and result.get("kind") in ("arch", "pretokenizer", "adapter"):
             cls = UsageError if result["kind"] == "arch" else ConversionError
             raise cls(result["message"])
-        detail = result["message"] if result else f"exit code {proc.returncode}"
         raise ConversionError(f"llama.cpp's converter failed on {model_dir}: {detail} (its messages are above)")
     return result
+
+
+def _disk_full(text: str) -> bool:
+    return any(f"[Errno {n}]" in text or os.strerror(n) in text for n in DISK_FULL)
+
+
+class _HeldTraceback:
+    """Passes a child's stderr through as it comes (the converter's warnings and progress) except a Python
+    traceback, which is held until the caller knows whether it is worth showing: a full disk is one line."""
+
+    MARK = b"Traceback (most recent call last):"
+
+    def __init__(self) -> None:
+        self._held = bytearray()
+
+    @property
+    def held(self) -> str:
+        return self._held.decode(errors="replace")
+
+    def forward(self, proc: subprocess.Popen) -> None:
+        pending = b""  # a tail that may be the start of MARK, written once the next bytes show it is not
+        while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+            if self._held:
+                self._held += chunk
+                continue
+            buf, pending = pending + chunk, b""
+            at = buf.find(self.MARK)
+            if at >= 0:
+                _write_stderr(buf[:at])
+                self._held += buf[at:]
+                continue
+            keep = next((n for n in range(min(len(buf), len(self.MARK) - 1), 0, -1)
+                         if self.MARK.startswith(buf[-n:])), 0)
+            _write_stderr(buf[:len(buf) - keep])
+            pending = buf[len(buf) - keep:]
+        _write_stderr(pending)
+        proc.stderr.close()
+
+    def release(self) -> None:
+        _write_stderr(bytes(self._held))
+        self._held.clear()
+
+
+def _write_stderr(data: bytes) -> None:
+    if data:
+        sys.stderr.flush()
+        os.write(2, data)
 
 
 def source_16bit_type(model_dir: Path) -> str:
@@ -219,8 +292,8 @@ def model_view(model_dir: Path, adapter_dir: Path | None, dest: Path) -> Path:
     tokenizer/chat template next to the adapter. Links cost nothing, so the base is never copied.
     """
     dest.mkdir(parents=True)
-    overlay = adapter_dir is not None and any((Path(adapter_dir) / f).is_file() for f in ("tokenizer.json",
-                                                                                         "tokenizer_config.json"))
+    # tokenizer files a training run may have changed (added tokens, chat template) override the base's
+    overlay = has_tokenizer(adapter_dir)
     for p in Path(model_dir).iterdir():
         if p.is_file() and not (overlay and p.name in TOKENIZER_FILES):
             (dest / p.name).symlink_to(p.resolve())
@@ -272,37 +345,27 @@ def gguf_metadata(name: str, model_dir: Path, adapter_dir: Path | None) -> dict[
 
 
 def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | None, str | None]:
-    base_id = license_ = None
-    src = model_dir / "grpoctl-source.json"  # the embedded default records where it came from
-    if src.is_file():
-        data = json.loads(src.read_text())
-        base_id, license_ = data.get("hub_id"), data.get("license")
-    hub = [p for p in model_dir.resolve().parts if p.startswith("models--")]
-    if base_id is None and hub:  # a Hugging Face cache snapshot: .../models--org--name/snapshots/<sha>
-        base_id = hub[-1][len("models--"):].replace("--", "/", 1)
+    """The base's Hub id and license as ``grpoctl.models.identify`` works them out, else the base the adapter
+    names (by its folder name when that is a path)."""
+    from grpoctl.models import identify
+    from grpoctl.rundir import BaseModelRef
+
+    ref = identify(BaseModelRef(id=str(model_dir), path=str(model_dir)))
+    base_id = ref.hub_id
     if base_id is None and adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
         base_id = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    readme = model_dir / "README.md"
-    if license_ is None and readme.is_file():
-        text = readme.read_text(errors="replace")
-        if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                if line.strip().startswith("license:"):
-                    license_ = line.split(":", 1)[1].strip().strip("'\"")
     if base_id and Path(base_id).is_absolute():
         base_id = Path(base_id).name
-    return base_id, license_
+    return base_id, ref.license
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:
-    """Refuse to start when the intermediate plus the outputs cannot fit on the output's disk."""
-    weights = sum(p.stat().st_size for p in source.glob("*.safetensors"))
-    params = weights / 2  # 16-bit weights
-    need = weights  # the 16-bit intermediate
-    need += sum(params * TYPES[t].bits / 8 for t in types if t not in SIXTEEN_BIT)
-    need = int(need * 1.05) + (64 << 20)
-    free = shutil.disk_usage(out_dir).free
-    if free < need:
-        raise ConversionError(f"not enough disk space in {out_dir}: GGUF export of {', '.join(types)} needs about "
-                              f"{need / 2**30:.1f} GiB (16-bit intermediate + outputs), {free / 2**30:.1f} GiB free; "
-                              "free some space or choose another output directory")
+    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk."""
+    from grpoctl.export.tensors import ModelWeights
+
+    try:
+        params = sum(math.prod(i.shape) for i in ModelWeights(source).tensors.values())
+    except GrpoctlError:  # unreadable weights fail later with their own message
+        return
+    vocab = sum(p.stat().st_size for p in source.glob("token*") if p.is_file())
+    check_free_space(out_dir, estimate_gguf_bytes(2 * params, types, vocab), f"GGUF export of {', '.join(types)}")

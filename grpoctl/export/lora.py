@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import InputNotFoundError, UsageError, VerificationError
+from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_KEY = "lm_head.weight"
 # input embeddings by the names transformers models give them (PEFT's EMBEDDING_LAYER_NAMES and friends)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",

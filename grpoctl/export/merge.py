@@ -29,10 +29,8 @@ from grpoctl.export.tensors import (
     shard_names,
     write_safetensors,
 )
+from grpoctl.models import TOKENIZER_FILES, built_from, has_tokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
-                   "chat_template.jinja", "chat_template.json")
 TEMPLATE_DIR = "additional_chat_templates"
 CARRIED_FILES = ("generation_config.json", "LICENSE", "LICENSE.txt", "NOTICE")
 
@@ -170,11 +168,6 @@ def _merge_16bit(base_dir: Path, adapter: LoraAdapter, out_dir: Path, *, dtype: 
     return result
 
 
-def has_tokenizer(folder: Path | None) -> bool:
-    return folder is not None and any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                       "tokenizer.model"))
-
-
 def read_chat_template(folder: Path) -> str | dict[str, str] | None:
     """The chat template(s) a tokenizer folder carries, wherever transformers may have put them."""
     out: dict[str, str] = {}
@@ -249,7 +242,4 @@ def write_lora(adapter: LoraAdapter, out_dir: Path, tokenizer_dir: Path | None, 
 
 
 def _model_name(base_dir: Path) -> str | None:
-    src = base_dir / "grpoctl-source.json"
-    if src.is_file():
-        return json.loads(src.read_text()).get("hub_id")
-    return None
+    return built_from(base_dir).get("hub_id")

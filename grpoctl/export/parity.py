@@ -1,26 +1,29 @@
 """Does a GGUF behave like the model it came from? Measured, not assumed.
 
-For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with the
-adapter merged by PEFT's own ``merge_and_unload`` in transformers (float32), read the same fixed probe
+For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with PEFT's LoRA
+layers holding the adapter, applied unmerged, in transformers (float32), read the same fixed probe
 texts, teacher-forced on exactly the same token ids: prose, math, code, and chat conversations rendered
 by the model's own template with the training system prompt. Per file: top-1 next-token agreement and
 mean KL(reference || GGUF) over all positions, one greedy chat answer from each side, whether llama.cpp
 tokenises the rendered chat to the same ids with one BOS, whether every end-of-turn token is an
-end-of-generation token, and whether the template llama.cpp reads from the file renders the same prompt
-text as the HF tokenizer's. The noise floor (the same reference in bf16 vs float32 on the same probes)
-is reported beside, for scale. The reference never uses grpoctl's merge code, so it can disagree with a
-file grpoctl merged wrong.
+end-of-generation token, and whether the chat template in the file, rendered by llama.cpp's own engine
+(llama-server), gives the prompt the HF tokenizer's gives on the hard conversations of the Ollama check.
+The noise floor (the same reference in bf16 vs float32 on the same probes) is reported beside, for scale.
+The reference never uses grpoctl's merge code, so it can disagree with a file grpoctl merged wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import ConversionError, UsageError
+from grpoctl.errors import ConversionError, InputNotFoundError, UsageError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer."
 ENV_FLOORS = "GRPOCTL_PARITY_FLOORS"
@@ -369,8 +372,27 @@ def reference_logprobs(model: Any, probes: list[Probe], device: str) -> list[Any
         ids[i, : len(p.ids)] = torch.tensor(p.ids)
         mask[i, : len(p.ids)] = 1
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        with _layer_bar(model, f"parity: transformers {str(next(model.parameters()).dtype).removeprefix('torch.')}"):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         return [torch.log_softmax(logits[i, : len(p.ids)].float(), dim=-1).cpu() for i, p in enumerate(probes)]
+
+
+@contextlib.contextmanager
+def _layer_bar(model: Any, desc: str) -> Iterator[None]:
+    """A bar over the decoder layers a pass has run: the probes go through in one batch, and a streamed model
+    spends its time reading each layer's weights."""
+    from tqdm.auto import tqdm
+
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+    handles = [m.register_forward_hook(lambda *_: bar.update(1)) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
 
 
 def greedy_reference(model: Any, tokenizer: Any, prompt_ids: list[int], eos_ids: list[int], device: str) -> str:
@@ -413,12 +435,13 @@ def _threads() -> int:
     return default_threads()
 
 
-def gguf_logprobs(llm: Any, probes: list[Probe]) -> list[Any]:
+def gguf_logprobs(llm: Any, probes: list[Probe], label: str = "llama.cpp") -> list[Any]:
     import numpy as np
     import torch
+    from tqdm.auto import tqdm
 
     out = []
-    for p in probes:
+    for p in tqdm(probes, desc=f"parity: {label}", unit="probe", leave=False):
         llm.reset()
         llm.eval(p.ids)
         scores = torch.from_numpy(np.array(llm.scores[: len(p.ids)], dtype=np.float32))
@@ -426,14 +449,11 @@ def gguf_logprobs(llm: Any, probes: list[Probe]) -> list[Any]:
     return out
 
 
-def _token_text(llm: Any, token: int) -> str:
-    return llm._model.token_get_text(token) if token >= 0 else ""
-
-
-def tokenizer_checks(llm: Any, tokenizer: Any, system_prompt: str, eot_ids: list[int]) -> dict[str, Any]:
-    """BOS once, same ids as HF for the rendered chat, end-of-turn tokens are EOG, template renders alike."""
+def tokenizer_checks(llm: Any, path: Path, tokenizer: Any, system_prompt: str, eot_ids: list[int]) -> dict[str, Any]:
+    """BOS once, same ids as HF for the rendered chat, end-of-turn tokens are EOG, and the chat template in
+    ``path`` renders in llama.cpp's own engine what the trained tokenizer renders in transformers
+    (:func:`template_check`)."""
     import llama_cpp
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bos = llm.token_bos()
@@ -454,27 +474,101 @@ def tokenizer_checks(llm: Any, tokenizer: Any, system_prompt: str, eot_ids: list
     checks["chat_ids_match"] = ll_ids == hf_ids
     checks["chat_tokens"] = len(hf_ids)
     checks["eog"] = {tokenizer.convert_ids_to_tokens(t): bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in eot_ids}
-    template = llm.metadata.get("tokenizer.chat_template")
-    if template is None:
+    if llm.metadata.get("tokenizer.chat_template") is None:
         checks["template_matches"] = False
         checks["template"] = "missing from the GGUF"
     else:
-        formatter = Jinja2ChatFormatter(template=template, eos_token=_token_text(llm, llm.token_eos()),
-                                        bos_token=_token_text(llm, bos))
-        same = True
-        for user, assistant in CHATS:
-            for msgs, gen in ((_conversation(system_prompt, user), True),
-                              (_conversation(system_prompt, user, assistant), False)):
-                ours = _render(tokenizer, msgs, gen)
-                render = Jinja2ChatFormatter(template=template, eos_token=formatter.eos_token,
-                                             bos_token=formatter.bos_token, add_generation_prompt=gen)
-                theirs = render(messages=msgs).prompt
-                same = same and ours == theirs
-        checks["template_matches"] = same
+        checks["template"] = template_check(path, tokenizer, system_prompt,
+                                            bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+        checks["template_matches"] = checks["template"]["passed"]  # None: not checked, and the report says why
     checks["ok"] = bool(checks["bos_once"] and checks["chat_ids_match"] and all(checks["eog"].values())
-                        and checks["template_matches"])
+                        and checks["template_matches"] is not False)
     checks["prompt_ids"] = hf_ids
     return checks
+
+
+def template_check(path: Path, tokenizer: Any, system_prompt: str, add_bos: bool) -> dict[str, Any]:
+    """The GGUF's chat template as llama.cpp serves it against the trained tokenizer's in transformers.
+
+    Rendered by llama-server's ``POST /apply-template`` (llama.cpp's chat layer and C++ Jinja engine, what
+    llama-server and Ollama's native chat run) and by ``apply_chat_template``, on the hard conversations of
+    the Ollama template check (``gorender.conversations``: whitespace around message text, reasoning then
+    whitespace after the end marker, system prompts, think on and off) that end with a user turn; dates
+    are rendered on the day of the check (llama-server reads the real clock). Where llama.cpp departs from
+    transformers, the trained tokenizer's template is rendered by llama.cpp too: the same departure there is
+    llama.cpp's chat layer (``engine_departures``, reported), a different one is the file's template
+    (``departures``, which fails the check). ``passed`` is None, with ``skipped`` saying why, when
+    llama.cpp's tools are not built.
+    """
+    from grpoctl.errors import DependencyError
+    from grpoctl.llamacpp_tools import apply_template, llama_server, tool
+
+    try:
+        tool("llama-server", build=False)
+    except (DependencyError, InputNotFoundError) as err:
+        return {"passed": None, "skipped": f"chat template not rendered by llama.cpp's engine: {err}"}
+    convs = _template_conversations(tokenizer, system_prompt)
+    bos = tokenizer.bos_token if add_bos and tokenizer.bos_token else ""  # llama.cpp strips it, adds the token
+    expected = {c.name: _hf_prompt(tokenizer, c, bos) for c in convs}
+
+    def kwargs(c: Any) -> dict[str, bool]:
+        return {} if c.think is None else {"enable_thinking": c.think}
+
+    result: dict[str, Any] = {"engine": "llama-server POST /apply-template (llama.cpp's chat layer, C++ Jinja)",
+                              "reference": "transformers apply_chat_template, the trained tokenizer",
+                              "conversations": [c.name for c in convs]}
+    try:
+        with llama_server(path) as url:
+            got = {c.name: apply_template(url, c.messages, kwargs(c)) for c in convs}
+        differ = [c for c in convs if not _same(expected[c.name], got[c.name])]
+        engine: dict[str, tuple[str, str]] = {}
+        if differ:  # the file's template, or llama.cpp's chat layer on any copy of the trained template?
+            with tempfile.TemporaryDirectory(prefix="grpoctl-template-") as tmp:
+                trained = Path(tmp) / "chat_template.jinja"
+                trained.write_text(_template_text(tokenizer))
+                with llama_server(path, trained) as url:
+                    engine = {c.name: apply_template(url, c.messages, kwargs(c)) for c in differ}
+    except DependencyError as err:  # the tools are there, so the file is what llama-server could not load
+        return {**result, "passed": False, "error": str(err), "departures": [], "engine_departures": []}
+
+    def case(c: Any) -> dict[str, str]:
+        (hf, hf_err), (ll, ll_err) = expected[c.name], got[c.name]
+        return {"name": c.name, "shape": c.shape, "expected": hf or f"<error: {hf_err}>",
+                "got": ll or f"<error: {ll_err}>"}
+
+    result["departures"] = [case(c) for c in differ if engine[c.name] != got[c.name]]
+    result["engine_departures"] = [case(c) for c in differ if engine[c.name] == got[c.name]]
+    result["passed"] = not result["departures"]
+    return result
+
+
+def _template_text(tokenizer: Any) -> str:
+    template = tokenizer.chat_template
+    return template if isinstance(template, str) else tokenizer.get_chat_template()
+
+
+def _template_conversations(tokenizer: Any, system_prompt: str) -> list[Any]:
+    from grpoctl.chatprobes import THINK_OPEN_TAGS, conversations
+
+    template = _template_text(tokenizer)
+    markers = next(((o, "</" + o[1:]) for o in THINK_OPEN_TAGS if "</" + o[1:] in template), ("<think>", "</think>"))
+    # llama-server renders on its own clock and continues a final assistant turn its own way (reasoning parsed
+    # out of it), so the probes are the conversations that ask for a reply
+    return [c for c in conversations(system_prompt, markers) if c.ends_with_user and c.day is None]
+
+
+def _hf_prompt(tokenizer: Any, conv: Any, bos: str) -> tuple[str, str]:
+    try:
+        text = tokenizer.apply_chat_template(conv.messages, tokenize=False, add_generation_prompt=True,
+                                             **({} if conv.think is None else {"enable_thinking": conv.think}))
+    except Exception as err:  # the template's raise_exception, a missing key ...: llama.cpp must refuse too
+        return "", str(err) or "error"
+    return (text[len(bos):] if bos and text.startswith(bos) else text), ""
+
+
+def _same(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Both render the same prompt, or both refuse the conversation."""
+    return bool(a[1]) == bool(b[1]) and (bool(a[1]) or a[0] == b[0])
 
 
 def greedy_gguf(llm: Any, prompt_ids: list[int]) -> str:
@@ -545,8 +639,8 @@ def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> d
     n_ctx = max(256, max(len(p.ids) for p in ref.probes) + GREEDY_TOKENS + 8, len(ref.prompt_ids) + GREEDY_TOKENS + 8)
     llm = open_gguf(path, n_ctx)
     try:
-        top1, kl, n = compare(ref.ref32, gguf_logprobs(llm, ref.probes))
-        checks = tokenizer_checks(llm, ref.tokenizer, ref.system_prompt, ref.eot_ids)
+        top1, kl, n = compare(ref.ref32, gguf_logprobs(llm, ref.probes, path.name))
+        checks = tokenizer_checks(llm, path, ref.tokenizer, ref.system_prompt, ref.eot_ids)
         answer = greedy_gguf(llm, ref.prompt_ids)
     finally:
         llm.close()
@@ -596,7 +690,32 @@ def format_table(rep: dict[str, Any]) -> str:
     lines.append(f"greedy answer, transformers: {rep['reference_answer']!r}")
     for name, f in rep["files"].items():
         lines.append(f"greedy answer, {name}: {f['answer']!r}")
+    for name, f in rep["files"].items():
+        lines += [f"{name}: {line}" for line in template_lines(f["tokenizer"].get("template"))]
     return "\n".join(lines)
+
+
+def template_lines(check: Any) -> list[str]:
+    """What the chat template check found, for people: skipped (why), failed (which conversation), or the
+    departures of llama.cpp's chat layer it passed."""
+    if not isinstance(check, dict):
+        return [f"chat template {check}"] if check == "missing from the GGUF" else []
+    if check.get("skipped"):
+        return [f"{check['skipped']}; not checked"]
+    if check.get("error"):
+        return [f"chat template not checked, llama-server failed: {check['error']}"]
+    lines, gone, engine = [], check["departures"], check["engine_departures"]
+    if gone:  # the first in full, the others by name (parity.json has every render)
+        d = gone[0]
+        lines.append(f"chat template departs from transformers on conversation {d['name']!r}: transformers renders "
+                     f"{d['expected']!r}, llama.cpp renders {d['got']!r}")
+        if gone[1:]:
+            lines.append(f"chat template departs on {', '.join(repr(d['name']) for d in gone[1:])} too")
+    if engine:
+        lines.append(f"llama.cpp's chat layer renders {', '.join(repr(d['name']) for d in engine)} unlike "
+                     "transformers for the trained template too: llama.cpp's difference, not the file's "
+                     "(parity.json has both renders)")
+    return lines
 
 
 def write_report(rep: dict[str, Any], path: Path) -> Path:

@@ -9,24 +9,37 @@
       artifacts.json: every file with kind, size, sha256; provenance; the verify result
 
 The export folder is built as a hidden sibling and renamed into place at the end, so a failure, a
-full disk or Ctrl-C leaves nothing that looks like a finished export.
+full disk or Ctrl-C leaves nothing that looks like a finished export. One export owns the folder at a
+time (a lock beside it). An export into a folder that already holds an export of the same adapter on
+the same base adds what that export lacks (another GGUF type, lora/, merged/) and keeps the rest: the
+new tree is a hard-linked copy of the old one plus the new parts, swapped in whole at the end.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-from grpoctl.errors import DependencyError, DiskFullError, InputNotFoundError, UsageError
-from grpoctl.export.artifacts import ArtifactManifest
-from grpoctl.export.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
-from grpoctl.rundir import BaseModelRef, RunDir
+from grpoctl.artifacts import ARTIFACTS_FILE, AdapterRecord, Artifacts, MergedSection, Provenance
+from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
+from grpoctl.fsutil import (
+    check_free_space,
+    check_output_dir,
+    disk_full_is_one_line,
+    output_lock,
+    scratch_dir,
+    staged_dir,
+    staged_file,
+    sweep_stale_scratch,
+    sweep_stale_siblings,
+    updated_dir,
+)
+from grpoctl.jsonfiles import adapter_config
+from grpoctl.names import safe_name
+from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, RunDir
 
 MERGED_KINDS = ("16bit", "4bit")
 DTYPES = ("auto", "bf16", "fp16")
@@ -40,7 +53,7 @@ class ExportOptions:
     merged: str | None = None  # "16bit" | "4bit"
     dtype: str = "auto"  # merged dtype: auto (the base's 16-bit dtype) | bf16 | fp16
     lora: bool = False
-    gguf: list[str] = field(default_factory=list)  # llama.cpp types, validated by grpoctl.export.gguf
+    gguf: str | list[str] = field(default_factory=list)  # llama.cpp types ("q8_0,q4_k_m" or a list), aliases too
     output_dir: Path | None = None
     force: bool = False
     verify_only: bool = False
@@ -49,7 +62,6 @@ class ExportOptions:
     llama_cpp_dir: Path | None = None
     parity_gate: bool = True
     progress: bool = True
-    manifests: bool = True  # Ollama Modelfile + vLLM manifests for what was exported
 
 
 @dataclass
@@ -124,14 +136,14 @@ def resolve_source(source: Path, base: str | None = None) -> ExportSource:
                 # the recorded folder is gone (cache cleared, other machine): rebuild or re-fetch by id
                 ref = _resolve_base(ref.id)
         return ExportSource(adapter_dir=adapter, base=ref, default_output=run.export_dir,
-                            name=f"{_short(ref.id)}-{source.resolve().name}",
+                            name=safe_name(f"{_short(ref.id)}-{source.resolve().name}"),
                             tokenizer_dir=adapter, system_prompt=run.system_prompt, run=run)
     if _has_adapter(source):
         if base:
             ref = _resolve_base(base)
         else:
             cfg_file = source / ADAPTER_CONFIG
-            named = json.loads(cfg_file.read_text()).get("base_model_name_or_path") if cfg_file.is_file() else None
+            named = adapter_config(source).get("base_model_name_or_path") if cfg_file.is_file() else None
             if not named:
                 raise UsageError(f"adapter {source} does not name its base model; pass --base MODEL")
             found = _local_base(named)
@@ -141,7 +153,7 @@ def resolve_source(source: Path, base: str | None = None) -> ExportSource:
             ref = found
         label = source.resolve().name if source.resolve().name != "adapter" else source.resolve().parent.name
         return ExportSource(adapter_dir=source, base=ref, default_output=source.resolve().parent / f"{label}-export",
-                            name=f"{_short(ref.id)}-{label}", tokenizer_dir=source)
+                            name=safe_name(f"{_short(ref.id)}-{label}"), tokenizer_dir=source)
     raise InputNotFoundError(f"{source} holds no adapter: expected a run directory ({'run.json'}) or a PEFT adapter "
                              f"folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
 
@@ -154,11 +166,10 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        try:
-            from grpoctl.export.gguf import parse_gguf_types
-        except ImportError as err:
-            raise DependencyError(f"GGUF export is not available in this installation ({err})") from None
-        types = parse_gguf_types(",".join(options.gguf))
+        from grpoctl.export.gguf import parse_gguf_types
+
+        # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
+        types = parse_gguf_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
     if options.merged == "4bit" and not options.verify_only:
         from grpoctl.export.merge4bit import check_nf4_available
 
@@ -166,51 +177,115 @@ def _validate(options: ExportOptions) -> list[str]:
     return types
 
 
-def _check_space(out: Path, need: int) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need * 1.05 + (64 << 20):
-        raise DiskFullError(f"not enough disk space for the export in {out}: about {need / 2**30:.2f} GiB needed, "
-                            f"{free / 2**30:.2f} GiB free")
+def _provenance(src: ExportSource, adapter, report) -> Provenance:
+    from grpoctl.models import identify
 
-
-def _provenance(src: ExportSource, adapter, report) -> dict[str, Any]:
     cfg = adapter.config
-    return {
-        "source": str(src.run.root if src.run else src.adapter_dir),
-        **({"run": str(src.run.root.resolve())} if src.run else {}),
-        "base_model": {"id": src.base.id, "revision": src.base.revision, "path": src.base.path},
-        "adapter": {"path": str(src.adapter_dir), "sha256": report.adapter_sha256, "r": adapter.r,
-                    "lora_alpha": adapter.alpha, "use_rslora": bool(cfg.get("use_rslora")),
-                    "use_dora": adapter.use_dora, "target_modules": cfg.get("target_modules"),
-                    "modules_to_save": cfg.get("modules_to_save"), "peft_version": cfg.get("peft_version")},
-    }
+    return Provenance(
+        source=str(src.run.root if src.run else src.adapter_dir),
+        run=str(src.run.root.resolve()) if src.run else None,
+        base_model=identify(src.base),
+        adapter=AdapterRecord(path=str(src.adapter_dir), sha256=report.adapter_sha256, r=adapter.r,
+                              lora_alpha=adapter.alpha, use_rslora=bool(cfg.get("use_rslora")),
+                              use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"),
+                              modules_to_save=cfg.get("modules_to_save"), peft_version=cfg.get("peft_version")))
 
 
-def _write_manifests(stage: Path, src: ExportSource, say: Callable[[str], None]) -> None:
-    """Serving manifests for the staged export; a template that does not translate faithfully fails the export,
-    a machine without a Go toolchain only loses the template check (noted in artifacts.json)."""
-    from grpoctl.manifests.api import TOKENIZER_FILES, ManifestOptions, write_manifests
+class Finisher(Protocol):
+    """A later stage that writes into the staged export before it is swapped into place, so that the export and
+    what that stage derives from it appear together or not at all. Passed in from above the stages
+    (``grpoctl.api.export`` passes the manifests stage): export never imports a later stage."""
 
-    # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
-    candidates = [src.tokenizer_dir, stage / "merged", stage / "lora", Path(src.base.path)]
-    tokenizer_dir = next((c for c in candidates if c and any((c / f).is_file() for f in TOKENIZER_FILES)), None)
-    written = write_manifests(stage, run=src.run, tokenizer_dir=tokenizer_dir,
-                              options=ManifestOptions(unchecked_ok=True))
-    section = ArtifactManifest.load(stage).sections.get("manifests", {})
-    for note in section.get("notes", []) if isinstance(section, dict) else []:
-        say(f"note: {note}")
-    say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written))
+    def check(self, existing: Artifacts) -> None:
+        """Before any work: refuse to add to ``existing`` (the export being added to), e.g. when a file the later
+        stage wrote there was edited since."""
+
+    def write(self, stage: Path, source: ExportSource, say: Callable[[str], None]) -> None:
+        """Write into ``stage``, whose ``artifacts.json`` is saved, and record what was written there."""
 
 
-def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None) -> ArtifactManifest:
-    """Verify the adapter at ``source`` and write the requested artifacts; returns the saved manifest.
+@dataclass
+class _Parts:
+    """What an export writes: merged weights (16bit/4bit), the adapter alone, GGUF types."""
 
-    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``).
+    merged: str | None
+    lora: bool
+    gguf: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.merged or self.lora or self.gguf)
+
+
+def _existing_export(out: Path, force: bool) -> Artifacts | None:
+    """The export already in ``out`` that this one adds to; None when ``out`` is new or empty, is replaced
+    (``force``), or holds only an earlier --verify-only report. Any other content is refused."""
+    from grpoctl.export.verify import VERIFY_FILE
+
+    check_output_dir(out, force=True)  # a file where the folder should be
+    names = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if force or names <= {VERIFY_FILE}:
+        return None
+    if ARTIFACTS_FILE in names:
+        return Artifacts.load(out)
+    raise OutputExistsError(f"output directory {out} exists, is not empty and holds no export; pass --force to "
+                            "replace it")
+
+
+def _missing_parts(existing: Artifacts | None, src: ExportSource, adapter_sha256: str, merged_dtype: str,
+                   wanted: _Parts, dtype_asked: bool) -> _Parts:
+    """What ``wanted`` adds to ``existing``. Only an export of the same adapter on the same base is added to;
+    the parts it already has are kept as they are, never rebuilt (``--force`` rebuilds everything)."""
+    if existing is None:
+        return wanted
+    adapter, base = existing.provenance.adapter, existing.provenance.base_model
+    theirs = (adapter and adapter.sha256, base and base.id, base and base.revision)
+    if theirs != (adapter_sha256, src.base.id, src.base.revision):
+        what = "another adapter" if theirs[0] != adapter_sha256 else f"the same adapter on another base ({theirs[1]})"
+        raise OutputExistsError(f"{existing.root} holds an export of {what}; pass --force to replace it, or choose "
+                                "another folder with -o")
+    merged = wanted.merged
+    if merged == "16bit" and existing.by_kind("merged"):
+        have = existing.merged.dtype if existing.merged else None
+        if dtype_asked and have != merged_dtype:
+            raise OutputExistsError(f"{existing.root}/merged holds {have} weights, not the {merged_dtype} asked for; "
+                                    "pass --force to rebuild the export")
+        merged = None
+    if merged == "4bit" and existing.by_kind("merged-4bit"):
+        merged = None
+    return _Parts(merged=merged, lora=wanted.lora and not existing.by_kind("lora"),
+                  gguf=[t for t in wanted.gguf if not existing.by_kind(f"gguf:{t}")])
+
+
+def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: str, merged16_there: bool) -> int:
+    """What the export will write, at its peak: merged shards at the output dtype, nf4 weights beside their
+    16-bit intermediate, the adapter, each GGUF at its bits per weight beside the 16-bit GGUF intermediate."""
+    from grpoctl.export.merge import estimate_bytes, output_dtype
+
+    tokenizer_dir = src.tokenizer_dir or Path(src.base.path)
+    tokenizer = sum(p.stat().st_size for p in tokenizer_dir.iterdir() if p.is_file() and "token" in p.name)
+    merged16 = estimate_bytes(weights, output_dtype(weights, dtype)) + tokenizer
+    need = 0
+    if parts.merged == "16bit":
+        need += merged16
+    elif parts.merged == "4bit":
+        need += (0 if merged16_there else merged16) + merged16 // 3  # nf4: ~4.5 bits a weight + fp16 leftovers
+    if parts.lora:
+        need += adapter.weights_file.stat().st_size + tokenizer
+    if parts.gguf:
+        from grpoctl.export.quantize import estimate_gguf_bytes
+
+        need += estimate_gguf_bytes(estimate_bytes(weights, "BF16"), parts.gguf, vocab_bytes=tokenizer)
+    return need
+
+
+def export(source: Path, options: ExportOptions, log: Callable[[str], None] | None = None, *,
+           then: Finisher | None = None) -> Artifacts:
+    """Verify the adapter at ``source`` and write the requested artifacts; returns the saved artifacts.
+
+    ``log`` receives human-readable progress lines (the CLI passes ``click.echo``). ``then`` writes into the
+    staged export before it is swapped into place (the manifests, from ``grpoctl.api.export``).
     """
-    from grpoctl.export.merge import check_not_quantized, estimate_bytes, merge_16bit, output_dtype, write_lora
+    from grpoctl.export.merge import check_not_quantized, output_dtype
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
     from grpoctl.export.tensors import ModelWeights
     from grpoctl.export.verify import VERIFY_FILE, open_adapter, verify_adapter
@@ -218,74 +293,102 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     say = log or (lambda _line: None)
     gguf_types = _validate(options)
     src = resolve_source(Path(source), options.base)
-    out = Path(options.output_dir) if options.output_dir else src.default_output
-    merged = options.merged or (None if (options.lora or gguf_types) else "16bit")
-    force = options.force
-    if out.is_dir() and {p.name for p in out.iterdir()} == {VERIFY_FILE}:
-        force = True  # only an earlier --verify-only report, which this export writes again
-    if not options.verify_only:
-        check_output_dir(out, force)
+    out = Path(options.output_dir or src.default_output).absolute()
+    wanted = _Parts(merged=options.merged or (None if (options.lora or gguf_types) else "16bit"), lora=options.lora,
+                    gguf=gguf_types)
 
-    with tempfile.TemporaryDirectory(prefix="grpoctl-export-") as scratch:
-        adapter = open_adapter(src.adapter_dir, allow_pickle=options.allow_pickle, scratch=Path(scratch) / "adapter")
-        weights = ModelWeights(Path(src.base.path), allow_pickle=options.allow_pickle)
-        check_not_quantized(weights.config(), weights.dir)
-        report = verify_adapter(adapter, weights, base_id=src.base.id, strict=options.strict)
-        say(report.table())
-        verify_section = {k: v for k, v in report.to_dict().items() if k != "modules"}
+    with output_lock(out), disk_full_is_one_line(out):
+        for path, size in sweep_stale_siblings(out) + sweep_stale_scratch():
+            say(f"removed {path} ({size / 2**20:.1f} MiB), left by an export that was killed")
+        existing = None if options.verify_only else _existing_export(out, options.force)
+        with scratch_dir("export") as scratch:
+            adapter = open_adapter(src.adapter_dir, allow_pickle=options.allow_pickle,
+                                   scratch=Path(scratch) / "adapter")
+            weights = ModelWeights(Path(src.base.path), allow_pickle=options.allow_pickle)
+            check_not_quantized(weights.config(), weights.dir)
+            report = verify_adapter(adapter, weights, base_id=src.base.id, strict=options.strict)
+            say(report.table())
+            if options.verify_only:
+                with staged_file(out / VERIFY_FILE) as tmp:
+                    report.save(tmp)
+                say(f"wrote {out / VERIFY_FILE}")
+                return Artifacts(root=out, verify=report.section())
 
-        if options.verify_only:
-            with staged_file(out / VERIFY_FILE) as tmp:
-                report.save(tmp)
-            say(f"wrote {out / VERIFY_FILE}")
-            return ArtifactManifest(root=out, sections={"verify": verify_section})
-
-        need = estimate_bytes(weights, output_dtype(weights, options.dtype)) if merged else 0
-        _check_space(out, need + adapter.weights_file.stat().st_size * options.lora)
-        with staged_dir(out, force=force) as stage:
-            manifest = ArtifactManifest(root=stage, provenance=_provenance(src, adapter, report))
-            manifest.sections["verify"] = verify_section
-            manifest.add_file(report.save(stage / VERIFY_FILE), "report")
-
-            merged16: Path | None = None
-            if merged:
-                merged16 = stage / ("merged" if merged == "16bit" else ".merged-16bit")
-                say(f"merging {src.adapter_dir} into {src.base.id} -> {merged16.name}/")
-                result = merge_16bit(weights.dir, adapter, merged16, dtype=options.dtype,
-                                     tokenizer_dir=src.tokenizer_dir, allow_pickle=options.allow_pickle,
-                                     progress=options.progress, weights=weights)
-                manifest.sections["merged"] = {
-                    "dtype": DTYPE_NAMES[result.dtype][0], "tensors": result.tensors, "merged_tensors": result.merged,
-                    "shards": sum(p.suffix == ".safetensors" for p in result.files),
-                    "chat_template": result.chat_template}
-                if not result.chat_template:
-                    say("warning: neither the adapter folder nor the base carries a chat template")
-                if merged == "16bit":
-                    manifest.add_tree(merged16, "merged")
-                else:
-                    from grpoctl.export.merge4bit import quantize_nf4
-
-                    say("quantizing the merged model to bitsandbytes nf4 -> merged-4bit/")
-                    quantize_nf4(merged16, stage / "merged-4bit")
-                    manifest.add_tree(stage / "merged-4bit", "merged-4bit")
-                    manifest.sections["merged"]["quantization"] = "bitsandbytes-nf4"
-
-            if options.lora:
-                write_lora(adapter, stage / "lora", src.tokenizer_dir, weights.dir)
-                manifest.add_tree(stage / "lora", "lora")
-                say("wrote the cleaned adapter -> lora/")
-
-            if gguf_types:
-                from grpoctl.export.gguf import export_gguf
-
-                export_gguf(weights.dir, adapter.path, stage / "gguf", gguf_types, name=src.name, manifest=manifest,
-                            merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
-                            parity_gate=options.parity_gate, system_prompt=src.system_prompt)
-
-            if merged16 is not None and merged16.name.startswith("."):
-                shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export
-            manifest.save()
-            if options.manifests:
-                _write_manifests(stage, src, say)
+            merged_dtype = DTYPE_NAMES[output_dtype(weights, options.dtype)][0]
+            parts = _missing_parts(existing, src, report.adapter_sha256, merged_dtype, wanted, options.dtype != "auto")
+            if existing is not None:
+                if not parts:
+                    say(f"{out} already holds everything asked for, from this adapter; nothing to do "
+                        "(--force rebuilds it)")
+                    return existing
+                if then is not None:
+                    then.check(existing)
+            reuse = out / "merged" if existing is not None and existing.by_kind("merged") else None
+            check_free_space(out, _estimate_bytes(parts, weights, adapter, src, options.dtype, reuse is not None),
+                             "the export")
+            # what is there now (--force, or a lone verify.json) may be replaced; what appears meanwhile may not
+            replace = options.force or (out.is_dir() and any(out.iterdir()))
+            with (updated_dir(out) if existing is not None else staged_dir(out, force=replace)) as stage:
+                artifacts = Artifacts.load(stage) if existing is not None else Artifacts(root=stage)
+                artifacts.provenance = _provenance(src, adapter, report)
+                _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
+                             reuse=stage / "merged" if reuse else None, say=say)
+                artifacts.save()
+                if then is not None:
+                    then.write(stage, src, say)
     say(f"export complete: {out}")
-    return ArtifactManifest.load(out)
+    return Artifacts.load(out)
+
+
+def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
+                 report, options: ExportOptions, reuse: Path | None, say: Callable[[str], None]) -> None:
+    """Write ``parts`` into ``stage`` and record them; ``reuse`` is a merged 16-bit folder already there."""
+    from grpoctl.export.merge import merge_16bit, write_lora
+    from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
+    from grpoctl.export.verify import VERIFY_FILE
+
+    artifacts.verify = report.section()
+    with staged_file(stage / VERIFY_FILE) as tmp:  # a new file: the old one may be linked to the live export
+        report.save(tmp)
+    artifacts.add_file(stage / VERIFY_FILE, "report")
+
+    merged16 = reuse
+    if parts.merged == "16bit" or (parts.merged == "4bit" and reuse is None):
+        merged16 = stage / ("merged" if parts.merged == "16bit" else ".merged-16bit")
+        say(f"merging {src.adapter_dir} into {src.base.id} -> {merged16.name}/")
+        result = merge_16bit(weights.dir, adapter, merged16, dtype=options.dtype,
+                             tokenizer_dir=src.tokenizer_dir, allow_pickle=options.allow_pickle,
+                             progress=options.progress, weights=weights)
+        artifacts.merged = MergedSection(dtype=DTYPE_NAMES[result.dtype][0], tensors=result.tensors,
+                                        merged_tensors=result.merged,
+                                        shards=sum(p.suffix == ".safetensors" for p in result.files),
+                                        chat_template=result.chat_template)
+        if not result.chat_template:
+            say("warning: neither the adapter folder nor the base carries a chat template")
+        if parts.merged == "16bit":
+            artifacts.add_tree(merged16, "merged")
+    elif reuse is not None and (parts.merged or parts.gguf):
+        say(f"using the merged model already in the export ({reuse.name}/) as the 16-bit source")
+    if parts.merged == "4bit":
+        from grpoctl.export.merge4bit import quantize_nf4
+
+        say("quantizing the merged model to bitsandbytes nf4 -> merged-4bit/")
+        quantize_nf4(merged16, stage / "merged-4bit")
+        artifacts.add_tree(stage / "merged-4bit", "merged-4bit")
+        artifacts.merged.quantization = "bitsandbytes-nf4"
+
+    if parts.lora:
+        write_lora(adapter, stage / "lora", src.tokenizer_dir, weights.dir)
+        artifacts.add_tree(stage / "lora", "lora")
+        say("wrote the cleaned adapter -> lora/")
+
+    if parts.gguf:
+        from grpoctl.export.gguf import export_gguf
+
+        export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
+                    artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
+                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, say=say)
+
+    if merged16 is not None and merged16.name.startswith("."):
+        shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export
+

@@ -12,12 +12,13 @@ import ctypes
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from grpoctl.errors import ConversionError, UsageError
+from grpoctl.errors import ConversionError, DiskFullError, UsageError
+from grpoctl.fsutil import disk_full_cause, no_space_left
 
 
 @dataclass(frozen=True)
@@ -60,16 +61,31 @@ TYPES: dict[str, GgufType] = {t.name: t for t in (
 ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m", "fp16": "f16", "float16": "f16",
            "bfloat16": "bf16", "q8": "q8_0"}
 SIXTEEN_BIT = ("bf16", "f16")
+# The type used where none is named (the plain Modelfile, serve, the Hub card's commands): the usual local
+# default first, then the next best size/quality trade-offs.
+PREFERRED = ("q4_k_m", "q5_k_m", "q8_0", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "f16", "bf16", "f32")
+
+
+def canonical_type(name: str) -> str:
+    """``"Q4-K"`` -> ``"q4_k_m"``: the spelling of ``TYPES`` for a name or an alias (other names come back lowered)."""
+    name = name.strip().lower().replace("-", "_")
+    return ALIASES.get(name, name)
+
+
+def default_type(available: Iterable[str]) -> str | None:
+    """Of the types ``available``, the one used when none is named: the first of ``PREFERRED``, else the first by
+    name; None when there is none."""
+    have = sorted(canonical_type(t) for t in available)
+    return next((t for t in PREFERRED if t in have), have[0] if have else None)
 
 
 def parse_types(text: str) -> list[str]:
     """``"q8_0, Q4_K_M"`` -> ``["q8_0", "q4_k_m"]`` (order kept, duplicates dropped)."""
     out: list[str] = []
     for raw in (text or "").split(","):
-        name = raw.strip().lower().replace("-", "_")
+        name = canonical_type(raw)
         if not name:
             continue
-        name = ALIASES.get(name, name)
         if name not in TYPES:
             raise UsageError(f"unknown GGUF type {raw.strip()!r}; valid types: {', '.join(TYPES)}")
         if name not in out:
@@ -77,6 +93,18 @@ def parse_types(text: str) -> list[str]:
     if not out:
         raise UsageError(f"no GGUF type given; valid types: {', '.join(TYPES)}")
     return out
+
+
+def estimate_gguf_bytes(bytes16: int, types: list[str], vocab_bytes: int = 0) -> int:
+    """Peak bytes a GGUF export of ``types`` writes for a model of ``bytes16`` 16-bit weight bytes: every file at
+    its bits per weight (plus the vocabulary each carries) and the 16-bit intermediate the quantizer reads
+    while the files are made, unless it is one of them or the one type is written directly (see gguf.convert_all)."""
+    params = bytes16 / 2
+    need = sum(params * TYPES[t].bits / 8 + vocab_bytes for t in types)
+    single_pass = len(types) == 1 and TYPES[types[0]].source == "convert"
+    if not single_pass and not any(t in SIXTEEN_BIT for t in types):
+        need += bytes16 + vocab_bytes
+    return int(need)
 
 
 def default_threads() -> int:
@@ -103,8 +131,10 @@ def _stderr_to(file: IO[bytes]) -> Iterator[None]:
         os.close(saved_fd)
 
 
-def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -> None:
-    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process."""
+def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None,
+             say: Callable[[str], None] = print) -> None:
+    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's quantizer, in this process; ``say`` gets the one
+    summary line of tensors that fell back to another type."""
     import llama_cpp
 
     gtype = TYPES[type_name]
@@ -119,8 +149,13 @@ def quantize(src: Path, dst: Path, type_name: str, threads: int | None = None) -
         messages = log.read().decode("utf-8", errors="replace").splitlines()
     fallbacks = sum("falling back" in line for line in messages)
     if fallbacks and rc == 0:
-        print(f"grpoctl:   {fallbacks} tensors use a fallback type: their row size is not a multiple of "
-              f"{gtype.label}'s block size (llama.cpp's own rule)", flush=True)
+        say(f"  {fallbacks} tensors use a fallback type: their row size is not a multiple of {gtype.label}'s block "
+            "size (llama.cpp's own rule)")
     if rc != 0:
         tail = " | ".join(line.strip() for line in messages[-3:] if line.strip()) or "no message"
+        if no_space_left(dst.parent):
+            # llama.cpp reports a failed write as a C++ stream error without errno; the file system tells the rest
+            raise DiskFullError(f"disk full while llama.cpp's quantizer wrote {dst.parent} ({tail})") \
+                from disk_full_cause(dst)
         raise ConversionError(f"llama.cpp failed to quantize {src.name} to {gtype.label} (code {rc}): {tail}")
+

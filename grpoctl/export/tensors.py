@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DataError, InputNotFoundError, UsageError
+from grpoctl.jsonfiles import read_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -213,7 +214,7 @@ class ModelWeights:
         p = self.dir / "config.json"
         if not p.is_file():
             raise InputNotFoundError(f"base model folder {self.dir} has no config.json")
-        return json.loads(p.read_text())
+        return read_json(p)
 
 
 def write_safetensors(path: Path, specs: list[TensorInfo], produce: Callable[[TensorInfo], Any],

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import DataError, VerificationError
-from grpoctl.export.lora import ADAPTER_WEIGHTS, LoraAdapter, natural_order
+from grpoctl.artifacts import VerifySection, VerifySummary
+from grpoctl.errors import VerificationError
+from grpoctl.export.lora import LoraAdapter, natural_order
 from grpoctl.export.tensors import ModelWeights, corrupt
-from grpoctl.fsutil import sha256_file
+from grpoctl.jsonfiles import adapter_config, to_json
+from grpoctl.models import built_from
+from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_sha256
 
 VERIFY_FILE = "verify.json"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -57,17 +60,20 @@ class VerifyReport:
     def zero_b(self) -> int:
         return sum(m.b_zero for m in self.modules)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> VerifySummary:
         norms = [m.delta_norm for m in self.modules]
-        return {"modules": len(self.modules), "zero_b": self.zero_b, "zero_delta": len(self.zero_modules),
-                "max_abs_b": max((m.max_abs_b for m in self.modules), default=0.0),
-                "delta_norm_min": min(norms, default=0.0), "delta_norm_max": max(norms, default=0.0)}
+        return VerifySummary(modules=len(self.modules), zero_b=self.zero_b, zero_delta=len(self.zero_modules),
+                             max_abs_b=max((m.max_abs_b for m in self.modules), default=0.0),
+                             delta_norm_min=min(norms, default=0.0), delta_norm_max=max(norms, default=0.0))
+
+    def section(self) -> VerifySection:
+        """What ``artifacts.json`` records of this report (every module stays in ``verify.json``)."""
+        return VerifySection(status=self.status, strict=self.strict, adapter=self.adapter, base=self.base,
+                             adapter_sha256=self.adapter_sha256, summary=self.summary(), warnings=self.warnings,
+                             notes=self.notes, saved_modules=self.saved_modules)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "strict": self.strict, "adapter": self.adapter, "base": self.base,
-                "adapter_sha256": self.adapter_sha256, "summary": self.summary(), "warnings": self.warnings,
-                "notes": self.notes,
-                "saved_modules": self.saved_modules, "modules": [asdict(m) for m in self.modules]}
+        return {**to_json(self.section()), "modules": [asdict(m) for m in self.modules]}
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -85,7 +91,7 @@ class VerifyReport:
             lines.append(f"{kind:<14}{len(ms):>6}{sum(m.b_zero for m in ms):>8}"
                          f"{max(m.max_abs_b for m in ms):>10.4g}{min(norms):>11.4g}{max(norms):>11.4g}")
         s = self.summary()
-        lines.append(f"{s['modules']} modules, {s['zero_b']} with all-zero lora_B"
+        lines.append(f"{s.modules} modules, {s.zero_b} with all-zero lora_B"
                      + (f", saved whole: {', '.join(self.saved_modules)}" if self.saved_modules else ""))
         lines += [f"note: {n}" for n in self.notes] + [f"warning: {w}" for w in self.warnings]
         lines.append(f"verify: {self.status.upper()}")
@@ -104,12 +110,10 @@ def base_aliases(weights: ModelWeights, base_id: str | None) -> set[str]:
     names = {str(weights.dir), str(weights.dir.resolve()), weights.dir.name}
     if base_id:
         names |= {base_id, Path(base_id).name}
-    source = weights.dir / "grpoctl-source.json"  # written for the embedded base: its Hub id and origin
-    if source.is_file():
-        src = json.loads(source.read_text())
-        names |= {v for k, v in src.items() if k in ("source", "hub_id") and v}
-        if src.get("hub_id"):
-            names.add(src["hub_id"].split("/")[-1])
+    src = built_from(weights.dir)  # the embedded base records its Hub id and origin
+    names |= {v for k, v in src.items() if k in ("source", "hub_id") and v}
+    if src.get("hub_id"):
+        names.add(src["hub_id"].split("/")[-1])
     cfg = weights.dir / "config.json"
     if cfg.is_file():
         name_or_path = json.loads(cfg.read_text()).get("_name_or_path")
@@ -152,7 +156,7 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
     from safetensors import SafetensorError, safe_open
 
     report = VerifyReport(adapter=str(adapter.path), base=base_id or str(weights.dir),
-                          adapter_sha256=sha256_file(adapter.weights_file), strict=strict)
+                          adapter_sha256=adapter_sha256(adapter.path), strict=strict)
     if not adapter.modules:
         raise VerificationError(f"adapter {adapter.path} contains no lora_A/lora_B tensors")
     # what cannot be merged faithfully is refused here, by name, before any export work
@@ -218,9 +222,9 @@ def verify_adapter(adapter: LoraAdapter, weights: ModelWeights, *, base_id: str 
 def open_adapter(path: Path, *, allow_pickle: bool = False, scratch: Path | None = None) -> LoraAdapter:
     """``LoraAdapter.open`` plus the pickle policy: ``adapter_model.bin`` is refused unless allowed, and
     then converted to safetensors in ``scratch`` (loaded with ``weights_only``, never executed)."""
-    from grpoctl.export.lora import ADAPTER_CONFIG
-
     path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        adapter_config(path)  # wrong-typed or non-object configs as one line, before anything reads them
     pickle_file = path / "adapter_model.bin"
     if not (path / ADAPTER_WEIGHTS).is_file() and pickle_file.is_file() and (path / ADAPTER_CONFIG).is_file():
         if not allow_pickle:
@@ -248,6 +252,4 @@ def open_adapter(path: Path, *, allow_pickle: bool = False, scratch: Path | None
 
         if isinstance(err, SafetensorError):
             raise corrupt(path / ADAPTER_WEIGHTS, err) from None
-        if isinstance(err, json.JSONDecodeError):
-            raise DataError(f"{path}/adapter_config.json is not valid JSON ({err.msg})") from None
         raise

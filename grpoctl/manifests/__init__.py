@@ -2,7 +2,8 @@
 
     templates.py   Jinja chat template -> Ollama Go template (probing the tokenizer's template)
     gorender.py    Go text/template renderer and the byte-for-byte check against transformers
-    ollama.py      Modelfile writer with quoting that survives Ollama's parser
+    modelfile.py   Ollama's Modelfile format: quoting, parsing, writing
+    ollama.py      what Ollama renders prompts with, and the Modelfile TEMPLATE that keeps it the chat template
     vllm.py        vllm serve script, Compose file, Kubernetes objects
     api.py         write_manifests(): reads artifacts.json + run.json, writes and records everything
 

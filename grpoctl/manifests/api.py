@@ -4,7 +4,7 @@ Reads what earlier stages left behind -- ``artifacts.json`` (which GGUF, merged,
 folders exist), the run's settings (system prompt, sequence length, sampling, reasoning markers,
 LoRA rank, base model) and the tokenizer's own chat template -- and writes
 
-    gguf/Modelfile            for the default quant (``--quant``, else Q4_K_M, Q5_K_M, Q8_0, ... first found)
+    gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.export.quantize.default_type``)
     gguf/Modelfile.<QUANT>    one per GGUF when there are several
     vllm/serve.sh, vllm/docker-compose.yml, vllm/k8s.yaml        merged (or 4-bit) model, else base + LoRA
     vllm/serve-lora.sh, vllm/docker-compose-lora.yml, vllm/k8s-lora.yaml   base + LoRA, when both exist
@@ -15,6 +15,7 @@ and records them in ``artifacts.json`` (kinds ``modelfile`` and ``manifest``, se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,21 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import Artifacts, ManifestsSection, OllamaSection, VllmMode, VllmSection
 from grpoctl.errors import (
-    DependencyError,
     InputNotFoundError,
     OutputExistsError,
     UsageError,
     VerificationError,
 )
-from grpoctl.export.artifacts import ArtifactManifest
-from grpoctl.fsutil import staged_file
+from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
+from grpoctl.models import has_tokenizer
+from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32")
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+MANIFEST_KINDS = ("modelfile", "manifest")
 
 
 @dataclass
@@ -54,15 +55,26 @@ class ManifestOptions:
     tensor_parallel_size: int | None = None
     data_parallel_size: int | None = None
     port: int = 8000
-    force: bool = False  # replace existing manifests; write even when the template check fails
+    force: bool = False  # replace changed manifests; with ollama_template "go", write a Go template failing the check
     unchecked_ok: bool = False  # no Go toolchain: write the template marked unchecked instead of failing
+    # Modelfile TEMPLATE: "auto" (what Ollama >= 0.30 renders faithfully), "go" (the translated Go template,
+    # for Ollama < 0.30), "native" (never; the GGUF's chat template)
+    ollama_template: str = "auto"
+
+
+@dataclass
+class WrittenManifests:
+    """What one run of the manifests stage wrote: the files, and the section it recorded in artifacts.json."""
+
+    files: list[Path]
+    section: ManifestsSection
 
 
 @dataclass
 class _Context:
     export_dir: Path
     out_dir: Path
-    manifest: ArtifactManifest
+    artifacts: Artifacts
     run: RunDir | None
     tokenizer_dir: Path
     options: ManifestOptions
@@ -73,11 +85,11 @@ def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | N
     candidates = [explicit] if explicit else [export_dir / "merged", export_dir / "lora",
                                               *([run.adapter_dir] if run else []), export_dir / "merged-4bit"]
     for c in candidates:
-        if c and any((c / f).is_file() for f in TOKENIZER_FILES):
+        if has_tokenizer(c):
             return c
     where = ", ".join(str(c) for c in candidates if c)
-    raise InputNotFoundError(f"no tokenizer found (looked in {where}); the export or run must include the "
-                             "tokenizer files, or pass tokenizer_dir")
+    raise InputNotFoundError(f"no tokenizer found (looked in {where}); the manifests need its chat template: "
+                             "re-export from a run or adapter folder that holds the tokenizer files")
 
 
 def _load_tokenizer(ctx: _Context) -> Any:
@@ -99,76 +111,15 @@ def _load_tokenizer(ctx: _Context) -> Any:
 def _model_name(ctx: _Context) -> str:
     if ctx.options.served_model_name:
         return ctx.options.served_model_name
-    ggufs = ctx.manifest.by_kind("gguf")
+    ggufs = ctx.artifacts.by_kind("gguf")
     if ggufs:
         stem = Path(ggufs[0].path).stem
-        return stem.rsplit("-", 1)[0] if "-" in stem else stem
+        return safe_name(stem.rsplit("-", 1)[0] if "-" in stem else stem)
     base = ctx.run.base_model.id if ctx.run else ctx.export_dir.name
-    return (base.split(":")[-1].rstrip("/").split("/")[-1] or "model") + "-grpo"
-
-
-def _license(ctx: _Context) -> str | None:
-    if lic := ctx.manifest.provenance.get("license"):
-        return str(lic)
-    if ctx.run is None:
-        return None
-    base = Path(ctx.run.base_model.path)
-    src = base / "grpoctl-source.json"
-    if src.is_file():
-        try:
-            return json.loads(src.read_text()).get("license")
-        except json.JSONDecodeError:
-            return None
-    readme = base / "README.md"
-    if readme.is_file():
-        text = readme.read_text(errors="replace")
-        if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                if line.strip().startswith("license:"):
-                    return line.split(":", 1)[1].strip().strip("'\"") or None
-    return None
+    return safe_name(base.split(":")[-1].rstrip("/").split("/")[-1]) + "-grpo"
 
 
 # --- Ollama -------------------------------------------------------------------------------------------
-
-def _chat_template_for_ollama(ctx: _Context, tok: Any, system: str | None) -> tuple[str | None, list[str], dict, Any]:
-    """(Go template or None, stop tokens, report section, ChatFormat or None)."""
-    from grpoctl.manifests.gorender import check_fidelity
-    from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format, to_go_template
-
-    markers = ctx.run.reasoning_markers if ctx.run else None
-    try:
-        fmt = probe_chat_format(tok, markers)
-    except UntranslatableTemplate as err:
-        msg = (f"chat template not translated to Ollama's template language ({err}); the Modelfile has no "
-               "TEMPLATE, so recent Ollama renders the chat template embedded in the GGUF -- check with "
-               "`ollama show --template <name>` after `ollama create`")
-        ctx.notes.append(msg)
-        log.warning(msg)
-        return None, _fallback_stops(tok), {"translated": False, "reason": str(err)}, None
-    go_template = to_go_template(fmt)
-    section: dict[str, Any] = {"translated": True, "family": fmt.family, "reasoning": fmt.think,
-                               "bos_added_by_runtime": bool(fmt.bos), "stops": fmt.stops}
-    try:
-        report = check_fidelity(tok, fmt, go_template, system if fmt.system_supported else None)
-    except DependencyError as err:
-        if not (ctx.options.force or ctx.options.unchecked_ok):
-            raise
-        section["fidelity"] = f"not checked: {err}"
-        ctx.notes.append(f"Ollama template not checked against transformers ({err})")
-        return go_template, fmt.stops, section, fmt
-    section["fidelity"] = {"passed": report.passed, "conversations": [c["name"] for c in report.cases],
-                           "failures": report.failures}
-    if not report.passed:
-        first = report.failures[0]
-        detail = (f"conversation {first['name']!r}: transformers renders {first.get('expected', '')!r}, "
-                  f"Go renders {first.get('got', '')!r}{' (' + first['error'] + ')' if first.get('error') else ''}")
-        if not ctx.options.force:
-            raise VerificationError(f"the translated Ollama template does not reproduce the model's chat template "
-                                    f"({detail}); pass --force to write it anyway")
-        ctx.notes.append(f"Ollama template differs from the chat template ({detail}); written because of --force")
-    return go_template, fmt.stops, section, fmt
-
 
 def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     """A TEMPLATE whose default system block is ``system``, for prompts no Modelfile quoting can carry.
@@ -177,14 +128,13 @@ def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     sys_before + .System + sys_after; baking that text into the no-system branch gives the same bytes.
     Checked here with Go: baked template without SYSTEM == plain template with SYSTEM.
     """
-    import dataclasses
-
-    from grpoctl.manifests.gorender import conversations, render_go
+    from grpoctl.chatprobes import conversations
+    from grpoctl.manifests.gorender import render_go
     from grpoctl.manifests.templates import to_go_template
 
-    baked = to_go_template(dataclasses.replace(fmt, default_block=fmt.sys_before + system + fmt.sys_after))
+    baked = to_go_template(fmt.with_default_system(system))
     plain = to_go_template(fmt)
-    convs = [c for c in conversations(fmt) if c.messages[0]["role"] != "system"]
+    convs = [c for c in conversations(markers=fmt.reasoning_markers) if c.messages[0]["role"] != "system"]
     cases = [{"messages": c.messages, "think": c.think} for c in convs]
     want = render_go(plain, [dict(c, default_system=system) for c in cases])
     got = render_go(baked, cases)
@@ -194,11 +144,6 @@ def _bake_system(ctx: _Context, fmt: Any, system: str) -> str:
     ctx.notes.append("the system prompt cannot be quoted in a Modelfile (lines ending in \" and \"\"\"), so it is "
                      "the TEMPLATE's default system block instead of a SYSTEM line")
     return baked
-
-
-def _fallback_stops(tok: Any) -> list[str]:
-    eos = getattr(tok, "eos_token", None)
-    return [eos] if eos else []
 
 
 def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
@@ -211,45 +156,57 @@ def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
 
 
 def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any]]:
-    from grpoctl.manifests.ollama import Modelfile
+    from grpoctl.manifests.modelfile import Modelfile, quote_value
+    from grpoctl.manifests.ollama import plan_template
 
-    ggufs = sorted(ctx.manifest.by_kind("gguf"), key=lambda f: f.path)
-    if not ggufs:
+    by_quant = {q.upper(): f for q, f in ctx.artifacts.ggufs().items()}
+    if not by_quant:
         ctx.notes.append("no GGUF in the export: no Modelfile written (export with --gguf q4_k_m)")
-        return {}, {"written": False}
+        return {}, OllamaSection(written=False)
+    from grpoctl.export.quantize import canonical_type, default_type
+
+    wanted = canonical_type(ctx.options.quant).upper() if ctx.options.quant else None
+    if wanted and wanted not in by_quant:
+        raise UsageError(f"--quant {ctx.options.quant}: the export has {', '.join(sorted(by_quant))} GGUFs only")
+    default = wanted or default_type(by_quant).upper()
     system = None if ctx.options.no_system else (ctx.run.system_prompt if ctx.run else None)
-    template, stops, section, fmt = _chat_template_for_ollama(ctx, tok, system)
+    plan = plan_template(tok, ctx.run.reasoning_markers if ctx.run else None, system, ctx.options.ollama_template,
+                         force=ctx.options.force, unchecked_ok=ctx.options.unchecked_ok,
+                         gguf=ctx.export_dir / by_quant[default].path)
+    template, stops, section, fmt = plan.template, plan.stops, plan.section, plan.fmt
+    ctx.notes += plan.notes
     if system and fmt is not None and not fmt.system_supported:
         ctx.notes.append("the chat template has no system role, so the training system prompt is left out of "
                          "the Modelfile")
         system = None
     if system:
-        from grpoctl.manifests.ollama import quote_value
-
         try:
             quote_value(system, "the system prompt")
         except UsageError:
-            if fmt is None:
+            if not plan.go_faithful:
                 raise
             template, system = _bake_system(ctx, fmt, system), None
-            section["system_in_template"] = True
-    by_quant = {f.kind.split(":", 1)[1].upper(): f for f in ggufs}
-    wanted = ctx.options.quant.upper() if ctx.options.quant else None
-    if wanted and wanted not in by_quant:
-        raise UsageError(f"--quant {ctx.options.quant}: the export has {', '.join(sorted(by_quant))} GGUFs only")
-    default = wanted or next((q for q in QUANT_PREFERENCE if q in by_quant), sorted(by_quant)[0])
+            section.update(system_in_template=True, template_written=True)
     gguf_out = ctx.out_dir / "gguf"
-    license_ = _license(ctx)
+    base = ctx.artifacts.provenance.base_model
+    license_ = base.license if base else None
     params = _sampling_parameters(ctx.run)
     comments = ["Ollama Modelfile written by grpoctl from the model's own chat template and training settings.",
                 "Create the model: ollama create <name> -f <this file>"]
     if template is None:
-        comments.append("No TEMPLATE: Ollama renders the chat template embedded in the GGUF.")
+        comments.append("No TEMPLATE: Ollama 0.30 and later render the chat template embedded in the GGUF "
+                        "(llama.cpp's Jinja engine).")
+        if plan.go_faithful:
+            comments.append("For Ollama before 0.30: grpoctl manifests RUN --ollama-template go")
+    else:
+        comments.append("TEMPLATE: the chat template in Ollama's Go template language, checked byte for byte "
+                        "against transformers.")
     files: dict[Path, str] = {}
     for quant, entry in sorted(by_quant.items()):
         rel = os.path.relpath(ctx.export_dir / entry.path, gguf_out)
-        mf = Modelfile(from_path=f"./{rel}" if not rel.startswith("..") else rel, template=template, system=system,
-                       stops=stops, parameters=params, license=license_, comments=comments)
+        mf = Modelfile(from_=f"./{rel}" if not rel.startswith("..") else rel, template=template, system=system,
+                       parameters={"stop": stops, **params}, license=[license_] if license_ else [],
+                       comments=comments)
         text = mf.render()
         if quant == default:
             files[gguf_out / "Modelfile"] = text
@@ -257,7 +214,7 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
             files[gguf_out / f"Modelfile.{quant}"] = text
     section.update(written=True, default_quant=default, quants=sorted(by_quant), system=bool(system),
                    parameters=params, license=license_)
-    return files, section
+    return files, OllamaSection(**section)
 
 
 # --- vLLM ---------------------------------------------------------------------------------------------
@@ -316,7 +273,7 @@ def _parallelism(ctx: _Context) -> tuple[int, int]:
 
 
 def _plans(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> list[Any]:
-    from grpoctl.manifests.vllm import VllmPlan
+    from grpoctl.manifests.vllm import BASE_MOUNT, VllmPlan, lora_unsupported
 
     o = ctx.options
     name = _model_name(ctx)
@@ -329,44 +286,63 @@ def _plans(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> list[Any]:
     extra = dict(sampling=sampling, chat_template=None if tokenizer_has_template else "chat_template.jinja",
                  export_dir=".." if inside else str(ctx.export_dir.resolve()))
     plans = []
-    if ctx.manifest.by_kind("merged") or o.hub_repo:
+    if ctx.artifacts.by_kind("merged") or o.hub_repo:
         plans.append(VllmPlan(mode="merged", model=o.hub_repo or "merged", model_is_ref=bool(o.hub_repo),
                               dtype=_dtype(ctx), **common, **extra))
-    elif ctx.manifest.by_kind("merged-4bit"):
+    elif ctx.artifacts.by_kind("merged-4bit"):
         plans.append(VllmPlan(mode="merged-4bit", model="merged-4bit", quantization="bitsandbytes",
                               dtype=_dtype(ctx), **common, **extra))
-    lora = ctx.manifest.by_kind("lora")
-    if lora:
+    lora = ctx.artifacts.by_kind("lora")
+    adapter_cfg = _exported_adapter_config(ctx)
+    refused = lora_unsupported(adapter_cfg) if lora else []
+    if refused:
+        merged = " (export with --merged 16bit)" if not plans else ""
+        ctx.notes.append(f"no base + LoRA vLLM manifests: vLLM does not load an adapter with {'; '.join(refused)} "
+                         f"as a LoRA (its rules in vllm/lora/peft_helper.py), so serve the merged model{merged}")
+    elif lora:
         base = _lora_base(ctx)
         if base is None:
             ctx.notes.append("LoRA adapter exported but its base model is unknown: no base + LoRA manifests")
         else:
-            notes = [] if not os.path.isabs(base) else [
-                f"The base model is the local folder {base}; on another machine replace it with its Hub id."]
+            location, local, base_name, revision = base
+            notes = [] if not local else [
+                f"The base model is the local folder {location}: serve.sh uses it in place, Compose mounts it at "
+                f"{BASE_MOUNT}, Kubernetes expects a copy in the claim (subPath base)."]
             # the base's tokenizer may carry another chat template than the one trained with
-            tokenizer = "lora" if any((ctx.export_dir / "lora" / f).is_file() for f in TOKENIZER_FILES) else None
-            plans.append(VllmPlan(mode="lora", model=base, model_is_ref=True, lora_path="lora", tokenizer=tokenizer,
-                                  lora_rank=_lora_rank(ctx), dtype=_dtype(ctx), notes=notes, **common, **extra))
+            tokenizer = "lora" if has_tokenizer(ctx.export_dir / "lora") else None
+            plans.append(VllmPlan(mode="lora", model=location, model_is_ref=True, base_is_local=local,
+                                  base_served_name=base_name, revision=revision, lora_path="lora",
+                                  tokenizer=tokenizer, lora_rank=_lora_rank(ctx, adapter_cfg), dtype=_dtype(ctx),
+                                  notes=notes, **common, **extra))
     return plans
 
 
-def _lora_base(ctx: _Context) -> str | None:
-    if ctx.run is not None:
-        ref = ctx.run.base_model
-        return ref.id if ref.id and not ref.id.startswith("embedded:") and not os.path.exists(ref.id) else ref.path
-    cfg = ctx.export_dir / "lora" / "adapter_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("base_model_name_or_path")
-    return None
+def _lora_base(ctx: _Context) -> tuple[str, bool, str, str | None] | None:
+    """(where the base is, whether that is a local folder, the name vLLM serves it under, Hub revision).
+
+    A base that came from the Hub is named by its id (vLLM downloads it, at the revision trained on); any
+    other base (a local folder, the embedded SmolLM2 built from its GGUF) is the folder trained on."""
+    ref = ctx.artifacts.provenance.base_model
+    if ref is None:
+        return None
+    if ref.id and not ref.id.startswith("embedded:") and not os.path.exists(ref.id):
+        return ref.id, False, ref.id, ref.revision
+    name = ref.id.split(":", 1)[1] if ref.id.startswith("embedded:") else Path(ref.path).name
+    return ref.path, True, name, None
 
 
-def _lora_rank(ctx: _Context) -> int:
-    cfg = ctx.export_dir / "lora" / "adapter_config.json"
-    if cfg.is_file():
-        data = json.loads(cfg.read_text())
-        ranks = [int(data.get("r", 0))] + [int(v) for v in (data.get("rank_pattern") or {}).values()]
-        if max(ranks) > 0:
-            return max(ranks)
+def _exported_adapter_config(ctx: _Context) -> dict[str, Any]:
+    from grpoctl.jsonfiles import adapter_config
+
+    lora = ctx.export_dir / "lora"
+    return adapter_config(lora) if (lora / "adapter_config.json").is_file() else {}
+
+
+def _lora_rank(ctx: _Context, adapter_cfg: dict[str, Any]) -> int:
+    """The adapter's largest rank (``r`` and any ``rank_pattern``), which ``--max-lora-rank`` must cover."""
+    ranks = [int(adapter_cfg.get("r", 0))] + [int(v) for v in (adapter_cfg.get("rank_pattern") or {}).values()]
+    if max(ranks) > 0:
+        return max(ranks)
     return ctx.run.lora_r if ctx.run else 16
 
 
@@ -376,7 +352,7 @@ def _vllm_files(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> tuple[
     plans = _plans(ctx, tok, tokenizer_has_template)
     if not plans:
         ctx.notes.append("no merged model or LoRA adapter in the export: no vLLM manifests written")
-        return {}, {"written": False}
+        return {}, VllmSection(written=False)
     vdir = ctx.out_dir / "vllm"
     files: dict[Path, str] = {}
     if not tokenizer_has_template:
@@ -387,16 +363,20 @@ def _vllm_files(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> tuple[
         files[vdir / f"serve{suffix}.sh"] = serve_sh(plan)
         files[vdir / f"docker-compose{suffix}.yml"] = docker_compose_yml(plan)
         files[vdir / f"k8s{suffix}.yaml"] = k8s_yaml(plan)
-        modes.append({"mode": plan.mode, "files": [f"serve{suffix}.sh", f"docker-compose{suffix}.yml",
-                                                    f"k8s{suffix}.yaml"], "argv": plan.args("$EXPORT_DIR", "$HERE")})
-    return files, {"written": True, "modes": modes}
+        modes.append(VllmMode(mode=plan.mode, files=[f"serve{suffix}.sh", f"docker-compose{suffix}.yml",
+                                                     f"k8s{suffix}.yaml"], argv=plan.args("$EXPORT_DIR", "$HERE")))
+    return files, VllmSection(written=True, modes=modes)
 
 
 # --- entry point ----------------------------------------------------------------------------------------
 
 def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_dir: Path | None = None,
-                    options: ManifestOptions | None = None) -> list[Path]:
-    """Write the Ollama Modelfile(s) and vLLM manifests for ``export_dir``; return the files written.
+                    options: ManifestOptions | None = None) -> WrittenManifests:
+    """Write the Ollama Modelfile(s) and vLLM manifests for ``export_dir``; return what was written.
+
+    Manifests inside the export replace the ones grpoctl wrote there before (a file changed since then, or one
+    grpoctl did not write, needs ``force``), and the export changes in one step: the new manifests and the
+    updated ``artifacts.json`` appear together or not at all.
 
     Arguments:
         export_dir: directory holding ``artifacts.json`` (``grpoctl export`` output).
@@ -408,9 +388,39 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
     """
     options = options or ManifestOptions()
     export_dir = Path(export_dir).absolute()
-    manifest = ArtifactManifest.load(export_dir)
     out_dir = Path(options.output_dir).absolute() if options.output_dir else export_dir
-    ctx = _Context(export_dir=export_dir, out_dir=out_dir, manifest=manifest, run=run,
+    Artifacts.load(export_dir)  # "run `grpoctl export` first" before anything else
+    with output_lock(export_dir, what="manifests"), disk_full_is_one_line(out_dir):
+        if not out_dir.resolve().is_relative_to(export_dir.resolve()):
+            return render_manifests(export_dir, run=run, tokenizer_dir=tokenizer_dir, options=options)
+        rel = out_dir.resolve().relative_to(export_dir.resolve())
+        with updated_dir(export_dir) as stage:
+            written = render_manifests(stage, run=run, tokenizer_dir=tokenizer_dir,
+                                       options=dataclasses.replace(options, output_dir=stage / rel))
+        written.files = [export_dir / p.relative_to(stage) for p in written.files]
+        return written
+
+
+def check_manifests_unedited(artifacts: Artifacts) -> None:
+    """Refuse (OutputExistsError) when a manifest grpoctl wrote into the export was changed since."""
+    for entry in artifacts.files:
+        if entry.kind not in MANIFEST_KINDS:
+            continue
+        path = artifacts.root / entry.path
+        if path.is_file() and (path.stat().st_size != entry.size or sha256_file(path) != entry.sha256):
+            raise OutputExistsError(f"{path} was changed since grpoctl wrote it; pass --force to replace it (or "
+                                    "move your version out of the export first)")
+
+
+def render_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_dir: Path | None = None,
+                     options: ManifestOptions | None = None) -> WrittenManifests:
+    """What :func:`write_manifests` does, straight into ``export_dir``, for a caller that owns that folder (the
+    export stage while it is being built)."""
+    options = options or ManifestOptions()
+    export_dir = Path(export_dir).absolute()
+    artifacts = Artifacts.load(export_dir)
+    out_dir = Path(options.output_dir).absolute() if options.output_dir else export_dir
+    ctx = _Context(export_dir=export_dir, out_dir=out_dir, artifacts=artifacts, run=run,
                    tokenizer_dir=_find_tokenizer_dir(export_dir, run, tokenizer_dir), options=options)
     tok = _load_tokenizer(ctx)
     tokenizer_has_template = options.chat_template is None
@@ -421,9 +431,18 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
     if not files:
         raise InputNotFoundError(f"{export_dir} has no GGUF, merged model or LoRA adapter to write manifests for; "
                                  "run `grpoctl export` first")
+    inside = out_dir.resolve().is_relative_to(export_dir.resolve())
+    if inside:
+        # the manifests grpoctl wrote before are replaced as a set: one this run does not write again goes too
+        if not options.force:
+            check_manifests_unedited(artifacts)
+        for entry in [f for f in artifacts.files if f.kind in MANIFEST_KINDS]:
+            (export_dir / entry.path).unlink(missing_ok=True)
+            artifacts.files.remove(entry)
     existing = [p for p in files if p.exists()]
     if existing and not options.force:
-        raise OutputExistsError(f"{existing[0]} already exists; pass --force to replace the manifests")
+        raise OutputExistsError(f"{existing[0]} already exists and grpoctl did not write it; pass --force to "
+                                "replace it")
 
     # Everything is rendered before anything is written: a failure leaves the old files in place.
     written: list[Path] = []
@@ -433,11 +452,10 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
             if path.suffix == ".sh":
                 tmp.chmod(0o755)
         written.append(path)
-    inside = out_dir.resolve().is_relative_to(export_dir.resolve())
     if inside:
         for path in written:
-            manifest.add_file(path, "modelfile" if path.name.startswith("Modelfile") else "manifest")
-    manifest.sections["manifests"] = {"ollama": ollama_section, "vllm": vllm_section, "notes": ctx.notes,
-                                      "output_dir": str(out_dir) if not inside else None}
-    manifest.save()
-    return written
+            artifacts.add_file(path, "modelfile" if path.name.startswith("Modelfile") else "manifest")
+    artifacts.manifests = ManifestsSection(ollama=ollama_section, vllm=vllm_section, notes=ctx.notes,
+                                           output_dir=str(out_dir) if not inside else None)
+    artifacts.save()
+    return WrittenManifests(files=written, section=artifacts.manifests)

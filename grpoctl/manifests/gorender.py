@@ -14,15 +14,21 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.chatprobes import Conversation, conversations
 from grpoctl.errors import DependencyError
 from grpoctl.fsutil import cache_dir, staged_file
 from grpoctl.manifests.templates import ChatFormat, UntranslatableTemplate, hf_render
 
 GO_SOURCE = Path(__file__).with_name("gorender") / "main.go"
+
+
+class TemplateParseError(ValueError):
+    """Go's text/template rejects the template text."""
 
 
 def find_go() -> Path | None:
@@ -91,22 +97,27 @@ def infer_reasoning_tags(template: str) -> tuple[str, str]:
     if proc.returncode != 0:
         raise DependencyError(f"the Go template renderer failed: {proc.stderr.strip()[-500:]}")
     out = json.loads(proc.stdout)
-    if isinstance(out, list):  # parse error
-        raise DependencyError(f"the template does not parse: {out[0].get('error')}")
+    if isinstance(out, list):
+        raise TemplateParseError(f"the template does not parse: {out[0].get('error')}")
     return out["open"], out["close"]
 
 
 # --- fidelity check ---------------------------------------------------------------------------------
 
-@dataclass
-class Conversation:
-    name: str
-    messages: list[dict[str, str]]  # HF form
-    think: bool | None = None  # Ollama's request flag; HF enable_thinking=False when think is False
-
-    @property
-    def ends_with_user(self) -> bool:
-        return self.messages[-1]["role"] == "user"
+# What a failure in each kind of probe conversation means, for the refusal message.
+SHAPE_MEANING = {
+    "whitespace": "message text with leading or trailing whitespace renders differently: the chat template trims "
+                  "or strips message text (e.g. `| trim`), which Go templates cannot do",
+    "date": "the chat template writes the current date (strftime_now); a Go TEMPLATE would keep the date of the "
+            "export forever",
+    "reasoning": "text after the reasoning end marker: Ollama hands the template the reasoning and the answer as "
+                 "its response parser split them (whitespace around both trimmed, thinking/parser.go), while the "
+                 "chat template renders the answer as the model wrote it",
+    "think": "the thinking switch (think / enable_thinking) renders differently",
+    "system": "a system message renders differently",
+    "plain": "the prompt renders differently",
+}
+SHAPE_PRIORITY = ("date", "whitespace", "reasoning", "system", "think", "plain")  # most specific cause first
 
 
 @dataclass
@@ -118,88 +129,101 @@ class FidelityReport:
     def failures(self) -> list[dict[str, Any]]:
         return [c for c in self.cases if not c["match"]]
 
+    def _first(self) -> dict[str, Any]:
+        return min(self.failures, key=lambda c: SHAPE_PRIORITY.index(c.get("shape", "plain")))
 
-def conversations(fmt: ChatFormat, system_prompt: str | None = None) -> list[Conversation]:
-    """The conversations both renderers must agree on: system + user, multi-turn, a prefilled assistant
-    turn (Ollama's continuation; HF ``continue_final_message``), think on/off, reasoning in history."""
-    sys = system_prompt or "You are a careful math tutor. Answer with \"#### <number>\"."
-    q1, a1 = "What is 12 * 7?", "12 * 7 = 84.\n#### 84"
-    q2 = "And 84 / 4? Use 'quotes', \"double\" and a {{ brace }}."
-    convs = [
-        Conversation("user", [{"role": "user", "content": q1}]),
-        Conversation("system+user", [{"role": "system", "content": sys}, {"role": "user", "content": q1}]),
-        Conversation("multi-turn", [{"role": "system", "content": sys}, {"role": "user", "content": q1},
-                                    {"role": "assistant", "content": a1}, {"role": "user", "content": q2}]),
-        Conversation("multi-turn-no-system", [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-                                              {"role": "user", "content": q2}]),
-        Conversation("prefill-assistant", [{"role": "system", "content": sys}, {"role": "user", "content": q1},
-                                           {"role": "assistant", "content": "12 * 7 ="}]),
-    ]
-    if not fmt.system_supported:
-        convs = [c for c in convs if all(m["role"] != "system" for m in c.messages)]
-    if fmt.uses_think_flag:
-        convs += [Conversation("think-off", [{"role": "user", "content": q1}], think=False),
-                  Conversation("think-on", [{"role": "user", "content": q1}], think=True),
-                  Conversation("think-off-multi-turn", convs[3].messages, think=False)]
-    if fmt.think != "none" and fmt.reasoning_markers:
-        o, c = fmt.reasoning_markers
-        reasoned = f"{o}\nMultiply 12 by 7.\n{c}12 * 7 = 84.\n#### 84"
-        convs += [Conversation("reasoning-in-history", [{"role": "user", "content": q1},
-                                                        {"role": "assistant", "content": reasoned},
-                                                        {"role": "user", "content": q2}])]
-        if fmt.think == "last_turn":
-            convs += [Conversation("reasoning-last-turn", [{"role": "user", "content": q1},
-                                                           {"role": "assistant", "content": reasoned}])]
-    return convs
+    @property
+    def meaning(self) -> str:
+        """What the most telling failure means ("" when the check passed)."""
+        return "" if self.passed else SHAPE_MEANING.get(self._first().get("shape", "plain"), SHAPE_MEANING["plain"])
+
+    @property
+    def reason(self) -> str:
+        """:attr:`meaning`, with the conversation and the bytes each renderer produced."""
+        if self.passed:
+            return ""
+        first = self._first()
+        detail = (f"conversation {first['name']!r}: transformers renders {first.get('expected', '')!r}, "
+                  f"Go renders {first.get('got', first.get('error', ''))!r}")
+        return f"{self.meaning} ({detail})"
+
+    @property
+    def failed_shapes(self) -> list[str]:
+        return sorted({c.get("shape", "plain") for c in self.failures})
 
 
-def _ollama_messages(fmt: ChatFormat, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """What an Ollama client sends back for a history: reasoning travels in ``thinking`` when the model
-    has reasoning markers (Ollama's thinking parser splits it off the answer), verbatim otherwise."""
+def ollama_split_reasoning(text: str, tags: tuple[str, str]) -> tuple[str, str]:
+    """(thinking, content) the way Ollama's response parser splits a reply (thinking/parser.go ``eat``):
+    leading whitespace and the opening tag go, whitespace right after it goes, the reasoning runs to the
+    closing tag (its trailing whitespace kept), whitespace after the closing tag goes."""
+    o, c = tags
+    trimmed = text.lstrip()
+    if not o or not trimmed.startswith(o):
+        return "", text
+    after = trimmed[len(o):].lstrip()
+    if c not in after:
+        return after, ""
+    thinking, rest = after.split(c, 1)
+    return thinking, rest.lstrip()
+
+
+def _ollama_messages(messages: list[dict[str, str]], tags: tuple[str, str]) -> list[dict[str, str]]:
+    """What an Ollama client sends back for a history: for a model Ollama treats as thinking (its template
+    declares reasoning tags), each answer as Ollama returned it, reasoning in ``thinking``; verbatim otherwise."""
     out = []
     for m in messages:
         content, thinking = m["content"], ""
-        if m["role"] == "assistant" and fmt.think != "none" and fmt.reasoning_markers:
-            o, c = fmt.reasoning_markers
-            if c in content:
-                head, content = content.split(c, 1)
-                thinking = head.split(o, 1)[-1].strip("\n")
-                content = content.lstrip("\n")
+        if m["role"] == "assistant" and all(tags):
+            thinking, content = ollama_split_reasoning(content, tags)
         out.append({"role": m["role"], "content": content, **({"thinking": thinking} if thinking else {})})
     return out
 
 
-def _hf_expected(tok: Any, fmt: ChatFormat, conv: Conversation, kw: dict[str, Any]) -> str:
-    if conv.ends_with_user:
-        return hf_render(tok, conv.messages, fmt.bos, add_generation_prompt=True, **kw)
+def _hf_expected(tok: Any, fmt: ChatFormat, conv: Conversation) -> tuple[str, str]:
+    """(prompt, error): what transformers renders for ``conv``, or the error the template raises."""
+    from grpoctl.manifests.templates import TemplateRaised, frozen_clock
+
+    kw: dict[str, Any] = {} if conv.think is None else {"enable_thinking": conv.think}
     try:
-        return hf_render(tok, conv.messages, fmt.bos, continue_final=True, **kw)
-    except UntranslatableTemplate:
-        # transformers refuses to continue a message the template rewrites (reasoning moved into a block);
-        # the continuation is then the closed rendering without its final turn end.
-        full = hf_render(tok, conv.messages, fmt.bos, **kw)
-        if fmt.trailer and full.endswith(fmt.trailer):
-            full = full[:-len(fmt.trailer)]
-        return full[:-len(fmt.asst_close)] if fmt.asst_close and full.endswith(fmt.asst_close) else full
+        with frozen_clock(conv.day) if conv.day else nullcontext():
+            if conv.ends_with_user:
+                return hf_render(tok, conv.messages, fmt.bos, add_generation_prompt=True, **kw), ""
+            try:
+                return hf_render(tok, conv.messages, fmt.bos, continue_final=True, **kw), ""
+            except UntranslatableTemplate:
+                # transformers refuses to continue a message the template rewrites (reasoning moved into a
+                # block); the continuation is then the closed rendering without its final turn end.
+                full = hf_render(tok, conv.messages, fmt.bos, **kw)
+    except TemplateRaised as err:
+        return "", err.message or "error"
+    if fmt.trailer and full.endswith(fmt.trailer):
+        full = full[:-len(fmt.trailer)]
+    close = fmt.piece("asst_close", {None: "default", True: "on", False: "off"}[conv.think])
+    return (full[:-len(close)] if close and full.endswith(close) else full), ""
 
 
 def check_fidelity(tok: Any, fmt: ChatFormat, go_template: str, system_prompt: str | None = None) -> FidelityReport:
-    """Render every conversation with Go (Ollama's data) and with ``apply_chat_template``; compare bytes."""
-    convs = conversations(fmt, system_prompt)
-    cases = [{"messages": _ollama_messages(fmt, c.messages), "think": c.think, "default_system": ""} for c in convs]
+    """Render every conversation with Go (Ollama's data) and with ``apply_chat_template``; compare bytes.
+
+    A conversation matches when both render the same prompt, or both refuse it (the template raises).
+    """
+    convs = conversations(system_prompt, fmt.reasoning_markers)
+    try:
+        tags = infer_reasoning_tags(go_template)
+    except TemplateParseError as err:
+        return FidelityReport(False, [{"name": "parse", "shape": "plain", "match": False, "error": str(err)}])
+    cases = [{"messages": _ollama_messages(c.messages, tags), "think": c.think, "default_system": ""}
+             for c in convs]
     outs = render_go(go_template, cases)
-    if len(outs) == 1 and len(cases) > 1 and outs[0].get("error", "").startswith("parse:"):
-        return FidelityReport(False, [{"name": "parse", "match": False, "error": outs[0]["error"]}])
     report: list[dict[str, Any]] = []
     for conv, out in zip(convs, outs, strict=True):
-        kw: dict[str, Any] = {}
-        if conv.think is not None:
-            kw["enable_thinking"] = conv.think
-        expected = _hf_expected(tok, fmt, conv, kw)
-        got = out.get("output", "")
-        entry = {"name": conv.name, "match": got == expected and not out.get("error")}
-        if not entry["match"]:
-            entry.update(expected=expected, got=got, error=out.get("error"))
+        expected, hf_error = _hf_expected(tok, fmt, conv)
+        got, go_error = out.get("output", ""), out.get("error", "")
+        match = bool(hf_error) == bool(go_error) and (bool(hf_error) or got == expected)
+        entry: dict[str, Any] = {"name": conv.name, "shape": conv.shape, "match": match}
+        if hf_error or go_error:
+            entry["refused"] = {"transformers": hf_error, "go": go_error}
+        if not match:
+            entry.update(expected=expected or f"<error: {hf_error}>", got=got or f"<error: {go_error}>")
         report.append(entry)
     return FidelityReport(all(c["match"] for c in report), report)
-

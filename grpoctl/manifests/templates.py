@@ -1,25 +1,31 @@
 """Translate a Hugging Face Jinja chat template into Ollama's Go template language.
 
 Nothing here keys on model names. The model's own template is *probed*: it is rendered with
-sentinel strings for a handful of short conversations, and the pieces around the sentinels (role
-headers, turn ends, the default system block, the generation prompt, the think-off prefill, how
-earlier reasoning is dropped) are read off the output. Those pieces fill one Go template that
-reproduces the same bytes from the data Ollama passes (``.System``, ``.Messages`` with ``.Role``,
-``.Content``, ``.Thinking``, and ``.Think``/``.IsThinkSet``). ``grpoctl.manifests.gorender`` then
-renders that Go template with Go's own ``text/template`` and compares it byte for byte with
-``apply_chat_template``; only a template that passes is written.
+sentinel strings for a handful of short conversations, in each think mode (no flag, enable_thinking
+on, off), and the pieces around the sentinels (role headers, turn ends, the default system block, the
+generation prompt, how earlier reasoning is dropped) are read off the output. Those pieces fill one Go
+template that reproduces the same bytes from the data Ollama passes (``.System``, ``.Messages`` with
+``.Role``, ``.Content``, ``.Thinking``, and ``.Think``/``.IsThinkSet``). ``grpoctl.manifests.gorender``
+then renders that Go template with Go's own ``text/template`` and compares it byte for byte with
+``apply_chat_template`` on conversations chosen to break translations (whitespace around message text,
+two calendar days, whitespace after the reasoning end marker, refused system messages); a template that
+fails is not certified.
 
-Templates this cannot express (tool-only formats, per-message trimming the probe can see, roles it
-does not recognise) raise :class:`UntranslatableTemplate`; the Modelfile then omits ``TEMPLATE`` so
-Ollama falls back to the Jinja template embedded in the GGUF.
+Templates the probe cannot read (tool-only formats, roles it does not recognise, reordered messages)
+raise :class:`UntranslatableTemplate`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from grpoctl.chatprobes import THINK_OPEN_TAGS
 
 # Sentinels: plain mixed-case words, so trimming leaves them alone and case filters show up.
 S = "SysProbeQ7"
@@ -29,7 +35,6 @@ U2 = "UserProbeW2"
 R = "ReasonProbeK9"
 ANS = "AnswerProbeV3"
 
-THINK_OPEN_TAGS = ("<think>", "<thinking>", "<reasoning>")
 
 # Family of a translated format, named after the turn markers the template itself emits.
 FAMILY_MARKERS: tuple[tuple[str, str], ...] = (
@@ -43,6 +48,23 @@ class UntranslatableTemplate(Exception):
     """The chat template does not fit the role/turn structure the Go template can reproduce."""
 
 
+class TemplateRaised(UntranslatableTemplate):
+    """The chat template itself raised (``raise_exception``, a missing key ...) on a conversation."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"the chat template fails on a plain conversation ({message})")
+        self.message = message
+
+
+# The request's think flag, as Ollama hands it to a template (.IsThinkSet, .Think) and as transformers takes it
+# (enable_thinking): unset -> the template's default, "on" -> enable_thinking=True, "off" -> enable_thinking=False.
+THINK_MODES: dict[str, dict[str, bool]] = {"default": {}, "on": {"enable_thinking": True},
+                                           "off": {"enable_thinking": False}}
+# The text pieces of a format; each may differ between think modes (kept in ChatFormat.variants).
+TEXT_PIECES = ("sys_before", "sys_after", "default_block", "user_open", "user_close", "asst_open", "asst_close",
+               "gen", "think_open", "think_close")
+
+
 @dataclass
 class ChatFormat:
     """The pieces of a chat template, as rendered by the model's own tokenizer."""
@@ -54,19 +76,28 @@ class ChatFormat:
     default_block: str  # emitted when the conversation has no system message (may be "")
     user_open: str
     user_close: str
-    user_close_off: str  # user_close when thinking is switched off (== user_close if the template ignores it)
     asst_open: str
     asst_close: str
     gen: str
-    gen_off: str
     think: str  # "none" (reasoning kept verbatim), "drop" (history shows answers only), "last_turn" (Qwen3)
     think_open: str = ""
     think_close: str = ""
     last_turn_empty: bool = False  # the final answer gets an (empty) reasoning block even without reasoning
     reasoning_markers: tuple[str, str] | None = None
-    system_supported: bool = True  # False: the template refuses system messages (Gemma)
+    system_error: str = ""  # the template's own error for a system message (Gemma: "System role not supported")
     trailer: str = ""  # appended by the template only when no generation prompt follows
+    # Text pieces that differ when the request switches thinking on or off ("on"/"off" -> piece -> text);
+    # absent pieces are the same as without a think flag.
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
     stops: list[str] = field(default_factory=list)
+
+    @property
+    def system_supported(self) -> bool:
+        return not self.system_error
+
+    def piece(self, name: str, mode: str = "default") -> str:
+        """Text piece ``name`` as rendered in think mode ``mode`` (default / on / off)."""
+        return self.variants.get(mode, {}).get(name, getattr(self, name))
 
     @property
     def prefills_think(self) -> bool:
@@ -74,7 +105,14 @@ class ChatFormat:
 
     @property
     def uses_think_flag(self) -> bool:
-        return self.gen_off != self.gen or self.user_close_off != self.user_close
+        return bool(self.variants)
+
+    def with_default_system(self, system: str) -> ChatFormat:
+        """The same format with ``system`` rendered as its default system block, in every think mode."""
+        variants = {mode: {**pieces, "default_block": self.piece("sys_before", mode) + system
+                           + self.piece("sys_after", mode)}
+                    for mode, pieces in self.variants.items()}
+        return dataclasses.replace(self, default_block=self.sys_before + system + self.sys_after, variants=variants)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,10 +125,32 @@ def hf_render(tok: Any, messages: list[dict[str, str]], bos: str, *, add_generat
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final, **kwargs)
     except Exception as err:  # jinja raise_exception, missing keys, ...: all mean "cannot probe"
-        raise UntranslatableTemplate(f"the chat template fails on a plain conversation ({err})") from None
+        raise TemplateRaised(str(err)) from None
     if bos and text.startswith(bos):
         text = text[len(bos):]
     return text
+
+
+@contextmanager
+def frozen_clock(day: str) -> Iterator[None]:
+    """transformers' ``strftime_now`` answers as if today were ``day`` (YYYY-MM-DD), noon local time."""
+    import datetime as _dt
+
+    from transformers.utils import chat_template_utils
+
+    fixed = _dt.datetime.fromisoformat(day).replace(hour=12)
+
+    class _Frozen(_dt.datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> _dt.datetime:  # noqa: ARG003 -- the signature datetime.now has
+            return fixed
+
+    real = chat_template_utils.datetime
+    chat_template_utils.datetime = _Frozen
+    try:
+        yield
+    finally:
+        chat_template_utils.datetime = real
 
 
 def _after(text: str, marker: str) -> str:
@@ -137,22 +197,22 @@ def runtime_adds_bos(tok: Any) -> bool:
     return bool(ids) and ids[0] == bos_id
 
 
-def _split_turn_boundary(seg: str, pre: str, specials: list[str]) -> tuple[str, str]:
+def _split_turn_boundary(seg: str, pre: str, specials: list[str], also: tuple[str, ...] = ()) -> tuple[str, str]:
     """Split the text between an assistant answer and the next user message into (assistant close, user open).
 
-    Any split renders the same bytes for alternating conversations; the one chosen puts the cut right before
-    the special token that introduces the user role, so stops and readability come out natural.
+    The user open must end ``pre`` (what precedes the first user message) and every text in ``also`` (what
+    precedes it after a system message). Among the splits that allow, the one chosen puts the cut right before
+    the special token that introduces the user role, so stops and readability come out natural; else the
+    user open is the longest text all of them end with.
     """
+    ends = (pre, *also)
     low = seg.lower()
     pos = low.find("user")
     if pos >= 0:
         starts = [i for i, _ in _specials_in(seg, specials) if i <= pos]
-        if starts and pre.endswith(seg[starts[-1]:]):
+        if starts and all(t.endswith(seg[starts[-1]:]) for t in ends):
             return seg[:starts[-1]], seg[starts[-1]:]
-    # fallback: the longest tail shared with the first user's prefix
-    k = 0
-    while k < len(seg) and k < len(pre) and seg[len(seg) - 1 - k] == pre[len(pre) - 1 - k]:
-        k += 1
+    k = len(os.path.commonprefix([t[::-1] for t in (seg, *ends)]))
     return seg[:len(seg) - k], seg[len(seg) - k:]
 
 
@@ -170,11 +230,33 @@ def _probe(tok: Any, reasoning_markers: tuple[str, str] | None) -> ChatFormat:
     source = tok.chat_template if isinstance(tok.chat_template, str) else json.dumps(tok.chat_template)
     bos = tok.bos_token if (tok.bos_token and runtime_adds_bos(tok)) else ""
     specials = special_tokens(tok)
+    markers = reasoning_markers or next(((o, "</" + o[1:]) for o in THINK_OPEN_TAGS if o in source), None)
 
+    modes = {mode: _probe_mode(tok, bos, specials, markers, kw) for mode, kw in THINK_MODES.items()}
+    base = modes["default"]
+    for got in modes.values():
+        for key in ("think", "last_turn_empty", "trailer", "system_error"):
+            if got[key] != base[key]:
+                raise UntranslatableTemplate(f"the thinking switch (enable_thinking) changes {key.replace('_', ' ')}; "
+                                             f"only text that differs by the switch can be translated")
+    variants = {mode: diff for mode in ("on", "off")
+                if (diff := {k: modes[mode][k] for k in TEXT_PIECES if modes[mode][k] != base[k]})}
+
+    family = next((name for marker, name in FAMILY_MARKERS
+                   if marker in base["user_open"] + base["asst_open"] + base["user_close"]), "generic")
+    fmt = ChatFormat(family=family, bos=bos, reasoning_markers=markers, variants=variants,
+                     **{k: base[k] for k in (*TEXT_PIECES, "think", "last_turn_empty", "system_error", "trailer")})
+    fmt.stops = stop_tokens(tok, fmt, specials)
+    return fmt
+
+
+def _probe_mode(tok: Any, bos: str, specials: list[str], markers: tuple[str, str] | None,
+                think_kw: dict[str, bool]) -> dict[str, Any]:
+    """The format's pieces in one think mode (``think_kw`` passed to every render)."""
     trailer = ""  # text some templates append only when no generation prompt follows (Phi-3's EOS)
 
     def r(msgs: list[tuple[str, str]], **kw: Any) -> str:
-        text = hf_render(tok, [{"role": a, "content": b} for a, b in msgs], bos, **kw)
+        text = hf_render(tok, [{"role": a, "content": b} for a, b in msgs], bos, **think_kw, **kw)
         if trailer and not kw.get("add_generation_prompt") and text.endswith(trailer):
             text = text[:-len(trailer)]
         return text
@@ -199,37 +281,28 @@ def _probe(tok: Any, reasoning_markers: tuple[str, str] | None) -> ChatFormat:
         raise UntranslatableTemplate("user turns are not rendered the same way each time")
     asst_open = r_uau[len(pre + U1 + user_close):r_uau.index(A1)]
     seg = r_uau[r_uau.index(A1) + len(A1):r_uau.index(U2)]
-    asst_close, user_open = _split_turn_boundary(seg, pre, specials)
+
+    system_error, sys_block_user = "", None
+    try:
+        r_su = r([("system", S), ("user", U1)])
+    except TemplateRaised as err:  # e.g. Gemma: "System role not supported"
+        system_error = err.message or "the chat template rejects system messages"
+    else:
+        sys_block_user = _before(r_su, U1)
+        if S not in sys_block_user or _after(r_su, U1) != user_close:
+            raise UntranslatableTemplate("the system message is not rendered as a block before the first user turn")
+    also = (sys_block_user[sys_block_user.index(S) + len(S):],) if sys_block_user is not None else ()
+    asst_close, user_open = _split_turn_boundary(seg, pre, specials, also)
     if not pre.endswith(user_open):
         raise UntranslatableTemplate("the first user turn is opened differently from later ones")
     default_block = pre[:len(pre) - len(user_open)]
-
-    try:
-        r_su = r([("system", S), ("user", U1)])
-    except UntranslatableTemplate:  # e.g. Gemma: "System role not supported"
-        r_su = None
-    if r_su is None:
-        system_supported, sys_before, sys_after = False, "", ""
-    else:
-        sys_block_user = _before(r_su, U1)
-        if not sys_block_user.endswith(user_open) or S not in sys_block_user or _after(r_su, U1) != user_close:
+    sys_before, sys_after = "", ""
+    if sys_block_user is not None:
+        if not sys_block_user.endswith(user_open):
             raise UntranslatableTemplate("the system message is not rendered as a block before the first user turn")
-        sys_block = sys_block_user[:len(sys_block_user) - len(user_open)]
-        system_supported = True
-        sys_before, sys_after = sys_block.split(S, 1)
-
-    # Thinking switch (Qwen3's enable_thinking): where does the "no thinking" prefill go?
-    r_ugo = r([("user", U1)], add_generation_prompt=True, enable_thinking=False)
-    r_uo = r([("user", U1)], enable_thinking=False)
-    if r([("user", U1)], add_generation_prompt=True, enable_thinking=True) != r_ug:
-        raise UntranslatableTemplate("the template renders enable_thinking=True differently from the default")
-    user_close_off = _after(r_uo, U1) if r_uo.startswith(pre + U1) else user_close
-    if not r_ugo.startswith(r_uo):
-        raise UntranslatableTemplate("the no-thinking generation prompt is not appended after the conversation")
-    gen_off = r_ugo[len(r_uo):]
+        sys_before, sys_after = sys_block_user[:len(sys_block_user) - len(user_open)].split(S, 1)
 
     # Reasoning in earlier answers: kept verbatim, dropped, or shown only after the last user turn.
-    markers = reasoning_markers or next(((o, "</" + o[1:]) for o in THINK_OPEN_TAGS if o in source), None)
     think, think_open, think_close, last_turn_empty = "none", "", "", False
     if markers:
         o, c = markers
@@ -251,16 +324,10 @@ def _probe(tok: Any, reasoning_markers: tuple[str, str] | None) -> ChatFormat:
                 last_turn_empty = empty == head + think_open + think_close + ANS + asst_close
                 if not last_turn_empty and empty != head + ANS + asst_close:
                     raise UntranslatableTemplate("the last answer without reasoning has an unrecognised shape")
-
-    family = next((name for marker, name in FAMILY_MARKERS if marker in user_open + asst_open + user_close), "generic")
-    fmt = ChatFormat(family=family, bos=bos, sys_before=sys_before, sys_after=sys_after,
-                     default_block=default_block, user_open=user_open, user_close=user_close,
-                     user_close_off=user_close_off, asst_open=asst_open, asst_close=asst_close, gen=gen,
-                     gen_off=gen_off, think=think, think_open=think_open, think_close=think_close,
-                     last_turn_empty=last_turn_empty, reasoning_markers=markers,
-                     system_supported=system_supported, trailer=trailer)
-    fmt.stops = stop_tokens(tok, fmt, specials)
-    return fmt
+    return dict(sys_before=sys_before, sys_after=sys_after, default_block=default_block, user_open=user_open,
+                user_close=user_close, asst_open=asst_open, asst_close=asst_close, gen=gen, think=think,
+                think_open=think_open, think_close=think_close, last_turn_empty=last_turn_empty,
+                system_error=system_error, trailer=trailer)
 
 
 def stop_tokens(tok: Any, fmt: ChatFormat, specials: list[str] | None = None) -> list[str]:
@@ -322,16 +389,32 @@ class _Emitter:
         if t:
             self.parts.append(("text", t) if _text_is_raw_safe(t) else ("act", go_string_literal(t)))
 
-    def text_by_think(self, condition: str, when_off: str, otherwise: str) -> None:
-        """``when_off`` if thinking was switched off, else ``otherwise``; plain text when both are the same."""
-        if when_off == otherwise:
-            self.text(otherwise)
+    def text_by_think(self, default: str, on: str, off: str) -> None:
+        """Text that depends on the request's think flag: ``on``/``off`` when it was set, ``default`` when not;
+        plain text when all three are the same."""
+        if on == off == default:
+            self.text(default)
             return
-        self.act(f"if {condition}")
-        self.text(when_off)
+        if on == default:
+            self.act("if and $.IsThinkSet (not $.Think)")
+            self.text(off)
+        elif off == default:
+            self.act("if and $.IsThinkSet $.Think")
+            self.text(on)
+        else:
+            self.act("if $.IsThinkSet")
+            self.act("if $.Think")
+            self.text(on)
+            self.act("else")
+            self.text(off)
+            self.act("end")
         self.act("else")
-        self.text(otherwise)
+        self.text(default)
         self.act("end")
+
+    def piece(self, fmt: ChatFormat, name: str) -> None:
+        """One text piece of ``fmt``, switched on the think flag where the template switches it."""
+        self.text_by_think(fmt.piece(name), fmt.piece(name, "on"), fmt.piece(name, "off"))
 
     def render(self) -> str:
         out: list[str] = []
@@ -348,17 +431,21 @@ class _Emitter:
 def to_go_template(fmt: ChatFormat) -> str:
     """The Ollama ``TEMPLATE`` reproducing ``fmt`` from Ollama's chat data."""
     e = _Emitter()
-    off = "and $.IsThinkSet (not $.Think)"
     if not fmt.system_supported:
-        e.text(fmt.default_block)
-    elif fmt.sys_before or fmt.sys_after or fmt.default_block:
+        # The chat template raises on a system message; Go has no raise, but executing an undefined template
+        # is an error too, so Ollama refuses such a request as transformers and llama.cpp do.
         e.act("if $.System")
-        e.text(fmt.sys_before)
+        e.act(f"template {go_string_literal(fmt.system_error)} .")
+        e.act("end")
+        e.piece(fmt, "default_block")
+    elif any(fmt.piece(n, m) for n in ("sys_before", "sys_after", "default_block") for m in THINK_MODES):
+        e.act("if $.System")
+        e.piece(fmt, "sys_before")
         e.act("$.System")
-        e.text(fmt.sys_after)
-        if fmt.default_block:
+        e.piece(fmt, "sys_after")
+        if any(fmt.piece("default_block", m) for m in THINK_MODES):
             e.act("else")
-            e.text(fmt.default_block)
+            e.piece(fmt, "default_block")
         e.act("end")
     else:
         e.act("$.System")
@@ -374,21 +461,21 @@ def to_go_template(fmt: ChatFormat) -> str:
     e.act("range $i, $_ := .Messages")  # `.Messages`, not `$.Messages`: InferTags looks for that field
     e.act("$last := eq (len (slice $.Messages $i)) 1")
     e.act('if eq .Role "user"')
-    e.text(fmt.user_open)
+    e.piece(fmt, "user_open")
     e.act(".Content")
-    e.text_by_think(off, fmt.user_close_off, fmt.user_close)
-    if fmt.gen or fmt.gen_off:
+    e.piece(fmt, "user_close")
+    if any(fmt.piece("gen", m) for m in THINK_MODES):
         e.act("if $last")
-        e.text_by_think(off, fmt.gen_off, fmt.gen)
+        e.piece(fmt, "gen")
         e.act("end")
     e.act('else if eq .Role "assistant"')
-    e.text(fmt.asst_open)
+    e.piece(fmt, "asst_open")
     if fmt.think == "last_turn":
         e.act("if and (gt $i $lastUser) (or $last .Thinking)" if fmt.last_turn_empty
               else "if and (gt $i $lastUser) .Thinking")
-        e.text(fmt.think_open)
+        e.piece(fmt, "think_open")
         e.act(".Thinking")
-        e.text(fmt.think_close)
+        e.piece(fmt, "think_close")
         e.act("end")
     elif fmt.think == "drop" and fmt.reasoning_markers:
         # Never rendered (the chat template drops earlier reasoning too); it declares the reasoning tags
@@ -399,9 +486,9 @@ def to_go_template(fmt: ChatFormat) -> str:
         e.text(fmt.reasoning_markers[1])
         e.act("end")
     e.act(".Content")
-    if fmt.asst_close:
+    if any(fmt.piece("asst_close", m) for m in THINK_MODES):
         e.act("if not $last")
-        e.text(fmt.asst_close)
+        e.piece(fmt, "asst_close")
         e.act("end")
     e.act("end")
     e.act("end")

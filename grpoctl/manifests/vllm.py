@@ -3,6 +3,8 @@
 One :class:`VllmPlan` (the argv of ``vllm serve``, minus where the model lives) is rendered three
 ways. Every user-supplied string reaches the shell through ``shlex.quote``, YAML through PyYAML's
 emitter (with ``$`` doubled for Compose interpolation), so names and paths cannot inject anything.
+Containers see only what is mounted: the export directory at ``/models`` and, for base + LoRA on a
+base that is a local folder (not a Hub id), that folder at ``/base``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,62 @@ import yaml
 from grpoctl import __version__
 from grpoctl.errors import UsageError
 
-VLLM_IMAGE = "vllm/vllm-openai:latest"
+IMAGE_REPO = "vllm/vllm-openai"
 # vLLM's LoRAConfig.max_lora_rank accepts only these (vllm/config/lora.py, MaxLoRARanks).
 DEFAULT_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CONTAINER_PORT = 8000
 MOUNT = "/models"  # the export directory inside containers
+BASE_MOUNT = "/base"  # a local base model folder inside containers (base + LoRA)
 MANIFESTS = "/manifests"  # this folder inside the Compose container
 HF_CACHE = "/root/.cache/huggingface"
+
+
+def tested_vllm_version() -> str | None:
+    """The vLLM version the ``gpu`` extra pins (``vllm==X`` in grpoctl's package metadata): the one tested."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("grpoctl") or []
+    except PackageNotFoundError:
+        return None
+    for req in reqs:
+        if m := re.match(r"^vllm\s*==\s*([0-9][\w.]*)", req):
+            return m.group(1)
+    return None
+
+
+def vllm_image() -> str:
+    """The vLLM image of the tested version (Docker Hub tags releases ``vX.Y.Z``); ``latest`` only when this
+    installation carries no pin."""
+    version = tested_vllm_version()
+    return f"{IMAGE_REPO}:v{version}" if version else f"{IMAGE_REPO}:latest"
+
+
+def lora_unsupported(adapter_config: dict[str, Any]) -> list[str]:
+    """What in this PEFT adapter vLLM refuses to load as a LoRA; empty when it serves it.
+
+    The rules of ``PEFTHelper._validate_features`` and ``validate_legal`` in vLLM's vllm/lora/peft_helper.py:
+    modules_to_save (other than a classifier/score head), DoRA, lora_bias, a bias other than "none", and
+    initialisations that change the base weights (PiSSA, OLoRA, LoftQ, ...); plus a rank above the largest
+    max_lora_rank (vllm/config/lora.py).
+    """
+    out = []
+    saved = [m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    if saved:
+        out.append(f"modules_to_save {', '.join(saved)} (fully trained copies of those modules)")
+    if adapter_config.get("use_dora"):
+        out.append("DoRA")
+    if adapter_config.get("lora_bias"):
+        out.append("lora_bias")
+    if adapter_config.get("bias", "none") not in ("none", None):
+        out.append(f"bias {adapter_config['bias']!r}")
+    init = adapter_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in ("gaussian", "eva", "orthogonal", "mica", "lora_ga"):
+        out.append(f"init_lora_weights {init!r}")
+    ranks = [int(adapter_config.get("r", 8)), *(int(v) for v in (adapter_config.get("rank_pattern") or {}).values())]
+    if max(ranks) > vllm_lora_ranks()[-1]:
+        out.append(f"rank {max(ranks)} (vLLM serves LoRA ranks up to {vllm_lora_ranks()[-1]})")
+    return out
 
 
 def vllm_lora_ranks() -> tuple[int, ...]:
@@ -56,6 +107,10 @@ class VllmPlan:
     served_model_name: str
     model: str  # export-relative folder, or a Hub id / absolute path when model_is_ref
     model_is_ref: bool = False
+    # lora mode on a local base: ``model`` is that folder on this machine, mounted at BASE_MOUNT in containers
+    base_is_local: bool = False
+    base_served_name: str | None = None  # what clients ask for to get the base without the adapter
+    revision: str | None = None  # Hub revision of a Hub base (the commit trained on)
     lora_path: str | None = None  # export-relative adapter folder (lora mode)
     lora_rank: int | None = None
     tokenizer: str | None = None  # export-relative tokenizer folder (lora mode: the trained tokenizer/template)
@@ -70,15 +125,17 @@ class VllmPlan:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1  # full replicas behind one endpoint, each over tensor_parallel_size GPUs
     port: int = CONTAINER_PORT
-    image: str = VLLM_IMAGE
+    image: str = field(default_factory=vllm_image)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         name = self.served_model_name
         # vLLM reads `--lora-modules name=path` as JSON when the item holds a comma
-        if not name or any(ch.isspace() or not ch.isprintable() for ch in name) or "=" in name or "," in name:
-            raise UsageError(f"served model name {name!r} must be non-empty, without spaces, control characters, "
-                             "'=' or ','; pass --served-model-name")
+        # vLLM reads an argument starting with '-' as an option (argparse), so such a name never arrives
+        if not name or any(ch.isspace() or not ch.isprintable() for ch in name) or "=" in name or "," in name \
+                or name.startswith("-"):
+            raise UsageError(f"served model name {name!r} must be non-empty, not start with '-', and have no spaces, "
+                             "control characters, '=' or ','; pass --served-model-name")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise UsageError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size < 1:
@@ -89,15 +146,21 @@ class VllmPlan:
             raise UsageError(f"--port must be between 1 and 65535, got {self.port}")
 
     # argv ---------------------------------------------------------------------------------------
-    def args(self, root: str, manifests: str) -> list[str]:
-        """``vllm serve`` arguments with the export directory at ``root`` and the manifests folder at
-        ``manifests`` (paths, or placeholders the caller substitutes)."""
+    def args(self, root: str, manifests: str, base: str | None = None) -> list[str]:
+        """``vllm serve`` arguments with the export directory at ``root``, the manifests folder at
+        ``manifests`` (paths, or placeholders the caller substitutes) and a local base at ``base``
+        (default: where it is on this machine)."""
 
         def loc(rel: str) -> str:
             return f"{root}/{rel}"
 
-        argv = [self.model if self.model_is_ref else loc(self.model),
-                "--served-model-name", self.served_model_name if self.mode != "lora" else self.base_name]
+        if self.base_is_local:
+            model = base or self.model
+        else:
+            model = self.model if self.model_is_ref else loc(self.model)
+        argv = [model, "--served-model-name", self.served_model_name if self.mode != "lora" else self.base_name]
+        if self.revision and self.model_is_ref and not self.base_is_local:
+            argv += ["--revision", self.revision]
         if self.mode == "lora":
             argv += ["--enable-lora", "--lora-modules", f"{self.served_model_name}={loc(self.lora_path or 'lora')}",
                      "--max-lora-rank", str(max_lora_rank(self.lora_rank or 16))]
@@ -128,9 +191,16 @@ class VllmPlan:
 
     @property
     def base_name(self) -> str:
-        # In LoRA mode the base answers under its own id; the adapter under the served model name.
-        base = self.model.rstrip("/").split("/")[-1] if not self.model_is_ref else self.model
-        return f"{self.served_model_name}-base" if not base or "=" in base or " " in base else base
+        # In LoRA mode the base answers under its own name (its Hub id, or the local folder's name, never a
+        # host path a client cannot know); the adapter under the served model name.
+        if self.base_served_name:
+            base = self.base_served_name
+        elif self.model_is_ref and not self.base_is_local:
+            base = self.model
+        else:
+            base = self.model.rstrip("/").split("/")[-1]
+        bad = not base or any(ch.isspace() or ch in "=," for ch in base) or base == self.served_model_name
+        return f"{self.served_model_name}-base" if bad else base
 
     @property
     def slug(self) -> str:
@@ -194,7 +264,11 @@ def _compose_escape(obj: Any) -> Any:
 
 
 def compose_dict(plan: VllmPlan) -> dict[str, Any]:
-    argv = _compose_escape(plan.args(MOUNT, MANIFESTS) + ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)])
+    argv = _compose_escape(plan.args(MOUNT, MANIFESTS, BASE_MOUNT)
+                           + ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)])
+    volumes = [_compose_escape(f"{plan.export_dir}:{MOUNT}:ro"), f".:{MANIFESTS}:ro", f"hf-cache:{HF_CACHE}"]
+    if plan.base_is_local:
+        volumes.insert(1, _compose_escape(f"{plan.model}:{BASE_MOUNT}:ro"))
     health = ("import urllib.request,sys; "
               f"sys.exit(urllib.request.urlopen('http://localhost:{CONTAINER_PORT}/health').status != 200)")
     service = {
@@ -203,7 +277,7 @@ def compose_dict(plan: VllmPlan) -> dict[str, Any]:
         "command": argv,
         "ports": [f"{plan.port}:{CONTAINER_PORT}"],
         "ipc": "host",  # PyTorch workers share tensors through /dev/shm
-        "volumes": [_compose_escape(f"{plan.export_dir}:{MOUNT}:ro"), f".:{MANIFESTS}:ro", f"hf-cache:{HF_CACHE}"],
+        "volumes": volumes,
         "environment": {"HF_TOKEN": "${HF_TOKEN:-}"},
         "deploy": {"resources": {"reservations": {"devices": [
             {"driver": "nvidia", "count": plan.gpus, "capabilities": ["gpu"]}]}}},
@@ -227,9 +301,11 @@ def _yaml(obj: Any) -> str:
 
 
 def docker_compose_yml(plan: VllmPlan) -> str:
+    base = (f"# The base model folder {_comment(plan.model)} is mounted read-only at {BASE_MOUNT}.\n"
+            if plan.base_is_local else "")
     header = (f"# vLLM ({plan.mode} model) with Docker Compose, written by grpoctl {__version__}.\n"
               "# Start from this folder: docker compose up -d   (needs the NVIDIA container toolkit)\n"
-              "# The export directory (..) is mounted read-only at /models.\n")
+              f"# The export directory ({_comment(plan.export_dir)}) is mounted read-only at {MOUNT}.\n{base}")
     return header + _yaml(compose_dict(plan))
 
 
@@ -246,7 +322,7 @@ def k8s_objects(plan: VllmPlan) -> list[dict[str, Any]]:
         "name": "vllm",
         "image": plan.image,
         "command": ["vllm", "serve"],
-        "args": plan.args(MOUNT, f"{MOUNT}/vllm") + ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)],
+        "args": plan.args(MOUNT, f"{MOUNT}/vllm", BASE_MOUNT) + ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)],
         "ports": [{"name": "http", "containerPort": CONTAINER_PORT, "protocol": "TCP"}],
         "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token",
                                                                        "optional": True}}}],
@@ -254,6 +330,8 @@ def k8s_objects(plan: VllmPlan) -> list[dict[str, Any]]:
                       "requests": {"cpu": "4", "memory": "16Gi"}},
         "volumeMounts": [{"name": "cache", "mountPath": HF_CACHE, "subPath": "huggingface"},
                          {"name": "cache", "mountPath": MOUNT, "subPath": "models", "readOnly": True},
+                         *([{"name": "cache", "mountPath": BASE_MOUNT, "subPath": "base", "readOnly": True}]
+                           if plan.base_is_local else []),
                          {"name": "dshm", "mountPath": "/dev/shm"}],
         "startupProbe": {"httpGet": probe_path, "periodSeconds": 10, "failureThreshold": 180},
         "readinessProbe": {"httpGet": probe_path, "periodSeconds": 10, "failureThreshold": 3},
@@ -276,9 +354,17 @@ def k8s_objects(plan: VllmPlan) -> list[dict[str, Any]]:
 
 
 def k8s_yaml(plan: VllmPlan) -> str:
+    base = (f"# The base model (the local folder {_comment(plan.model)}) goes into subPath base, mounted at "
+            f"{BASE_MOUNT}:\n#   kubectl cp BASE_DIR <pod>:{BASE_MOUNT}\n") if plan.base_is_local else ""
     header = (f"# vLLM ({plan.mode} model) on Kubernetes, written by grpoctl {__version__}.\n"
               "# kubectl apply -f k8s.yaml. The PVC holds the Hugging Face cache (subPath huggingface) and the\n"
               "# export directory (subPath models, mounted at /models): copy the export into it first, e.g.\n"
               "#   kubectl cp EXPORT_DIR <pod>:/models  (from a helper pod mounting the claim read-write).\n"
+              f"{base}"
               "# An optional Secret `hf-token` (key `token`) supplies HF_TOKEN for gated base models.\n")
     return header + "---\n".join(_yaml(o) for o in k8s_objects(plan))
+
+
+def _comment(text: str) -> str:
+    """``text`` safe inside a one-line ``#`` comment (a path with a line break cannot start YAML)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

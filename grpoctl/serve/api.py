@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.procs import termination_as_interrupt
 from grpoctl.serve import llamacpp, ollama
 from grpoctl.serve.common import DEFAULT_PROBE, DEFAULT_SMOKE_MAX_TOKENS, default_model_name
 from grpoctl.serve.gguf_info import GGUFInfo, read_gguf_info
@@ -61,6 +60,8 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> int:
     if opts.name and opts.engine == "ollama":
         ollama.check_model_name(opts.name)  # before reading or hashing anything
     target = resolve_target(opts.source, opts.quant)
+    if target.artifacts is not None and (why := target.artifacts.stale()):
+        echo(f"warning: {why}; serving the old export anyway")
     info = read_gguf_info(target.gguf)
     n_ctx = context_size(target, info, opts.ctx)
     name = opts.name or default_model_name(target.gguf.stem, target.quant)
@@ -78,7 +79,7 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
     server = llamacpp.LlamaCppServer(gguf=target.gguf, host=host, port=port, n_ctx=n_ctx, alias=name,
                                      use_gguf_template=bool(info.chat_template))
     echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
-    with _sigterm_as_interrupt():
+    with termination_as_interrupt():
         server.start(detached=opts.detach)
         try:
             server.wait_ready(opts.ready_timeout)
@@ -99,29 +100,11 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         echo(f"ready: {server.url} (model {name!r}, log {server.log_path})")
         echo("try:\n  " + llamacpp.curl_example(server.base_url, name, target.system_prompt, opts.prompt))
         if opts.detach:
-            pid = llamacpp.write_pid_file(server)
-            echo(f"detached: pid {server.proc.pid} (pid file {pid}); "
+            echo(f"detached: pid {server.proc.pid} (pid file {llamacpp.pid_file(server.port)}); "
                  f"stop it with `grpoctl serve --stop --port {server.port}`")
             return 0
         echo("serving; Ctrl-C or SIGTERM stops the server")
         return _run_foreground(server, echo)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM takes the same clean path as Ctrl-C (KeyboardInterrupt), so the server is always stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _follow_requests(log_path: Path, start: int, echo: Callable[[str], None], done: threading.Event) -> None:
@@ -169,14 +152,14 @@ def _serve_ollama(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, name:
     version = ollama.ping(opts.host, timeout=5.0)
     ollama.check_version(version)
     echo(f"Ollama daemon {version} at {ollama.resolve_host(opts.host)}")
-    reg = ollama.plan_registration(target, info, name, n_ctx, opts.modelfile)
+    reg = ollama.plan_registration(target, info, name, n_ctx, opts.modelfile, version)
     if reg.source == "gguf":
-        echo(f"registering {target.gguf.name} as {name!r}: no Modelfile in the export, so Ollama takes the "
-             "template from the GGUF's chat template; stop tokens from the GGUF, context, sampling and system "
-             "prompt from the run (`grpoctl manifests` writes an explicit Modelfile)")
+        echo(f"registering {target.gguf.name} as {name!r}: no Modelfile in the export; stop tokens from the "
+             "GGUF, context, sampling and system prompt from the run (`grpoctl manifests` writes a Modelfile)")
     else:
         echo(f"registering {target.gguf.name} as {name!r} with TEMPLATE/SYSTEM/PARAMETER from "
              f"{reg.source.removeprefix('modelfile:')}")
+    echo(f"prompts: {reg.renders_with}")
     digest = target.verify_digest()
     ollama.register(reg, digest, opts.host, echo=echo)
     if opts.smoke:

@@ -5,6 +5,12 @@ The server runs as a child process in its own process group so that stopping it 
 take grpoctl with it. Its output goes to a log file; when it dies before answering, the one line of
 that log that says why is shown.
 
+One server per port: the server process holds an flock on ``llamacpp-PORT.lock`` for its whole life
+(grpoctl takes it, the child inherits it), so a second ``serve`` on that port fails at once; the pid
+file names exactly that process, and ``serve --stop`` trusts a pid file only while its lock is held.
+Each server has its own log, ``llamacpp-PORT.log``, written by no other (the previous server's log on
+that port is kept as ``llamacpp-PORT.log.1``).
+
 The GGUF's own chat template is used: llama-cpp-python would otherwise swap a template that merely
 equals a built-in one (ChatML, Llama-3, Mistral) for its hand-written formatter, or fall back to the
 Llama-2 format when it cannot guess; ``--chat_format chat_template.default`` pins the embedded one.
@@ -13,25 +19,23 @@ Llama-2 format when it cannot guess; ``--chat_format chat_template.default`` pin
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpoctl.errors import ServeError
-from grpoctl.fsutil import cache_dir
+from grpoctl.fsutil import cache_dir, lock_owner, staged_file, try_lock, write_lock_owner
+from grpoctl.procs import alive, parent_death_signal, stop_process_group
 from grpoctl.serve.common import SmokeResult, chat_messages
 
 # The chat handler llama-cpp-python registers for the GGUF's tokenizer.chat_template.
@@ -52,6 +56,29 @@ def pid_file(port: int) -> Path:
 
 def log_file(port: int) -> Path:
     return state_dir() / f"llamacpp-{port}.log"
+
+
+def port_lock(port: int) -> Path:
+    return state_dir() / f"llamacpp-{port}.lock"
+
+
+def claim_port(port: int) -> int:
+    """The fd of this port's lock, for the server to inherit; ServeError when a grpoctl server holds it."""
+    fd = try_lock(port_lock(port))
+    if fd is None:
+        owner = lock_owner(port_lock(port)).get("pid")
+        raise ServeError(f"a grpoctl llama.cpp server already runs on port {port}"
+                         + (f" (pid {owner})" if owner else "")
+                         + f"; stop it with `grpoctl serve --stop --port {port}` or pick another --port")
+    return fd
+
+
+def port_in_use_by_grpoctl(port: int) -> bool:
+    fd = try_lock(port_lock(port))
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
 
 
 def connect_host(host: str) -> str:
@@ -76,9 +103,9 @@ def check_port_free(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                ours = pid_file(port)
-                hint = (f"; a detached grpoctl server holds it: stop it with `grpoctl serve --stop --port {port}`"
-                        if ours.is_file() else "; pick another with --port (or --port 0 for any free port)")
+                hint = (f"; a grpoctl server holds it: stop it with `grpoctl serve --stop --port {port}`"
+                        if port_in_use_by_grpoctl(port)
+                        else "; pick another with --port (or --port 0 for any free port)")
                 raise ServeError(f"port {port} on {host} is already in use{hint}") from None
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
@@ -87,18 +114,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """Linux only: a preexec hook so the server gets SIGTERM if grpoctl is killed outright (SIGKILL leaves
-    no chance to clean up). libc is resolved here, in the parent: the forked child only makes the call,
-    with no dlopen that could deadlock on a lock another thread held at fork time. The signal follows the
-    forking thread, so serve from the main thread (as the CLI does)."""
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _urlopen(req: urllib.request.Request | str, timeout: float):
@@ -155,7 +170,7 @@ class LlamaCppServer:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", self.host,
                "--port", str(self.port), "--n_ctx", str(self.n_ctx)]
         if self.alias:
-            cmd += ["--model_alias", self.alias]
+            cmd += [f"--model_alias={self.alias}"]  # one token: an alias starting with '-' is not an option
         if self.use_gguf_template:
             cmd += ["--chat_format", GGUF_TEMPLATE_FORMAT]
         if _gpu_offload():
@@ -163,15 +178,26 @@ class LlamaCppServer:
         return cmd + list(self.extra_args)
 
     def start(self, detached: bool = False) -> subprocess.Popen:
-        """Spawn the server in a new process group; ``detached`` servers outlive grpoctl."""
+        """Spawn the server in a new process group, holding this port's lock; ``detached`` servers outlive
+        grpoctl and get a pid file."""
         check_port_free(self.host, self.port)
-        self.log_path = self.log_path or log_file(self.port)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k.upper() not in _OVERRIDING_ENV}
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                         preexec_fn=None if detached else _parent_death_signal())
+        lock = claim_port(self.port)
+        try:
+            if self.log_path is None:
+                self.log_path = log_file(self.port)
+                if self.log_path.exists():
+                    self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            env = {k: v for k, v in os.environ.items() if k.upper() not in _OVERRIDING_ENV}
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                             pass_fds=(lock,), preexec_fn=None if detached else parent_death_signal())
+            write_lock_owner(lock, pid=self.proc.pid, what="llama.cpp server")
+            if detached:
+                write_pid_file(self)
+        finally:
+            os.close(lock)  # the server's inherited copy keeps the port claimed for as long as it runs
         return self.proc
 
     def log_text(self) -> str:
@@ -190,7 +216,7 @@ class LlamaCppServer:
                                  f"{death_reason(self.log_text())} (full log: {self.log_path})")
             try:
                 with _urlopen(self.base_url + READY_PATH, timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._answers_as_us(r.read()):
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
@@ -201,13 +227,25 @@ class LlamaCppServer:
                                  f"{log_tail(self.log_text())} (full log: {self.log_path})")
             time.sleep(0.2)
 
+    def _answers_as_us(self, body: bytes) -> bool:
+        """Whether the /v1/models answer comes from this server (its alias), not another one on the port."""
+        if not self.alias:
+            return True
+        try:
+            models = json.loads(body).get("data") or []
+        except (ValueError, AttributeError):
+            return False
+        return any(isinstance(m, dict) and m.get("id") == self.alias for m in models)
+
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM the whole process group, SIGKILL it after ``grace`` seconds; returns the exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             stop_process_group(self.proc.pid, grace, wait=self.proc.wait)
-        return self.proc.wait()
+        code = self.proc.wait()
+        _forget_pid_file(self.port, self.proc.pid)
+        return code
 
     def __enter__(self) -> LlamaCppServer:
         return self
@@ -223,49 +261,6 @@ def _gpu_offload() -> bool:
         return bool(llama_cpp.llama_supports_gpu_offload())
     except Exception:
         return False
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError, OSError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child: reap it
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    return True
-
-
-def stop_process_group(pid: int, grace: float = 10.0, wait: Callable[..., object] | None = None) -> None:
-    """Terminate the process group led by ``pid`` (the server and anything it spawned), then kill it."""
-    def signal_group(sig: int) -> None:
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            os.kill(pid, sig)
-
-    signal_group(signal.SIGTERM)
-    if wait is not None:
-        try:
-            wait(timeout=grace)
-            signal_group(signal.SIGKILL)  # stragglers in the group, if any
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    else:
-        deadline = time.monotonic() + grace
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    signal_group(signal.SIGKILL)
-    if wait is not None:
-        wait()
 
 
 # --- talking to it ---------------------------------------------------------------------------------
@@ -308,11 +303,19 @@ def curl_example(base_url: str, model: str | None, system_prompt: str | None, qu
 
 # --- detached servers ------------------------------------------------------------------------------
 def write_pid_file(server: LlamaCppServer) -> Path:
+    """Written while grpoctl holds the port's lock, naming the child that inherits it."""
     assert server.proc is not None
     p = pid_file(server.port)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(f"{server.proc.pid}\n")
+    with staged_file(p) as tmp:
+        tmp.write_text(f"{server.proc.pid}\n")
     return p
+
+
+def _forget_pid_file(port: int, pid: int) -> None:
+    p = pid_file(port)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if int(p.read_text().split()[0]) == pid:
+            p.unlink()
 
 
 def _is_our_server(pid: int, port: int) -> bool:
@@ -320,7 +323,7 @@ def _is_our_server(pid: int, port: int) -> bool:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return _alive(pid)  # no /proc (macOS): trust the pid file
+        return alive(pid)  # no /proc (macOS): trust the pid file
     args = [a.decode(errors="replace") for a in argv]
     return "llama_cpp.server" in args and str(port) in args
 
@@ -342,7 +345,8 @@ def stop_detached(port: int | None = None, grace: float = 10.0) -> list[str]:
             f.unlink(missing_ok=True)
             done.append(f"removed unreadable pid file {f}")
             continue
-        if not _alive(pid) or not _is_our_server(pid, fport):
+        # the port's lock is held exactly while the server the pid file names runs
+        if not port_in_use_by_grpoctl(fport) or not alive(pid) or not _is_our_server(pid, fport):
             f.unlink(missing_ok=True)
             done.append(f"server on port {fport} (pid {pid}) was not running; removed its pid file")
             continue

@@ -8,9 +8,11 @@ Registration is what ``ollama create`` does for a local file, over the documente
     POST /api/create                  {model, files: {<name>.gguf: digest}, template, system, parameters}
 
 The template, stop parameters and system prompt come from the export's generated Modelfile when there
-is one; otherwise the template is left to Ollama, which derives it from the GGUF's embedded
-``tokenizer.chat_template``, and the stops, context length, sampling and system prompt come from the
-GGUF and the training run.
+is one; otherwise the stops, context length, sampling and system prompt come from the GGUF and the
+training run. Without a TEMPLATE, Ollama 0.30 and later render the GGUF's own ``tokenizer.chat_template``
+(llama.cpp's Jinja engine) unless ``ollama create`` attaches a template of its own registry; older Ollama
+renders Go templates only. Where that would not be the model's chat template, the checked Go template
+``grpoctl manifests`` recorded in ``artifacts.json`` is sent instead (see :func:`plan_registration`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.manifests.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.common import SmokeResult, chat_messages
 from grpoctl.serve.gguf_info import GGUFInfo
-from grpoctl.serve.modelfile import Modelfile, read_modelfile
 from grpoctl.serve.source import ServeTarget
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -112,8 +114,8 @@ MIN_VERSION = (0, 5, 0)
 
 def check_version(version: str) -> None:
     """Refuse daemons older than the create API used here; versions that do not parse are let through."""
-    parts = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", version.strip())
-    if parts and tuple(int(p) for p in parts.groups()) < MIN_VERSION:
+    parsed = parse_version(version)
+    if parsed and parsed < MIN_VERSION:
         raise ServeError(f"Ollama {version} is too old: registering a GGUF by blob digest needs Ollama "
                          f"{'.'.join(map(str, MIN_VERSION))} or newer; upgrade it (https://ollama.com/download)")
 
@@ -130,6 +132,7 @@ class Registration:
     messages: list[dict[str, str]] = field(default_factory=list)
     license: list[str] = field(default_factory=list)
     source: str = "gguf"  # where template/parameters came from: "modelfile:<path>" or "gguf"
+    renders_with: str = ""  # what the daemon renders prompts with, as Ollama's source says (for the user)
 
     def create_kwargs(self, digest: str) -> dict[str, Any]:
         kw: dict[str, Any] = {"model": self.name, "files": {self.gguf.name: digest}}
@@ -164,25 +167,73 @@ def find_modelfile(target: ServeTarget) -> Path | None:
     return plain if plain is not None and len(candidates) == 1 else None
 
 
+def parse_version(version: str) -> tuple[int, int, int] | None:
+    parts = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", version.strip())
+    return tuple(int(p) for p in parts.groups()) if parts else None  # type: ignore[return-value]
+
+
+def _checked_go_template(target: ServeTarget) -> str | None:
+    """The Go template ``grpoctl manifests`` checked against the chat template but did not write (Ollama
+    >= 0.30 renders the chat template itself), from the export's artifacts.json."""
+    manifests = target.artifacts.manifests if target.artifacts is not None else None
+    return manifests.ollama.go_template if manifests is not None else None
+
+
+def _choose_template(reg: Registration, target: ServeTarget, info: GGUFInfo, version: str | None) -> None:
+    """Without a TEMPLATE, send the checked Go template where the daemon would otherwise not render the
+    model's chat template (ollama/ollama server/routes.go ``chatModeForModel``; server/model.go
+    ``detectChatTemplate``), and say what renders prompts."""
+    from grpoctl.manifests.ollama import NATIVE_CHAT_SINCE, ollama_prompt
+
+    parsed = parse_version(version) if version else None
+    native = parsed is None or parsed >= NATIVE_CHAT_SINCE
+    if reg.template:
+        reg.renders_with = "the TEMPLATE" + ("" if native else f" (Ollama {version} renders Go templates only)")
+        return
+    if native:
+        predicted = ollama_prompt(info.chat_template, None) if info.chat_template else None
+        if predicted is None or predicted.mode == "native":
+            reg.renders_with = "the GGUF's own chat template (Ollama's native chat, llama.cpp's Jinja engine)"
+            return
+        instead = predicted.describe()
+    else:
+        instead = (f"Ollama {version}'s Go template for this GGUF (a registry match or its default), since "
+                   f"native chat needs Ollama {'.'.join(map(str, NATIVE_CHAT_SINCE))}")
+    go = _checked_go_template(target)
+    if go:
+        reg.template = go
+        reg.renders_with = (f"the Go template `grpoctl manifests` checked against the chat template (without it: "
+                            f"{instead})")
+    else:
+        reg.renders_with = (f"{instead}; no checked Go template of the chat template is recorded in the export "
+                            "(`grpoctl manifests` writes one where the template translates)")
+
+
 def plan_registration(target: ServeTarget, info: GGUFInfo, name: str, n_ctx: int | None,
-                      modelfile: Path | None = None) -> Registration:
-    """Decide template, system prompt and parameters: the generated Modelfile wins, else GGUF + run."""
+                      modelfile: Path | None = None, version: str | None = None) -> Registration:
+    """Decide template, system prompt and parameters: the generated Modelfile wins, else GGUF + run; for a
+    daemon ``version`` that would not render the model's chat template without a TEMPLATE, the export's
+    checked Go template is added."""
     modelfile = modelfile or find_modelfile(target)
     if modelfile is not None:
         mf: Modelfile = read_modelfile(modelfile)
         if mf.adapters:
             raise UsageError(f"{modelfile} has ADAPTER lines; serve registers merged GGUFs only")
-        return Registration(name=name, gguf=target.gguf, template=mf.template,
-                            system=mf.system if mf.system is not None else target.system_prompt,
-                            parameters=mf.parameters, messages=mf.messages, license=mf.license,
-                            source=f"modelfile:{modelfile}")
-    params: dict[str, Any] = {}
-    if info.stop_tokens:
-        params["stop"] = list(info.stop_tokens)
-    if n_ctx:
-        params["num_ctx"] = int(n_ctx)
-    params.update(target.sampling)
-    return Registration(name=name, gguf=target.gguf, system=target.system_prompt, parameters=params, source="gguf")
+        reg = Registration(name=name, gguf=target.gguf, template=mf.template,
+                           system=mf.system if mf.system is not None else target.system_prompt,
+                           parameters=mf.parameters, messages=mf.messages, license=mf.license,
+                           source=f"modelfile:{modelfile}")
+    else:
+        params: dict[str, Any] = {}
+        if info.stop_tokens:
+            params["stop"] = list(info.stop_tokens)
+        if n_ctx:
+            params["num_ctx"] = int(n_ctx)
+        params.update(target.sampling)
+        reg = Registration(name=name, gguf=target.gguf, system=target.system_prompt, parameters=params,
+                           source="gguf")
+    _choose_template(reg, target, info, version)
+    return reg
 
 
 def _upload_chunks(path: Path, size: int) -> Iterator[bytes]:

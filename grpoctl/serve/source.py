@@ -13,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
 from grpoctl.errors import InputNotFoundError, ServeError, UsageError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, run_of_export
+from grpoctl.export.quantize import canonical_type, default_type
 from grpoctl.fsutil import sha256_file
 from grpoctl.rundir import RunDir
-
-GGUF_KIND = "gguf"
-# Picked when several quantizations were exported and none was asked for: the usual local default.
-PREFERRED_QUANT = "q4_k_m"
 
 
 @dataclass
@@ -29,10 +26,17 @@ class ServeTarget:
 
     gguf: Path
     quant: str | None = None
-    export_dir: Path | None = None
-    run: RunDir | None = None
+    artifacts: Artifacts | None = None  # the export it belongs to, when it belongs to one
     manifest_sha256: str | None = None
     modelfiles: list[Path] = field(default_factory=list)
+
+    @property
+    def export_dir(self) -> Path | None:
+        return self.artifacts.root if self.artifacts is not None else None
+
+    @property
+    def run(self) -> RunDir | None:
+        return self.artifacts.run if self.artifacts is not None else None
 
     @property
     def system_prompt(self) -> str | None:
@@ -61,43 +65,25 @@ class ServeTarget:
         return digest
 
 
-def normalize_quant(quant: str) -> str:
-    return quant.strip().lower()
-
-
-def _quant_of(kind: str) -> str:
-    return normalize_quant(kind.split(":", 1)[1]) if ":" in kind else ""
-
-
-def _from_export(export_dir: Path, quant: str | None, run: RunDir | None) -> ServeTarget:
-    manifest = ArtifactManifest.load(export_dir)
-    ggufs = manifest.by_kind(GGUF_KIND)
-    if not ggufs:
+def _from_export(export_dir: Path, quant: str | None) -> ServeTarget:
+    artifacts = Artifacts.load(export_dir)
+    by_quant = artifacts.ggufs()
+    if not by_quant:
         raise InputNotFoundError(f"{export_dir} holds no GGUF export; run `grpoctl export "
-                                 f"{run.root if run else export_dir} --gguf q4_k_m`")
-    by_quant = {_quant_of(f.kind): f for f in ggufs}
-    available = ", ".join(sorted(by_quant))
-    if quant is not None:
-        entry = by_quant.get(normalize_quant(quant))
-        if entry is None:
-            raise InputNotFoundError(f"quantization {normalize_quant(quant)} was not exported to {export_dir}; "
-                                     f"exported: {available} (add it with `grpoctl export ... --gguf "
-                                     f"{normalize_quant(quant)}`)")
-    elif len(by_quant) == 1:
-        entry = ggufs[0]
-    elif PREFERRED_QUANT in by_quant:
-        entry = by_quant[PREFERRED_QUANT]
-    else:
-        raise UsageError(f"{export_dir} has several GGUF exports ({available}); pick one with --quant")
+                                 f"{artifacts.run.root if artifacts.run else export_dir} --gguf q4_k_m`")
+    if quant is not None and canonical_type(quant) not in by_quant:
+        raise InputNotFoundError(f"quantization {canonical_type(quant)} was not exported to {export_dir}; "
+                                 f"exported: {', '.join(sorted(by_quant))} (add it with `grpoctl export ... --gguf "
+                                 f"{canonical_type(quant)}`)")
+    chosen = canonical_type(quant) if quant is not None else default_type(by_quant)
+    entry = by_quant[chosen]
     path = export_dir / entry.path
     if not path.is_file():
         raise InputNotFoundError(f"{path} is listed in {export_dir / ARTIFACTS_FILE} but missing on disk; "
                                  "re-run `grpoctl export`")
-    if run is None:
-        run = run_of_export(export_dir, manifest)
-    modelfiles = [export_dir / f.path for f in manifest.by_kind("modelfile") if (export_dir / f.path).is_file()]
-    return ServeTarget(gguf=path, quant=_quant_of(entry.kind), export_dir=export_dir, run=run,
-                       manifest_sha256=entry.sha256, modelfiles=modelfiles)
+    modelfiles = [export_dir / f.path for f in artifacts.by_kind("modelfile") if (export_dir / f.path).is_file()]
+    return ServeTarget(gguf=path, quant=chosen, artifacts=artifacts, manifest_sha256=entry.sha256,
+                       modelfiles=modelfiles)
 
 
 def resolve_target(source: Path, quant: str | None = None) -> ServeTarget:
@@ -111,14 +97,14 @@ def resolve_target(source: Path, quant: str | None = None) -> ServeTarget:
             raise UsageError(f"{source} is not a .gguf file, a run directory or an export directory")
         export_dir = source.resolve().parent.parent
         if (export_dir / ARTIFACTS_FILE).is_file():
-            manifest = ArtifactManifest.load(export_dir)
+            artifacts = Artifacts.load(export_dir)
             rel = source.resolve().relative_to(export_dir.resolve()).as_posix()
-            entry = next((f for f in manifest.files if f.path == rel), None)
-            if entry is not None:
-                if quant is not None and normalize_quant(quant) != _quant_of(entry.kind):
-                    raise UsageError(f"{source.name} is {_quant_of(entry.kind)}, not {normalize_quant(quant)}; "
+            entry = next((f for f in artifacts.files if f.path == rel), None)
+            if entry is not None and entry.quant:
+                if quant is not None and canonical_type(quant) != entry.quant:
+                    raise UsageError(f"{source.name} is {entry.quant}, not {canonical_type(quant)}; "
                                      "name the export directory to pick a quantization with --quant")
-                target = _from_export(export_dir, _quant_of(entry.kind), None)
+                target = _from_export(export_dir, entry.quant)
                 target.gguf = source
                 return target
         return ServeTarget(gguf=source)
@@ -126,8 +112,8 @@ def resolve_target(source: Path, quant: str | None = None) -> ServeTarget:
         run = RunDir(source)
         if not (run.export_dir / ARTIFACTS_FILE).is_file():
             raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export {source} --gguf q4_k_m`")
-        return _from_export(run.export_dir, quant, run)
+        return _from_export(run.export_dir, quant)
     if (source / ARTIFACTS_FILE).is_file():
-        return _from_export(source, quant, None)
+        return _from_export(source, quant)
     raise InputNotFoundError(f"{source} is neither a run directory (no run.json) nor an export directory "
                              f"(no {ARTIFACTS_FILE})")

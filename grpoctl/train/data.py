@@ -3,15 +3,24 @@ drop the longest prompts and derive prompt/completion lengths the way the seed d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from grpoctl.config import DataConfig
 from grpoctl.errors import DataError, InputNotFoundError, OfflineError
+from grpoctl.models import looks_like_hub_id
 
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Suffixes of data files: a name ending in one is a file the user meant, never a Hub dataset id.
+_DATA_SUFFIXES = (*_FILE_BUILDERS, ".tsv", ".txt", ".arrow", ".gz", ".zst", ".xz", ".bz2")
+# Column names datasets commonly use for each role, for the hint when the mapped ones are missing.
+_LIKELY_COLUMNS = {
+    "prompt": ("question", "problem", "prompt", "query", "instruction", "input"),
+    "solution": ("answer", "solution", "response", "output", "completion"),
+}
 
 
 def shipped_dataset() -> Path:
@@ -44,9 +53,35 @@ def load_source(spec: str | None, subset: str | None = None, split: str = "train
             return datasets.load_dataset(str(path), subset, split=split)
         except Exception as e:
             raise DataError(f"{path} could not be loaded as a dataset: {type(e).__name__}: {e}") from None
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise InputNotFoundError(f"dataset file {spec} does not exist")
+    check_source(spec)
     return _load_by_name(spec, subset, split)
+
+
+def check_source(spec: str | None) -> None:
+    """Fail at once on a dataset named like a local path that is not there, instead of asking the Hub for it."""
+    if spec is None:
+        return
+    path = Path(spec).expanduser()
+    if not path.exists() and looks_like_local_path(spec):
+        raise InputNotFoundError(f"dataset file {spec} does not exist{_did_you_mean(path)}")
+
+
+def looks_like_local_path(spec: str) -> bool:
+    """What the user typed is a path on this machine, not a ``datasets`` Hub id: it is not shaped like
+    ``owner/name``, ends in a data file suffix, or its first folder exists here (``data/problem.jsonl``)."""
+    if spec.startswith((".", "~")) or ("/" in spec and not looks_like_hub_id(spec)) or "\\" in spec:
+        return True
+    if spec.lower().endswith(_DATA_SUFFIXES):
+        return True
+    return "/" in spec and Path(spec.split("/", 1)[0]).expanduser().is_dir()
+
+
+def _did_you_mean(path: Path) -> str:
+    folder = path.parent
+    if not folder.is_dir():
+        return f" (no folder {folder})"
+    close = difflib.get_close_matches(path.name, [p.name for p in folder.iterdir()], n=1, cutoff=0.6)
+    return f"; did you mean {folder / close[0]}?" if close else ""
 
 
 def _load_by_name(name: str, subset: str | None, split: str) -> Any:
@@ -118,22 +153,49 @@ def to_messages(system_prompt: str | None, question: str) -> list[dict[str, str]
     return messages
 
 
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(DataConfig) if f.name == name)
+
+
+def _column_hint(cols: set[str], missing: list[str], cfg: DataConfig) -> str:
+    """``--prompt-field problem``-style suggestions from the columns the dataset does have."""
+    flags = []
+    for role, flag in (("prompt", "--prompt-field"), ("solution", "--solution-field")):
+        if getattr(cfg, f"{role}_field") not in missing:
+            continue
+        guess = next((c for c in _LIKELY_COLUMNS[role] if c in cols), None)
+        if guess:
+            flags.append(f"{flag} {guess}")
+    return f", e.g. {' '.join(flags)}" if flags else ""
+
+
 def map_rows(ds: Any, cfg: DataConfig) -> Any:
-    """Map the configured fields to TRL's conversational ``prompt`` plus ``answer`` (and ``solution``)."""
+    """Map the configured fields to TRL's conversational ``prompt`` plus ``answer`` (and ``solution``).
+
+    With ``answer_field`` the bare answer comes from that column and the solution column is optional
+    (used when present); without it the answer is derived from the solution column.
+    """
     cols = set(ds.column_names)
-    needed = [cfg.prompt_field] + [f for f in (cfg.solution_field, cfg.answer_field) if f]
+    has_solution = cfg.solution_field in cols
+    # the default solution column is only needed when it is where the answer comes from
+    solution_needed = not cfg.answer_field or cfg.solution_field != _default("solution_field")
+    needed = [cfg.prompt_field] + [f for f in (cfg.solution_field if solution_needed else None, cfg.answer_field)
+                                   if f]
     missing = [f for f in needed if f not in cols]
     if missing:
         raise DataError(f"dataset has no column {', '.join(repr(m) for m in missing)} (columns: "
-                        f"{', '.join(sorted(cols))}); map fields with data.prompt_field / data.solution_field / "
-                        "data.answer_field")
+                        f"{', '.join(sorted(cols))}); map them with --prompt-field / --solution-field / "
+                        f"--answer-field (data.prompt_field / data.solution_field / data.answer_field in a config)"
+                        f"{_column_hint(cols, missing, cfg)}")
     if cfg.max_samples:
         ds = ds.select(range(min(cfg.max_samples, len(ds))))
 
     def convert(row: dict[str, Any]) -> dict[str, Any]:
-        solution = "" if row[cfg.solution_field] is None else str(row[cfg.solution_field])
+        value = row[cfg.solution_field] if has_solution else None
+        solution = "" if value is None else str(value)
         if cfg.answer_field:
             ans = row[cfg.answer_field]
+            solution = solution or ("" if ans is None else str(ans))
         elif cfg.extract_hash_answer:
             ans = extract_hash_answer(solution)
         else:
@@ -145,7 +207,8 @@ def map_rows(ds: Any, cfg: DataConfig) -> Any:
     mapped = ds.map(convert, remove_columns=ds.column_names)
     mapped = mapped.filter(lambda r: r["answer"] is not None)
     if len(mapped) == 0:
-        hint = " (no solution contains '####'; set data.extract_hash_answer=false)" if cfg.extract_hash_answer else ""
+        hint = (" (no solution contains '####'; pass --no-extract-hash-answer, or --answer-field COLUMN for a "
+                "column holding the bare answer)") if cfg.extract_hash_answer and not cfg.answer_field else ""
         raise DataError(f"no rows with an answer are left{hint}")
     return mapped
 

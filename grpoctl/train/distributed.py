@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from grpoctl.config import TrainConfig
 from grpoctl.errors import ConfigError, DependencyError, GrpoctlError, InputNotFoundError, UsageError
-from grpoctl.fsutil import check_output_dir
+from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -234,14 +234,12 @@ def launch(cfg: TrainConfig) -> RunDir:
 
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
+    from grpoctl.train.run import check_output
+
     out = Path(cfg.output_dir)
-    if cfg.resume:
-        if not RunDir.is_run(out):
-            raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no run.json)")
-    else:
-        check_output_dir(out, cfg.force)
-        if out.is_dir() and cfg.force:
-            shutil.rmtree(out)
+    check_output(cfg, out)
+    if not cfg.resume and out.is_dir() and cfg.force:
+        shutil.rmtree(out)
     with tempfile.TemporaryDirectory(prefix="grpoctl-launch-") as tmp:
         config_json = Path(tmp) / "config.json"
         config_json.write_text(json.dumps(dataclasses.asdict(cfg)))
@@ -251,7 +249,8 @@ def launch(cfg: TrainConfig) -> RunDir:
         env = {**os.environ, LAUNCHED_ENV: "1"}
         # accelerate picks a free port itself only with --main_process_port 0 semantics; give each launch its own
         env.setdefault("MASTER_PORT", str(_free_port()))
-        rc = subprocess.run(cmd, env=env).returncode
+        # its own process group: an interrupted grpoctl hands every worker the Ctrl-C that saves a checkpoint
+        rc = run_child(cmd, env=env, interrupt=signal.SIGINT, grace=120.0, on_parent_death=signal.SIGTERM)
     if rc != 0:
         raise GrpoctlError(f"distributed training exited with status {rc}; see the messages above")
     return RunDir(out)

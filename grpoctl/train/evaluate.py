@@ -6,7 +6,9 @@ One model is loaded; the base side is the same weights with the adapter switched
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,10 @@ from grpoctl.config import DataConfig
 from grpoctl.errors import InputNotFoundError, UsageError
 from grpoctl.fsutil import staged_file
 from grpoctl.rundir import EVAL_FILE, RunDir
+
+# Without a GPU a completion costs one forward pass per token; the run's own budget (often ~900 tokens:
+# what max_seq_length leaves after the prompt) would make 2 x 20 samples take most of an hour.
+CPU_MAX_NEW_TOKENS = 256
 
 
 def _data_config(run: RunDir) -> DataConfig:
@@ -46,10 +52,26 @@ def _load(run: RunDir) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def completion_budget(run: RunDir, requested: int | None, cuda: bool) -> tuple[int, str | None]:
+    """``--max-new-tokens``, else the run's completion budget (capped at ``CPU_MAX_NEW_TOKENS`` without a GPU);
+    the second value says why when it is not what the run trained with."""
+    if requested is not None:
+        if requested < 1:
+            raise UsageError("--max-new-tokens must be at least 1")
+        return requested, None
+    trained = int(run.section("trainer").get("max_completion_length") or CPU_MAX_NEW_TOKENS)
+    if cuda or trained <= CPU_MAX_NEW_TOKENS:
+        return trained, None
+    return CPU_MAX_NEW_TOKENS, (f"the run's completion budget of {trained} tokens, capped at {CPU_MAX_NEW_TOKENS} "
+                                f"without a GPU; --max-new-tokens {trained} uses all of it")
+
+
 def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], sampling: dict[str, float],
-              max_new_tokens: int, seed: int, batch_size: int) -> tuple[list[str], list[list[int]]]:
+              max_new_tokens: int, seed: int, batch_size: int, label: str) -> tuple[list[str], list[list[int]]]:
     import torch
     from tqdm.auto import tqdm
+
+    from grpoctl.train.callbacks import TokenProgress
 
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     out: list[str] = []
@@ -60,14 +82,18 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[dict[str, str]]], s
     gen_kwargs.update({k: v for k, v in sampling.items() if k in ("temperature", "top_p", "min_p") and v is not None})
     if sampling.get("top_k"):
         gen_kwargs["top_k"] = int(sampling["top_k"])
-    for i in tqdm(range(0, len(texts), batch_size), desc="generating", leave=False):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.no_grad():
-            ids = model.generate(**enc, **gen_kwargs)
-        new = ids[:, enc["input_ids"].shape[1]:]
-        out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-        out_ids.extend([[t for t in row if t != tokenizer.pad_token_id] for row in new.tolist()])
+    batches = range(0, len(texts), batch_size)
+    # one bar per pass over every token position it may generate, so its ETA covers the whole pass
+    with tqdm(total=len(batches) * max_new_tokens, desc=label, unit="tok", dynamic_ncols=True) as bar:
+        streamer = TokenProgress(bar, max_new_tokens)
+        for i in batches:
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            with torch.no_grad():
+                ids = model.generate(**enc, **gen_kwargs, streamer=streamer)
+            new = ids[:, enc["input_ids"].shape[1]:]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            out_ids.extend([[t for t in row if t != tokenizer.pad_token_id] for row in new.tolist()])
     return out, out_ids
 
 
@@ -100,15 +126,24 @@ def _score(generated: tuple[list[str], list[list[int]]], prompts: list, columns:
 
 
 def evaluate(run: RunDir | Path, samples: int = 20, max_new_tokens: int | None = None, seed: int = 3407,
-             dataset: str | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Sample ``samples`` prompts, generate with and without the LoRA, score both, write ``RUN/eval.json``."""
+             dataset: str | None = None, batch_size: int = 8, columns: dict[str, Any] | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Sample ``samples`` prompts, generate with and without the LoRA, score both, write ``RUN/eval.json``.
+
+    ``columns`` overrides the run's column mapping (``prompt_field``, ``solution_field``, ``answer_field``,
+    ``extract_hash_answer``), e.g. for another ``dataset``; ``log`` receives progress lines.
+    """
+    import torch
+
     from grpoctl.train.data import load_source, map_rows
     from grpoctl.train.rewards import RewardContext, build_rewards
 
+    say = log or (lambda _line: None)
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
     if samples < 1:
         raise UsageError("--samples must be at least 1")
-    dcfg = _data_config(run)
+    dcfg = dataclasses.replace(_data_config(run), **(columns or {}))
+    max_new_tokens, budget_note = completion_budget(run, max_new_tokens, torch.cuda.is_available())
     ds = map_rows(load_source(dataset or dcfg.dataset, dcfg.subset, dcfg.split), dcfg)
     ds = ds.shuffle(seed=seed).select(range(min(samples, len(ds))))
     prompts, answers = list(ds["prompt"]), list(ds["answer"])
@@ -118,19 +153,22 @@ def evaluate(run: RunDir | Path, samples: int = 20, max_new_tokens: int | None =
     language = run.section("rewards").get("language", "id")
     ctx = RewardContext(markers[0], markers[1], bool(reasoning.get("prefilled_start")), language)
     funcs, _ = build_rewards(run.section("rewards").get("functions", []), {}, ctx)
-    if max_new_tokens is None:
-        max_new_tokens = int(run.section("trainer").get("max_completion_length") or 256)
 
+    say(f"grpoctl: eval: {len(prompts)} prompts, max_new_tokens {max_new_tokens}"
+        f"{f' ({budget_note})' if budget_note else ''}; two passes: with the LoRA, then without it")
     model, tokenizer = _load(run)
     sampling = run.sampling
-    with_lora = _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size)
+    with_lora = _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size,
+                          "eval 1/2 with LoRA")
     with model.disable_adapter():
-        without_lora = _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size)
+        without_lora = _generate(model, tokenizer, prompts, sampling, max_new_tokens, seed, batch_size,
+                                 "eval 2/2 without LoRA")
 
     result = {
         "samples": len(prompts),
         "seed": seed,
         "max_new_tokens": max_new_tokens,
+        "max_new_tokens_note": budget_note,
         "sampling": sampling,
         "language": language,
         "with_lora": _score(with_lora, prompts, columns, funcs, language, markers[1]),

@@ -18,7 +18,7 @@ from typing import Any
 
 from grpoctl import __version__
 from grpoctl.config import TrainConfig
-from grpoctl.errors import InputNotFoundError, UsageError
+from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
 from grpoctl.train import backends, distributed
@@ -33,8 +33,16 @@ def newest_checkpoint(checkpoints: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def _prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
-    """Returns the checkpoint to resume from (or None); refuses to clobber a run unless forced."""
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1])
+
+
+def check_output(cfg: TrainConfig, out: Path, launched: bool = False) -> Path | None:
+    """Before any slow work: the checkpoint ``--resume`` continues from (None for a new run).
+
+    A new run refuses an existing output (offering ``--resume`` when it holds a run); a resumed one refuses
+    when its newest checkpoint already reaches ``max_steps``, since TRL would otherwise train past it.
+    """
     if cfg.resume:
         if not RunDir.is_run(out):
             raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no {RUN_FILE})")
@@ -42,12 +50,20 @@ def _prepare_output(cfg: TrainConfig, out: Path) -> Path | None:
         if ckpt is None:
             raise UsageError(f"--resume: {out / CHECKPOINTS_DIR} holds no checkpoint to resume from; "
                              "start again with --force")
+        step, target = checkpoint_step(ckpt), cfg.trainer.max_steps
+        if step >= target:
+            raise UsageError(f"--resume: {out} is already at step {step} ({ckpt.name}), which reaches max_steps "
+                             f"{target}: nothing to train, the adapter is unchanged; pass a larger --max-steps "
+                             f"(e.g. --max-steps {step + target}) to continue")
         return ckpt
-    if os.environ.get("GRPOCTL_LAUNCHED") == "1" or not is_main_process():
+    if launched:  # the launcher already checked (and cleared) `out`
         return None
+    if RunDir.is_run(out) and not cfg.force:
+        ckpt = newest_checkpoint(out / CHECKPOINTS_DIR)
+        at = f" (at step {checkpoint_step(ckpt)})" if ckpt else ""
+        raise OutputExistsError(f"{out} already holds a training run{at}; continue it with --resume (with a larger "
+                                "--max-steps), or pass --force to delete it and start again")
     check_output_dir(out, cfg.force)
-    if is_main_process() and out.is_dir() and cfg.force:
-        shutil.rmtree(out)
     return None
 
 
@@ -88,12 +104,14 @@ def train(cfg: TrainConfig) -> RunDir:
     if gpu_note:
         print(f"grpoctl: {gpu_note}", flush=True)
 
+    from grpoctl.train.data import check_source
     from grpoctl.train.rewards import RewardContext, build_rewards
     from grpoctl.train.tracking import check_tracking
 
-    # Fail fast: names, plugins and credentials need no model (and none of these imports transformers).
+    # Fail fast: names, plugins, credentials and a mistyped data path need no model (nor a Hub download).
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
+    check_source(cfg.data.dataset)
 
     backend = backends.pick_backend(cfg.trainer.backend)
     if backend == "unsloth":
@@ -102,10 +120,7 @@ def train(cfg: TrainConfig) -> RunDir:
     out = Path(cfg.output_dir)
     # the launcher already checked and cleared `out`; under a plain `accelerate launch` rank 0 alone decides
     launched = os.environ.get("GRPOCTL_LAUNCHED") == "1" or not is_main_process()
-    if not cfg.resume and not launched:
-        check_output_dir(out, cfg.force)  # before any slow work; the old run is removed only once data is ready
-    elif cfg.resume and not RunDir.is_run(out):
-        raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no {RUN_FILE})")
+    resume_from = check_output(cfg, out, launched)  # the old run is removed (--force) only once data is ready
 
     from transformers import AutoTokenizer
 
@@ -120,11 +135,15 @@ def train(cfg: TrainConfig) -> RunDir:
     ctx = RewardContext(markers.start, markers.end, markers.prefilled_start, cfg.rewards.language)
     reward_funcs, reward_weights = build_rewards(cfg.rewards.functions, cfg.rewards.weights, ctx)
     optim, optim_note = backends.pick_optimizer(cfg.trainer.optim)
-    resume_from = _prepare_output(cfg, out)
-
     main = is_main_process()
+    if main and not cfg.resume and not launched and cfg.force and out.is_dir():
+        shutil.rmtree(out)
+
     say = print if main else (lambda *a, **k: None)
     say(f"grpoctl: backend {backend}, base {base.id}", flush=True)
+    if resume_from is not None:
+        say(f"grpoctl: resuming from {resume_from} (step {checkpoint_step(resume_from)} of "
+            f"{cfg.trainer.max_steps})", flush=True)
     say(f"grpoctl: data {data.rows_kept}/{data.rows_total} prompts kept (<= {data.length_cutoff} tokens, "
         f"quantile {cfg.data.length_quantile}); max_prompt_length {data.max_prompt_length}, "
         f"max_completion_length {data.max_completion_length}", flush=True)
@@ -158,47 +177,93 @@ def train(cfg: TrainConfig) -> RunDir:
         "libraries": _library_versions(),
         "python": sys.version.split()[0],
     }
+    created = not out.exists()
+    previous_meta = (out / RUN_FILE).read_text() if resume_from is not None else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, meta)
 
     trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out)
     distributed.match_frozen_dtype(trainer.model)
-    from grpoctl.train.callbacks import MetricsCallback, StepProgress, SwanLabTracker
+    from grpoctl.train.callbacks import (
+        GenerationProgress,
+        MetricsCallback,
+        ResumedSchedule,
+        SignalWatch,
+        StepProgress,
+        SwanLabTracker,
+    )
 
     metrics = MetricsCallback(out / METRICS_FILE)
     trainer.add_callback(metrics)
+    trainer.add_callback(ResumedSchedule())
+    trainer.add_callback(GenerationProgress(loaded.model, data.max_completion_length))
+    from tqdm.auto import tqdm
     from transformers.trainer_callback import ProgressCallback
 
     if trainer.callback_handler.callbacks and any(isinstance(c, ProgressCallback)
                                                    for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(StepProgress)
+    # after the step line; tqdm.write keeps the warning clear of the progress bars
+    watch = SignalWatch(data.max_completion_length, tqdm.write if main else (lambda line: None))
+    trainer.add_callback(watch)
     tracker = None
     if cfg.tracking.mode != "none":
         tracker = SwanLabTracker(cfg.tracking, out / "swanlog", meta["config"], name=out.name)
         trainer.add_callback(tracker)
 
     started = time.time()
-    first_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    first_step = checkpoint_step(resume_from) if resume_from else 0
     stop_reason = "max_steps"
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
         stop_reason = "interrupted"
-        say("\ngrpoctl: interrupted; saving a checkpoint and the adapter so far (resume with --resume)",
-            flush=True)
     finally:
         if tracker is not None:
             tracker.finish()
+    step = trainer.state.global_step
+    if stop_reason == "interrupted" and step <= first_step:
+        # No step finished: the model holds nothing new (a fresh run: an all-zero LoRA), so nothing is saved.
+        if resume_from is not None:
+            if main and previous_meta is not None:
+                with staged_file(out / RUN_FILE) as tmp:
+                    tmp.write_text(previous_meta)
+            say(f"\ngrpoctl: interrupted during step {first_step + 1}, before it finished: the run is unchanged "
+                f"(still at step {first_step}, {resume_from.name}; adapter as before)", flush=True)
+        elif main:
+            shutil.rmtree(out, ignore_errors=True)
+            if not created:
+                out.mkdir(parents=True, exist_ok=True)
+            say(f"\ngrpoctl: interrupted during step 1, before any step finished: nothing was trained, so no "
+                f"checkpoint or adapter was written; removed what this run had written to {out}", flush=True)
+        raise KeyboardInterrupt
+    if stop_reason == "interrupted":
+        say(f"\ngrpoctl: interrupted during step {step + 1}: saving checkpoint-{step} and the adapter as of step "
+            f"{step} (continue with --resume)", flush=True)
     _save_checkpoint_if_needed(trainer)
     state = distributed.gathered_state_dict(trainer.model_wrapped)  # every process, where weights are sharded
     if main:
         _save_adapter(loaded, out / ADAPTER_DIR, base.path, state)
-        _write_summary(out, trainer, metrics, started, stop_reason, first_step, resume_from)
+        trained = saved_adapter_moved(out / ADAPTER_DIR)
+        _write_summary(out, trainer, metrics, started, stop_reason, first_step, resume_from,
+                       flat_steps=watch.flat_steps, adapter_trained=trained)
+        if verdict := watch.verdict(trained):
+            say(verdict, flush=True)
     if stop_reason == "interrupted":
         raise KeyboardInterrupt
     return RunDir(out)
+
+
+def saved_adapter_moved(adapter_dir: Path) -> bool:
+    """Whether any lora_B in the written adapter left PEFT's all-zero start (else the adapter changes nothing).
+
+    Read from the file rather than the model: under sharded training a rank's parameters are only its shard."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        return any(bool(f.get_tensor(k).any()) for k in f.keys() if "lora_B" in k)
 
 
 def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list, reward_weights: list[float],
@@ -275,7 +340,7 @@ def _save_adapter(loaded: Any, final: Path, base_path: str, state: dict[str, Any
 
 
 def _write_summary(out: Path, trainer: Any, metrics: Any, started: float, stop_reason: str, first_step: int,
-                   resume_from: Path | None) -> None:
+                   resume_from: Path | None, flat_steps: list[int], adapter_trained: bool) -> None:
     # the whole run, earlier sessions included when resumed
     hist = [m for m in RunDir(out).metrics() if "reward" in m]
     k = max(1, min(5, len(hist) // 2)) if hist else 0
@@ -299,6 +364,9 @@ def _write_summary(out: Path, trainer: Any, metrics: Any, started: float, stop_r
         "written_by_rank": int(os.environ.get("RANK", "0")),
         "process_group_backend": _process_group_backend(),
         "checkpoint": str(newest_checkpoint(out / CHECKPOINTS_DIR) or ""),
+        # steps of this session on which no prompt's completions scored differently (nothing to learn from)
+        "steps_without_reward_variance": flat_steps,
+        "adapter_trained": adapter_trained,
     }
     _write_json(out / SUMMARY_FILE, summary)
 

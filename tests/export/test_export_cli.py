@@ -131,7 +131,7 @@ def test_merged_4bit_without_cuda_says_so_before_any_work(qwen3_run, tmp_path):
 
 
 def test_strict_turns_partly_trained_into_a_failure(tiny_qwen3, tmp_path):
-    from tests.export.conftest import make_run
+    from tests.conftest import make_run
 
     run = make_run(tmp_path / "run", tiny_qwen3, {"zero_b": "layers.0.mlp"})
     result = _run(run, "--verify-only")
@@ -168,3 +168,13 @@ def test_unknown_gguf_type_is_one_line_listing_valid_types_and_writes_nothing(qw
     _one_clean_line(result, 2, "unknown GGUF type 'q3_x'")
     assert "q4_k_m" in result.stderr and "q5_k_m" in result.stderr
     assert not out.exists()
+
+
+def test_quiet_export_prints_only_what_was_written(qwen3_run, tmp_path):
+    """-q: the conversion's progress lines and the parity table go through the export's one output channel too."""
+    result = _run(qwen3_run, "-o", tmp_path / "export", "--gguf", "q8_0", "--lora", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"manifest: {tmp_path / 'export' / 'artifacts.json'}", result.stdout
+    kinds = ("gguf:q8_0", "lora", "manifest", "modelfile", "report")  # the "KIND  N files  SIZE" summary
+    assert [line for line in lines[:-1] if not line.startswith(kinds)] == [], result.stdout

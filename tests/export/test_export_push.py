@@ -7,15 +7,15 @@ import hashlib
 
 from click.testing import CliRunner
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.cli import cli
-from grpoctl.export.artifacts import ArtifactManifest
 
 
 def test_protocol_no_xet_export_push_uploads_the_export_it_just_wrote(hub_env, qwen3_run, tmp_path):
     out = tmp_path / "export"
     res = CliRunner().invoke(cli, ["export", str(qwen3_run), "-o", str(out), "--lora", "-q", "--push", "alice/tiny"])
     assert res.exit_code == 0, res.output
-    manifest = ArtifactManifest.load(out)
+    manifest = Artifacts.load(out)
     state = hub_env.state
     local = {f.path.removeprefix("lora/"): f.sha256 for f in manifest.by_kind("lora")}
     remote = state.head_files("alice/tiny-lora")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from grpoctl.errors import ConversionError, ParityError, UsageError
+from grpoctl.artifacts import Artifacts
+from grpoctl.errors import ConversionError, DiskFullError, ParityError, UsageError
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
-from grpoctl.export.artifacts import ArtifactManifest
 from grpoctl.export.converter import find_converter
 from tests.export import adapters
 from tests.export.adapters import VARIANTS, peft_merged_folder
@@ -132,7 +132,7 @@ def test_a_wrong_merged_folder_fails_the_gate_because_the_reference_is_peft(tiny
     wrong = peft_merged_folder(base, wrong_adapters["base lm_head"], tmp_path / "merged")
     with pytest.raises(ParityError, match="below the parity floor"):
         gg.export_gguf(base, wrong_adapters["good"], tmp_path / "gguf", ["f16"], name="m",
-                       manifest=ArtifactManifest(root=tmp_path), merged_dir=wrong)
+                       artifacts=Artifacts(root=tmp_path), merged_dir=wrong)
     rep = json.loads((tmp_path / "gguf" / "parity.json").read_text())
     assert "PEFT" in rep["reference"] and not rep["files"]["m-F16.gguf"]["passed"]
     assert ("streamed layer by layer" in rep["reference"]) == (mode == "stream")
@@ -191,11 +191,11 @@ def test_unsupported_architecture_is_named_with_the_supported_list(converter, ti
     assert "FrobnicatorForCausalLM" in msg and "LlamaForCausalLM" in msg and "Qwen3ForCausalLM" in msg
 
 
-def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_adapter, tmp_path):
+def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_adapter, tmp_path, capsys):
     out = tmp_path / "export" / "gguf"
-    manifest = ArtifactManifest(root=tmp_path / "export")
+    manifest = Artifacts(root=tmp_path / "export")
     written = gg.export_gguf(tiny_models["qwen3"], qwen3_adapter, out, ["q8_0", "q4_k_m", "q5_k_m"],
-                             name="tiny-qwen3-grpo", manifest=manifest, system_prompt="Answer with a number.")
+                             name="tiny-qwen3-grpo", artifacts=manifest, system_prompt="Answer with a number.")
     assert [p.name for p in written] == ["tiny-qwen3-grpo-Q8_0.gguf", "tiny-qwen3-grpo-Q4_K_M.gguf",
                                          "tiny-qwen3-grpo-Q5_K_M.gguf"]
     assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in written] + ["parity.json"])
@@ -215,15 +215,21 @@ def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_ada
     assert rep["files"]["tiny-qwen3-grpo-Q8_0.gguf"]["kl"] < rep["files"]["tiny-qwen3-grpo-Q4_K_M.gguf"]["kl"]
     kinds = {f.path: f.kind for f in manifest.files}
     assert kinds["gguf/tiny-qwen3-grpo-Q4_K_M.gguf"] == "gguf:q4_k_m" and kinds["gguf/parity.json"] == "report"
-    assert manifest.sections["parity"]["passed"] is True
+    assert manifest.parity.passed is True
+    # the parity phase shows where it is: a bar per transformers pass and per file, with the file count
+    shown = capsys.readouterr()
+    for bar in ("parity: transformers bfloat16", "parity: transformers float32", "parity: tiny-qwen3-grpo-Q8_0.gguf",
+                "parity: tiny-qwen3-grpo-Q5_K_M.gguf"):
+        assert bar in shown.err, bar
+    assert "tiny-qwen3-grpo-Q4_K_M.gguf in llama.cpp (file 2/3, 9 probes)" in shown.out
 
 
 def test_gate_fails_and_keeps_no_failing_file(tiny_models, tmp_path):
     out = tmp_path / "gguf"
-    manifest = ArtifactManifest(root=tmp_path)
+    manifest = Artifacts(root=tmp_path)
     impossible = {**parity.DEFAULT_FLOORS, "q8_0": parity.Floor(0.0, 0.0)}  # any quantization error is too much
     with pytest.raises(ParityError) as err:
-        gg.export_gguf(tiny_models["llama"], None, out, ["bf16", "q8_0"], name="tiny", manifest=manifest,
+        gg.export_gguf(tiny_models["llama"], None, out, ["bf16", "q8_0"], name="tiny", artifacts=manifest,
                        floors=impossible)
     assert "tiny-Q8_0.gguf" in str(err.value) and "--no-parity-gate" in str(err.value)
     assert sorted(p.name for p in out.iterdir()) == ["parity.json", "tiny-BF16.gguf"]
@@ -269,10 +275,11 @@ def test_not_enough_disk_is_refused_before_converting(tiny_models, tmp_path, mon
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(gg.shutil, "disk_usage", lambda _p: usage(10 << 20, 10 << 20, 1 << 20))
-    with pytest.raises(ConversionError, match="not enough disk space"):
+    monkeypatch.setattr(gg.shutil, "disk_usage", lambda _p: usage(10 << 20, 10 << 20, 64 << 10))
+    with pytest.raises(DiskFullError, match=r"not enough disk space for GGUF export of q4_k_m in .*: about "
+                                            r"\d+\.\d KiB needed, 64\.0 KiB free"):
         gg.export_gguf(tiny_models["qwen3"], None, tmp_path / "gguf", ["q4_k_m"], name="tiny",
-                       manifest=ArtifactManifest(root=tmp_path))
+                       artifacts=Artifacts(root=tmp_path))
     assert not list((tmp_path / "gguf").glob("*.gguf"))
 
 
@@ -327,9 +334,9 @@ def test_parity_floors_are_configurable():
 def test_export_from_an_already_merged_folder_single_pass(tiny_models, qwen3_adapter, tmp_path):
     """When the merged 16-bit copy exists anyway it is converted (one direct q8_0 pass) and used as reference."""
     merged = peft_merged_folder(tiny_models["qwen3"], qwen3_adapter, tmp_path / "merged")
-    manifest = ArtifactManifest(root=tmp_path)
+    manifest = Artifacts(root=tmp_path)
     [path] = gg.export_gguf(tiny_models["qwen3"], qwen3_adapter, tmp_path / "gguf", ["q8_0"], name="m",
-                            manifest=manifest, merged_dir=merged)
+                            artifacts=manifest, merged_dir=merged)
     rep = json.loads((tmp_path / "gguf" / "parity.json").read_text())
     assert rep["conversion"]["intermediate"] == "q8_0" and "fused" not in rep["conversion"]
     assert rep["files"][path.name]["passed"] and rep["files"][path.name]["kl"] < 0.02
@@ -345,7 +352,7 @@ def test_export_fails_when_llama_cpp_cannot_load_the_result(tiny_models, tmp_pat
     (model / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "gguf"
     with pytest.raises(ConversionError, match="cannot load m-Q4_K_M.gguf"):
-        gg.export_gguf(model, None, out, ["q4_k_m"], name="m", manifest=ArtifactManifest(root=tmp_path))
+        gg.export_gguf(model, None, out, ["q4_k_m"], name="m", artifacts=Artifacts(root=tmp_path))
     assert list(out.iterdir()) == []  # nothing under a final name, no work dir left behind
     # nor would transformers be allowed to re-initialise the mismatched weights and serve as the reference
     with pytest.raises(UsageError, match="config does not match its weights"):

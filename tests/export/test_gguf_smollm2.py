@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.export import gguf as gg
-from grpoctl.export.artifacts import ArtifactManifest
 from tests.export.gguf_support import make_adapter, read_gguf
 
 
@@ -19,9 +19,9 @@ def smollm2_adapter(smollm2_dir, tmp_path_factory):
 
 def test_smollm2_fused_q4_k_m_behaves_like_the_merged_model(smollm2_dir, smollm2_adapter, tmp_path):
     out = tmp_path / "export" / "gguf"
-    manifest = ArtifactManifest(root=tmp_path / "export")
+    manifest = Artifacts(root=tmp_path / "export")
     [path] = gg.export_gguf(smollm2_dir, smollm2_adapter, out, ["q4_k_m"], name="SmolLM2-135M-Instruct-grpo",
-                            manifest=manifest, system_prompt="You are a careful math tutor.")
+                            artifacts=manifest, system_prompt="You are a careful math tutor.")
     assert path.name == "SmolLM2-135M-Instruct-grpo-Q4_K_M.gguf"
     meta, _ = read_gguf(path)
     assert meta["general.name"] == "SmolLM2-135M-Instruct-grpo"
@@ -46,7 +46,7 @@ def test_smollm2_all_types_parity_figures(smollm2_dir, tmp_path):
     """The figures quoted in docs/gguf.md: f16, q8_0, q5_k_m, q4_k_m of the plain SmolLM2."""
     out = tmp_path / "gguf"
     gg.export_gguf(smollm2_dir, None, out, ["f16", "q8_0", "q5_k_m", "q4_k_m"], name="SmolLM2-135M-Instruct",
-                   manifest=ArtifactManifest(root=tmp_path))
+                   artifacts=Artifacts(root=tmp_path))
     rep = json.loads((out / "parity.json").read_text())
     assert rep["passed"]
     assert rep["files"]["SmolLM2-135M-Instruct-F16.gguf"]["top1"] >= 0.995

@@ -29,8 +29,8 @@ def test_nf4_without_cuda_is_a_dependency_error():
 def test_nf4_export_loads_back_and_tracks_the_16bit_merge_on_gpu(tiny_models, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    from grpoctl.export.pipeline import ExportOptions, export
-    from tests.export.conftest import make_run
+    from grpoctl.api import ExportOptions, export  # the manifests are written by the stage above export
+    from tests.conftest import make_run
 
     run = make_run(tmp_path / "run", tiny_models[arch])
     merged16 = export(run, ExportOptions(output_dir=tmp_path / "e16", progress=False)).root / "merged"

@@ -28,16 +28,15 @@ def gguf_stand_in(monkeypatch):
             raise UsageError(f"unknown GGUF type {bad[0]}; valid: f16, q8_0, q4_k_m")
         return parsed
 
-    def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, manifest, merged_dir=None,
-                    llama_cpp_dir=None, parity_gate=True, system_prompt=None):
+    def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
+                    llama_cpp_dir=None, parity_gate=True, system_prompt=None, say=print):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt,
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
         f = out_dir / f"{name}-{types_[0].upper()}.gguf"
         f.write_bytes(b"GGUF")
-        manifest.add_file(f, f"gguf:{types_[0]}")
-        manifest.sections["parity"] = {"stand_in": True}
+        artifacts.add_file(f, f"gguf:{types_[0]}")
         return [f]
 
     module.parse_gguf_types = parse_gguf_types
@@ -60,7 +59,7 @@ def test_gguf_only_export_uses_the_fused_path_and_lands_in_the_manifest(gguf_sta
     assert call["out_dir"].name == "gguf" and call["system_prompt"] == "You are a careful math tutor."
     assert call["adapter_dir"] == qwen3_run / "adapter"
     assert [f.kind for f in manifest.by_kind("gguf")] == ["gguf:q8_0"]
-    assert manifest.sections["parity"] == {"stand_in": True} and not (manifest.root / "merged").exists()
+    assert not (manifest.root / "merged").exists()
 
 
 def test_gguf_with_merged_16bit_reuses_the_merged_folder(gguf_stand_in, qwen3_run, tmp_path):

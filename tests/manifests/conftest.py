@@ -12,6 +12,9 @@ import pytest
 DATA = Path(__file__).parent / "data"
 TEMPLATES = DATA / "templates"
 
+_DEEPSEEK = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+_LLAMA3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
+
 # Special tokens, BOS/EOS and whether tokenization adds BOS, per published tokenizer.
 FAMILIES: dict[str, dict] = {
     "smollm2": dict(specials=[], bos="<|im_start|>", eos="<|im_end|>"),
@@ -23,8 +26,17 @@ FAMILIES: dict[str, dict] = {
     "deepseek-r1-distill-qwen": dict(specials=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
                                                "<｜Assistant｜>"],
                                      bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", add_bos=True),
-    "llama-3.1": dict(specials=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                                "<|end_of_text|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True),
+    "llama-3.1": dict(specials=_LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True),
+    "llama-3.2": dict(specials=_LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True),
+    "qwen2.5": dict(specials=[], eos="<|im_end|>"),
+    "gemma-2": dict(specials=["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>", eos="<eos>",
+                    add_bos=True),
+    "granite-3.3": dict(specials=["<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>", "<|tool_call|>"],
+                        eos="<|end_of_text|>"),
+    "mistral-small-3.2": dict(specials=["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                                        "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                                        "[/TOOL_RESULTS]"], bos="<s>", eos="</s>", add_bos=True),
+    "deepseek-v3.2": dict(specials=_DEEPSEEK, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", add_bos=True),
 }
 
 
@@ -95,11 +107,14 @@ def write_export(run: Path, *, name: str = "Tiny-GRPO", quants=("Q4_K_M",), merg
                  lora: bool = True, merged_4bit: bool = False, real_gguf: bool = False) -> Path:
     """An export directory recorded in artifacts.json: GGUF files (placeholders, or the embedded real
     SmolLM2 GGUF), merged/ and lora/ folders carrying the run's tokenizer."""
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts, Provenance
+    from grpoctl.models import identify
+    from grpoctl.rundir import RunDir
 
     export = run / "export"
     (export / "gguf").mkdir(parents=True, exist_ok=True)
-    manifest = ArtifactManifest(root=export, provenance={"run": str(run)})
+    manifest = Artifacts(root=export, provenance=Provenance(source=str(run), run=str(run),
+                                                            base_model=identify(RunDir(run).base_model)))
     for q in quants:
         p = export / "gguf" / f"{name}-{q}.gguf"
         if real_gguf:
@@ -120,3 +135,15 @@ def write_export(run: Path, *, name: str = "Tiny-GRPO", quants=("Q4_K_M",), merg
         manifest.add_tree(export / "lora", "lora")
     manifest.save()
     return export
+
+
+def gguf_with_template(src: Path, template: Path, out: Path) -> Path:
+    """A copy of the GGUF ``src`` whose embedded chat template is ``template`` (gguf-py's gguf_new_metadata,
+    llama.cpp's own tool)."""
+    import subprocess
+    import sys
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(src), str(out),
+                    "--chat-template-file", str(template), "--force"], check=True, capture_output=True, timeout=600)
+    return out

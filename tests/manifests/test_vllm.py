@@ -120,6 +120,7 @@ def test_tensor_and_data_parallel_flags_reach_vllm_and_gpu_counts(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(served_model_name="has space"), dict(served_model_name="a=b"),
                                  dict(served_model_name="line\nbreak"), dict(served_model_name="a,b"),
+                                 dict(served_model_name="-dash"),  # argparse reads it as an option
                                  dict(gpu_memory_utilization=1.5),
                                  dict(tensor_parallel_size=0), dict(data_parallel_size=0), dict(port=70000)])
 def test_bad_plan_values_are_refused(bad):

@@ -13,7 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from grpoctl.export.artifacts import ArtifactManifest
+from grpoctl.artifacts import Artifacts, Provenance
+from grpoctl.models import EMBEDDED_ID, identify
+from grpoctl.rundir import BaseModelRef, RunDir
 
 SYSTEM_PROMPT = ("You are given a math problem. Think it through, then give the final number "
                  "on its own line after 'Answer:'.")
@@ -46,10 +48,14 @@ def write_run(root: Path, system_prompt: str | None = SYSTEM_PROMPT, max_seq_len
 
 
 def make_export(export_dir: Path, ggufs: dict[str, Path], name: str = "SmolLM2-135M-Instruct",
-                modelfile: str | None = None) -> ArtifactManifest:
+                modelfile: str | None = None) -> Artifacts:
     """An export directory with one ``gguf:<quant>`` entry per item of ``ggufs`` (quant -> source file)."""
-    manifest = ArtifactManifest.load_or_new(export_dir)
-    manifest.provenance.setdefault("base_model", "embedded:SmolLM2-135M-Instruct")
+    if (export_dir / "artifacts.json").is_file():
+        manifest = Artifacts.load(export_dir)
+    else:
+        run = RunDir(export_dir.parent) if RunDir.is_run(export_dir.parent) else None
+        base = run.base_model if run else BaseModelRef(id=EMBEDDED_ID, path=str(export_dir / "base"))
+        manifest = Artifacts(root=export_dir, provenance=Provenance(base_model=identify(base)))
     for quant, src in ggufs.items():
         dst = link_or_copy(src, export_dir / "gguf" / f"{name}-{quant.upper()}.gguf")
         manifest.add_file(dst, f"gguf:{quant.lower()}")

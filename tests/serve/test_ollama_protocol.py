@@ -1,18 +1,25 @@
 """Protocol tests of ``--engine ollama`` against FakeOllama, an HTTP server on 127.0.0.1 implementing the
 documented Ollama endpoints (no Ollama binary can run here). They prove what grpoctl sends and how it
-reacts to the answers, not the behaviour of Ollama itself."""
+reacts to the answers. Which template renders the prompt follows Ollama's source as FakeOllama restates it
+(create: server/model.go detectChatTemplate, template/template.go Named; chat: server/routes.go
+chatModeForModel, server/images.go shouldPreferChatTemplate), so the tests named ``..._per_ollama_source``
+show that the Modelfile grpoctl writes makes Ollama send transformers' prompt, not that Ollama does."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.manifests.modelfile import read_modelfile
 from grpoctl.serve import ollama
 from grpoctl.serve.api import ServeOptions, serve
 from grpoctl.serve.gguf_info import read_gguf_info
 from grpoctl.serve.source import resolve_target
+from tests.manifests import conftest as manifest_fixtures
+from tests.manifests.conftest import TEMPLATES, gguf_with_template
 from tests.serve.exports import SYSTEM_PROMPT, make_export, write_run
 from tests.serve.fake_ollama import _NAME, FakeOllama
 
@@ -33,10 +40,39 @@ PARAMETER top_k 20
 '''
 
 
+go_renderer = manifest_fixtures.go_renderer  # Go's text/template renderer, built once per session
+
+
 @pytest.fixture
-def fake(tmp_path):
-    with FakeOllama(tmp_path / "blobs") as server:
+def fake(tmp_path, go_renderer):
+    with FakeOllama(tmp_path / "blobs", go_renderer=go_renderer) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def dsv32_gguf(tmp_path_factory, smol_gguf) -> Path:
+    """The SmolLM2 GGUF carrying DeepSeek-V3.2's chat template (gguf-py's gguf_new_metadata, llama.cpp's own
+    tool): a template Ollama >= 0.30 renders natively, which thinks only when enable_thinking is passed."""
+    return gguf_with_template(smol_gguf, TEMPLATES / "deepseek-v3.2.jinja",
+                              tmp_path_factory.mktemp("dsv32") / "SmolLM2-135M-Instruct-Q4_1.gguf")
+
+
+def _hf_prompt(tok_dir: Path, template: str | None, messages: list[dict], **kw) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if template is not None:
+        tok.chat_template = template
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kw)
+
+
+def _manifests(run: Path, tok_dir: Path, chat_template: Path | None = None) -> Path:
+    from grpoctl.manifests.api import ManifestOptions, write_manifests
+    from grpoctl.rundir import RunDir
+
+    write_manifests(run / "export", run=RunDir(run), tokenizer_dir=tok_dir,
+                    options=ManifestOptions(chat_template=chat_template))
+    return run / "export" / "gguf" / "Modelfile"
 
 
 @pytest.fixture
@@ -201,3 +237,80 @@ def test_rejected_name_stops_before_any_request(fake, smol_run):
     with pytest.raises(UsageError, match="would reject"):
         serve(ServeOptions(source=smol_run, engine="ollama", host=fake.host, name="bad name!"), echo=print)
     assert fake.requests == []
+
+
+# --- the prompt Ollama renders for what grpoctl registers, following Ollama's source -------------------
+
+QUESTION = "A baker fills 3 trays with 12 muffins each and sells 20 muffins. How many muffins are left?"
+
+
+def test_smollm2_modelfile_template_makes_ollama_send_the_hf_prompt_per_ollama_source(fake, tmp_path, smol_gguf,
+                                                                                      smollm2_dir):
+    """SmolLM2's chat template is 41 edits from Ollama's registry ChatML, so `ollama create` would attach
+    that; grpoctl's Modelfile carries the checked Go template instead, and the prompt is transformers'."""
+    run = write_run(tmp_path / "run")
+    make_export(run / "export", {"q4_1": smol_gguf})
+    assert read_modelfile(_manifests(run, smollm2_dir)).template
+    lines: list[str] = []
+    assert serve(ServeOptions(source=run, engine="ollama", host=fake.host, smoke=True, max_tokens=4),
+                 echo=lines.append) == 0
+    (chat,) = fake.chats
+    assert (chat["mode"], chat["template"]) == ("go", "modelfile")
+    assert chat["prompt"] == _hf_prompt(smollm2_dir, None, [{"role": "system", "content": SYSTEM_PROMPT},
+                                                            {"role": "user", "content": QUESTION}])
+    assert "prompts: the TEMPLATE" in lines
+
+
+def test_without_template_ollama_renders_smollm2_with_its_registry_chatml_per_ollama_source(fake, tmp_path,
+                                                                                           smol_gguf, smollm2_dir):
+    """No TEMPLATE: Ollama's registry ChatML renders the prompt, without SmolLM2's default system block --
+    the reason grpoctl writes a TEMPLATE for this model. grpoctl says so when it registers."""
+    run = write_run(tmp_path / "run", system_prompt=None)
+    make_export(run / "export", {"q4_1": smol_gguf})
+    lines: list[str] = []
+    assert serve(ServeOptions(source=run, engine="ollama", host=fake.host, smoke=True, max_tokens=4),
+                 echo=lines.append) == 0
+    (chat,) = fake.chats
+    assert (chat["mode"], chat["template"]) == ("go", "registry:chatml")
+    hf = _hf_prompt(smollm2_dir, None, [{"role": "user", "content": QUESTION}])
+    assert "You are a helpful AI assistant named SmolLM" in hf and chat["prompt"] != hf
+    assert any("registry template 'chatml'" in ln and ln.startswith("prompts: ") for ln in lines)
+
+
+def test_native_chat_renders_the_ggufs_template_with_thinking_on_per_ollama_source(fake, tmp_path, dsv32_gguf,
+                                                                                   smollm2_dir):
+    """A template Ollama >= 0.30 renders itself gets no TEMPLATE; the model can think, so Ollama turns
+    thinking on for a request that leaves `think` unset and passes enable_thinking to the template."""
+    template = TEMPLATES / "deepseek-v3.2.jinja"
+    run = write_run(tmp_path / "run")
+    make_export(run / "export", {"q4_1": dsv32_gguf})
+    assert read_modelfile(_manifests(run, smollm2_dir, template)).template is None
+    assert serve(ServeOptions(source=run, engine="ollama", host=fake.host, smoke=True, max_tokens=4),
+                 echo=lambda s: None) == 0
+    (chat,) = fake.chats
+    assert (chat["mode"], chat["think"]) == ("native", True)
+    assert chat["prompt"] == _hf_prompt(smollm2_dir, template.read_text(),
+                                        [{"role": "system", "content": SYSTEM_PROMPT},
+                                         {"role": "user", "content": QUESTION}], enable_thinking=True)
+    assert chat["prompt"].endswith("<｜Assistant｜><think>")
+
+
+def test_daemon_before_native_chat_gets_the_checked_go_template_per_ollama_source(tmp_path, go_renderer,
+                                                                                 dsv32_gguf, smollm2_dir):
+    """Ollama < 0.30 renders Go templates only: the Modelfile has no TEMPLATE (written for current Ollama),
+    so grpoctl sends the Go template it checked and recorded in artifacts.json; the prompt is transformers'
+    default one (the Go template declares no reasoning tags, so Ollama leaves `think` unset)."""
+    template = TEMPLATES / "deepseek-v3.2.jinja"
+    run = write_run(tmp_path / "run")
+    make_export(run / "export", {"q4_1": dsv32_gguf})
+    _manifests(run, smollm2_dir, template)
+    with FakeOllama(tmp_path / "blobs", version="0.29.0", go_renderer=go_renderer) as old:
+        lines: list[str] = []
+        assert serve(ServeOptions(source=run, engine="ollama", host=old.host, smoke=True, max_tokens=4),
+                     echo=lines.append) == 0
+        (chat,) = old.chats
+    assert (chat["mode"], chat["template"], chat["think"]) == ("go", "modelfile", None)
+    assert chat["prompt"] == _hf_prompt(smollm2_dir, template.read_text(),
+                                        [{"role": "system", "content": SYSTEM_PROMPT},
+                                         {"role": "user", "content": QUESTION}])
+    assert any(ln.startswith("prompts: the Go template `grpoctl manifests` checked") for ln in lines)

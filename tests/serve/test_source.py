@@ -49,10 +49,17 @@ def test_quant_not_exported_names_the_ones_that_exist(multi_quant_run):
         resolve_target(multi_quant_run, "q4_k_m")
 
 
-def test_several_quants_need_a_choice(multi_quant_run):
-    with pytest.raises(UsageError, match=r"several GGUF exports \(q4_1, q8_0\); pick one with --quant"):
-        resolve_target(multi_quant_run)
-    assert resolve_target(multi_quant_run, "q8_0").gguf.name == "SmolLM2-135M-Instruct-Q8_0.gguf"
+def test_of_several_quants_the_default_type_is_served_as_the_plain_modelfile_uses_it(multi_quant_run):
+    assert resolve_target(multi_quant_run).quant == "q8_0"  # grpoctl.export.quantize.PREFERRED: q8_0 before q4_1
+    assert resolve_target(multi_quant_run, "q4_1").gguf.name == "SmolLM2-135M-Instruct-Q4_1.gguf"
+
+
+def test_quant_takes_the_spellings_export_takes(tmp_path, smol_gguf):
+    run = write_run(tmp_path / "run")
+    make_export(run / "export", {"q4_k_m": smol_gguf, "q8_0": smol_gguf})
+    assert resolve_target(run, "q4_k").quant == "q4_k_m"
+    assert resolve_target(run, "Q8").gguf.name == "SmolLM2-135M-Instruct-Q8_0.gguf"
+    assert resolve_target(run).quant == "q4_k_m"
 
 
 def test_run_without_export_says_how_to_make_one(tmp_path):

@@ -22,12 +22,12 @@ def tiny_run(tmp_path_factory, tiny_qwen3):
         from grpoctl.export.gguf import export_gguf
     except ImportError:
         pytest.skip("GGUF exporter (grpoctl.export.gguf) not in this build")
-    from grpoctl.export.artifacts import ArtifactManifest
+    from grpoctl.artifacts import Artifacts
 
     run = write_run(tmp_path_factory.mktemp("tiny") / "run", system_prompt="Answer with a number.",
                     max_seq_length=512)
-    manifest = ArtifactManifest(root=run / "export")
-    export_gguf(tiny_qwen3, None, run / "export" / "gguf", ["q4_k_m"], name="tiny-qwen3", manifest=manifest,
+    manifest = Artifacts(root=run / "export")
+    export_gguf(tiny_qwen3, None, run / "export" / "gguf", ["q4_k_m"], name="tiny-qwen3", artifacts=manifest,
                 parity_gate=False)
     manifest.save()
     return run

@@ -30,3 +30,13 @@ def interrupt_after_first_step(completions: list, **kwargs: Any) -> list[float]:
     if kwargs["trainer_state"].global_step >= 1:
         raise KeyboardInterrupt
     return [0.0 for _ in completions]
+
+
+def constant(completions: list, **kwargs: Any) -> list[float]:
+    """The same score for every completion: no group ever varies, so GRPO has nothing to learn from."""
+    return [1.0 for _ in completions]
+
+
+def interrupt_in_first_step(completions: list, **kwargs: Any) -> list[float]:
+    """Behaves like Ctrl-C during the first step, before any step finished."""
+    raise KeyboardInterrupt

@@ -60,6 +60,22 @@ def test_dataset_without_the_mapped_columns(tiny_qwen3, out, tmp_path):
     data.write_text(json.dumps({"problem": "1+1?", "solution": "2"}) + "\n")
     code, err = run_cli(*_fast(tiny_qwen3, out), "--dataset", str(data))
     assert code == DataError.exit_code and "no column 'question', 'answer'" in err and "data.prompt_field" in err
+    assert err.endswith("e.g. --prompt-field problem --solution-field solution")  # from the columns it has
+    assert not out.exists()
+
+
+def test_a_mistyped_local_dataset_path_fails_at_once_without_asking_the_hub(out, tmp_path, monkeypatch):
+    """`data/problem.jsonl` has one slash like a Hub id `owner/name`; it must not be looked up on the Hub
+    (retries for half a minute, then "the Hub seems unreachable"). Checked before any model loads."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "problems.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # any Hub request would fail differently
+    for typo, hint in (("data/problem.jsonl", "; did you mean data/problems.jsonl?"),
+                       ("dat/problems.jsonl", " (no folder dat)"), ("problem.csv", "")):
+        code, err = run_cli("train", "-o", str(out), "-d", typo)
+        assert code == InputNotFoundError.exit_code, err
+        assert err == f"grpoctl: dataset file {typo} does not exist{hint}"
     assert not out.exists()
 
 
@@ -145,8 +161,23 @@ def test_eval_on_a_missing_run(tmp_path):
     assert code == InputNotFoundError.exit_code and "grpoctl train" in err
 
 
-def test_cli_train_writes_a_run(tiny_qwen3, out):
-    code, err = run_cli(*_fast(tiny_qwen3, out))
+def test_cli_train_writes_a_run_with_column_flags(tiny_qwen3, out, tmp_path):
+    """A user's own file: prompt in `problem`, bare answer in `final`, no solution column at all."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {a} + {a}?", "final": str(2 * a)}) + "\n"
+                            for a in range(1, 9)))
+    code, err = run_cli(*_fast(tiny_qwen3, out), "-d", str(data), "--prompt-field", "problem",
+                        "--answer-field", "final", "--no-extract-hash-answer")
     assert code == 0, err
-    assert json.loads((out / "run.json").read_text())["config"]["trainer"]["max_steps"] == 1
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert config["trainer"]["max_steps"] == 1
+    assert (config["data"]["prompt_field"], config["data"]["answer_field"]) == ("problem", "final")
+    assert config["data"]["extract_hash_answer"] is False
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_column_flags_are_offered_by_train_and_eval():
+    for command in ("train", "eval"):
+        text = CliRunner().invoke(cli, [command, "--help"]).output
+        for opt in ("--prompt-field", "--solution-field", "--answer-field", "--no-extract-hash-answer"):
+            assert opt in text, (command, opt)

@@ -64,6 +64,21 @@ def test_bad_values_and_choices_are_config_errors(tmp_path):
         load_config(bad)
 
 
+def test_a_string_setting_keeps_the_text_typed_after_set():
+    cfg = load_config(overrides=["data.system_prompt=true", "tracking.experiment=1e3", "data.prompt_field=\"q\"",
+                                 "data.answer_field=none", "lora.r=16", "trainer.top_k=50"])
+    assert cfg.data.system_prompt == "true" and cfg.tracking.experiment == "1e3"  # not True, not 1000.0
+    assert cfg.data.prompt_field == "q" and cfg.data.answer_field is None  # a quoted TOML string, none unsets
+    assert cfg.lora.r == 16 and cfg.trainer.top_k == 50  # numbers stay numbers where numbers are meant
+
+
+def test_a_toml_value_of_the_wrong_type_for_a_string_setting_is_refused(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[data]\nsystem_prompt = true\n")
+    with pytest.raises(ConfigError, match="data.system_prompt expects a string, got true; quote it"):
+        load_config(cfg)
+
+
 def test_divisibility_counts_processes():
     with pytest.raises(ConfigError, match=r"2 x 3 process\(es\)"):
         load_config(overrides=["trainer.per_device_train_batch_size=2", "trainer.num_generations=4",
@@ -87,3 +102,31 @@ def test_gradient_checkpointing_follows_the_backend_unless_set():
     off = load_config(overrides=["lora.gradient_checkpointing=false"])
     on = load_config(overrides=["lora.gradient_checkpointing=true"])
     assert not gradient_checkpointing(off, "unsloth") and gradient_checkpointing(on, "trl")
+
+
+def _optional_keys() -> list[tuple[str, str]]:
+    import dataclasses
+    import typing
+
+    cfg = TrainConfig()
+    out = []
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(obj):
+            out += [(section.name, k) for k, hint in typing.get_type_hints(type(obj)).items()
+                    if type(None) in typing.get_args(hint)]
+    return out
+
+
+def test_set_none_unsets_every_key_that_can_be_unset():
+    """As documented: `--set key=none` leaves a key unset. Every optional key, the system prompt (no system
+    message) and the weights table (every reward weighs 1.0)."""
+    optional = _optional_keys()
+    assert ("data", "system_prompt") in optional and len(optional) >= 15
+    loaded = load_config(overrides=[f"{s}.{k}=none" for s, k in optional] + ["rewards.weights=none"])
+    for s, k in optional:
+        assert getattr(getattr(loaded, s), k) is None, f"{s}.{k}"
+    assert loaded.rewards.weights == {}
+    assert load_config(overrides=["rewards.weights={answer = 2.0}", "rewards.weights=none"]).rewards.weights == {}
+    # "none" stays a value where it is one
+    assert load_config(overrides=["tracking.mode=none", "lora.bias=none"]).lora.bias == "none"

@@ -72,3 +72,31 @@ def test_missing_file_and_offline_hub_name(monkeypatch):
 
     with pytest.raises(OfflineError, match="Hub seems unreachable|cannot be reached"):
         load_source("openai/gsm8k", "main")
+
+
+def test_answer_column_alone_needs_no_solution_column(tmp_path, tiny_qwen3):
+    """`--answer-field final` on a file without the default solution column `answer` maps (no `answer` column
+    is required); the answer stands in as the solution rewards receive."""
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"{a}+{a}?", "final": 2 * a}) + "\n" for a in (1, 2)))
+    cfg = DataConfig(prompt_field="problem", answer_field="final")
+    p = prepare(load_source(str(f)), AutoTokenizer.from_pretrained(tiny_qwen3), cfg, 256, max_prompt_length=200)
+    assert p.dataset["answer"] == ["2", "4"] and p.dataset["solution"] == ["2", "4"]
+    # a solution column the user named explicitly is still required
+    with pytest.raises(DataError, match="no column 'work'"):
+        prepare(load_source(str(f)), AutoTokenizer.from_pretrained(tiny_qwen3),
+                DataConfig(prompt_field="problem", answer_field="final", solution_field="work"), 256)
+
+
+@pytest.mark.parametrize(("spec", "local"), [("data/problems", None), ("data/problem.jsonl", True), ("./x", True),
+                                             ("~/x", True), ("a/b/c", True), ("x.jsonl", True), ("org/set.csv", True),
+                                             ("openai/gsm8k", False), ("gsm8k", False), ("org/name.v2", False)])
+def test_what_looks_like_a_local_path(spec, local, tmp_path, monkeypatch):
+    from grpoctl.train.data import looks_like_local_path
+
+    monkeypatch.chdir(tmp_path)
+    if local is None:  # one slash, like owner/name: local only when its first folder exists here
+        assert not looks_like_local_path(spec)
+        (tmp_path / "data").mkdir()
+        local = True
+    assert looks_like_local_path(spec) is local

@@ -97,11 +97,38 @@ def test_every_reward_gets_trl_arguments(qwen3_run):
         assert {"solution", "trainer_state"} <= set(c["kwargs"])
 
 
-def test_resume_continues_from_the_newest_checkpoint(qwen3_run):
+def test_tiny_run_with_varying_rewards_trains_without_a_stall_warning(qwen3_run):
+    run, _ = qwen3_run
+    summary = run.summary()
+    assert summary["adapter_trained"] is True and len(summary["steps_without_reward_variance"]) < summary["steps"]
+
+
+def test_resume_refuses_a_target_the_run_already_reached(qwen3_run):
+    """`--resume --max-steps 1` on a run at step 2 would train a step "3/1" and change the adapter."""
+    from grpoctl.errors import UsageError
+
+    run, _ = qwen3_run
+    step = int(run.summary()["steps"])
+    before = (run.adapter_dir / "adapter_model.safetensors").read_bytes()
+    for target in (1, step):
+        cfg = load_config(overrides=[f"trainer.max_steps={target}"], base=resumed_config_base(run.root),
+                          flags={"output_dir": str(run.root), "resume": True})
+        with pytest.raises(UsageError, match=rf"already at step {step} \(checkpoint-{step}\), which reaches "
+                                             rf"max_steps {target}: nothing to train"):
+            train(cfg)
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_continues_from_the_newest_checkpoint(qwen3_run, capsys):
     run, record = qwen3_run
+    before = (run.adapter_dir / "adapter_model.safetensors").read_bytes()
     cfg = load_config(overrides=["trainer.max_steps=3"], base=resumed_config_base(run.root),
                       flags={"output_dir": str(run.root), "resume": True})
     resumed = train(cfg)
+    # the 2-step linear schedule had decayed to 0; the resumed step trains at the 3-step schedule's rate
+    assert (run.adapter_dir / "adapter_model.safetensors").read_bytes() != before
+    ckpt = run.root / "checkpoints" / "checkpoint-2"
+    assert f"grpoctl: resuming from {ckpt} (step 2 of 3)" in capsys.readouterr().out
     summary = resumed.summary()
     assert summary["steps"] == 3 and summary["steps_this_session"] == 1
     assert summary["resumed_from"].endswith("checkpoint-2")
@@ -110,26 +137,68 @@ def test_resume_continues_from_the_newest_checkpoint(qwen3_run):
     assert (resumed.checkpoints_dir / "checkpoint-3").is_dir()
 
 
-def test_existing_output_needs_force(qwen3_run, tiny_qwen3):
+def test_existing_run_offers_resume_and_force(qwen3_run, tiny_qwen3):
     from grpoctl.errors import OutputExistsError
 
     run, _ = qwen3_run
-    with pytest.raises(OutputExistsError, match="--force"):
+    with pytest.raises(OutputExistsError, match=r"already holds a training run \(at step \d+\); continue it with "
+                                                r"--resume .*or pass --force to delete it"):
         train(_cfg(tiny_qwen3, run.root, 1))
 
 
-def test_ctrl_c_leaves_a_resumable_checkpoint_and_adapter(tiny_qwen3, tmp_path):
+def test_rewards_that_never_vary_warn_during_training_and_in_the_summary(tiny_qwen3, tmp_path, capsys):
+    """Every completion scores the same: zero advantages, zero gradient, lora_B stays zero. The run says so
+    while it trains and at the end instead of looking finished."""
+    out = tmp_path / "run"
+    run = train(_cfg(tiny_qwen3, out, 2, 'rewards.functions=["tests.train.recording:constant"]'))
+    shown = capsys.readouterr()
+    during = [line for line in shown.out.splitlines() if "steps in a row no prompt's completions got different" in line]
+    assert len(during) == 1 and "grad_norm 0" in during[0] and "constant=1.00" in during[0]
+    verdict = [line for line in shown.out.splitlines() if "the adapter was never trained" in line]
+    assert len(verdict) == 1 and "Likely causes" in verdict[0] and "export` will refuse" in verdict[0]
+    summary = run.summary()
+    assert summary["adapter_trained"] is False and summary["steps_without_reward_variance"] == [1, 2]
+    assert _lora_b_abs_max(run.adapter_dir) == 0  # what the warning claims
+    assert "step 1/2 generating" in shown.err  # a bar inside the first step, before it ends
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint_and_adapter(tiny_qwen3, tmp_path, capsys):
     out = tmp_path / "run"
     rewards = '["numbers", "tests.train.recording:interrupt_after_first_step"]'
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_qwen3, out, 3, f"rewards.functions={rewards}"))
+    assert "interrupted during step 2: saving checkpoint-1 and the adapter as of step 1" in capsys.readouterr().out
     run = RunDir(out)
     assert run.summary()["stop_reason"] == "interrupted" and run.summary()["steps"] == 1
     assert (run.checkpoints_dir / "checkpoint-1" / "adapter_model.safetensors").is_file()
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+    # Ctrl-C again before the resumed step finishes: nothing new was trained, so nothing changes
+    kept = {name: (out / name).read_bytes()
+            for name in ("run.json", "summary.json", "adapter/adapter_model.safetensors")}
+    cfg = load_config(overrides=['rewards.functions=["tests.train.recording:interrupt_in_first_step"]'],
+                      base=resumed_config_base(run.root), flags={"output_dir": str(out), "resume": True})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert "interrupted during step 2, before it finished: the run is unchanged (still at step 1, checkpoint-1" \
+        in capsys.readouterr().out
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+
     cfg = load_config(overrides=['rewards.functions=["numbers"]'], base=resumed_config_base(run.root),
                       flags={"output_dir": str(out), "resume": True})
     assert train(cfg).summary()["steps"] == 3
+
+
+def test_ctrl_c_during_the_first_step_writes_nothing_and_says_so(tiny_qwen3, tmp_path, capsys):
+    """Nothing finished, so there is no checkpoint to save and the LoRA is still all zero: no run is left that
+    looks usable (an all-zero adapter after a message about saving a checkpoint would be)."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_qwen3, out, 3, 'rewards.functions=["tests.train.recording:interrupt_in_first_step"]'))
+    shown = capsys.readouterr().out
+    assert "interrupted during step 1, before any step finished: nothing was trained, so no checkpoint or adapter " \
+           "was written" in shown
+    assert "saving" not in shown and not out.exists()
 
 
 def test_swanlab_offline_tracking_writes_files(tiny_qwen3, tmp_path):
@@ -144,11 +213,13 @@ def test_swanlab_offline_tracking_writes_files(tiny_qwen3, tmp_path):
     assert run.summary()["steps"] == 1
 
 
-def test_eval_compares_with_and_without_lora(qwen3_run):
+def test_eval_compares_with_and_without_lora(qwen3_run, capsys):
     from grpoctl.train.evaluate import evaluate, format_table
 
     run, _ = qwen3_run
     result = evaluate(run, samples=3, max_new_tokens=8)
+    bars = capsys.readouterr().err
+    assert "eval 1/2 with LoRA" in bars and "eval 2/2 without LoRA" in bars  # the two passes, labelled
     saved = json.loads((run.root / "eval.json").read_text())
     assert saved["samples"] == 3
     for side in ("with_lora", "without_lora"):

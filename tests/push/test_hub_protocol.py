@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.cli import cli
-from grpoctl.export.artifacts import ArtifactManifest
 from tests.hubserver import FakeHub, build_export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def _remote_files(hub: FakeHub, repo_id: str, revision: str = "main") -> dict[st
 def test_protocol_no_xet_push_remote_files_equal_local_artifacts(hub_env, run_dir):
     res = _push(str(run_dir), "--repo", "alice/tiny")
     assert res.exit_code == 0, res.output
-    manifest = ArtifactManifest.load(run_dir / "export")
+    manifest = Artifacts.load(run_dir / "export")
     expected = {
         "alice/tiny": "merged/", "alice/tiny-lora": "lora/", "alice/tiny-GGUF": "gguf/",
     }
@@ -103,7 +103,7 @@ def test_protocol_no_xet_changed_file_commits_only_that_file(hub_env, run_dir):
     assert _push(str(run_dir), "--repo", "alice/tiny", "--what", "gguf").exit_code == 0
     export = run_dir / "export"
     (export / "gguf/Tiny-Q8_0.gguf").write_bytes(b"GGUF" + os.urandom(4096))
-    m = ArtifactManifest.load(export)
+    m = Artifacts.load(export)
     m.add_file(export / "gguf/Tiny-Q8_0.gguf", "gguf:q8_0")
     m.save()
     res = _push(str(run_dir), "--repo", "alice/tiny", "--what", "gguf")
@@ -141,7 +141,7 @@ def test_protocol_no_xet_killed_push_resumes_without_resending_finished_files(hu
     assert res.exit_code == 0, res.output
     resent = state.lfs_puts[len(sent_before):]
     assert len(resent) == 1 and resent[0] not in sent_before  # only the file that never arrived
-    manifest = ArtifactManifest.load(run_dir / "export")
+    manifest = Artifacts.load(run_dir / "export")
     assert {f.sha256 for f in manifest.files if f.path in LFS_PATHS} == set(state.lfs_puts)
     assert len(state.commits_to("alice/tiny")) == 1  # finished repos got no second commit
     assert len(state.commits_to("alice/tiny-GGUF")) == 1
@@ -224,7 +224,7 @@ def test_protocol_no_xet_tampered_artifact_is_refused_before_upload(hub_env, run
 
 def test_protocol_no_xet_library_error_carries_no_token_or_original_request(hub_env, run_dir):
     from grpoctl.errors import HubError
-    from grpoctl.export.hub import push
+    from grpoctl.push.hub import push
 
     with pytest.raises(HubError) as info:
         push(run_dir, "alice/tiny", token=BAD_TOKEN)

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from grpoctl.artifacts import Artifacts
 from grpoctl.cli import cli
 from grpoctl.errors import UsageError
-from grpoctl.export.artifacts import ArtifactManifest
-from grpoctl.export.hub import human_size, push, validate_repo_id
+from grpoctl.fsutil import human_bytes
+from grpoctl.push.hub import push, validate_repo_id
 from tests.hubserver import build_export
 
 
@@ -70,7 +71,7 @@ def test_source_without_export(tmp_path):
 
 def test_dry_run_lists_repos_files_and_sizes_without_network(run_dir):
     report = push(run_dir, "alice/tiny", dry_run=True)
-    manifest = ArtifactManifest.load(run_dir / "export")
+    manifest = Artifacts.load(run_dir / "export")
     by_repo = {r.repo_id: r for r in report.repos}
     assert list(by_repo) == ["alice/tiny", "alice/tiny-lora", "alice/tiny-GGUF"]
     gguf = by_repo["alice/tiny-GGUF"]
@@ -78,12 +79,12 @@ def test_dry_run_lists_repos_files_and_sizes_without_network(run_dir):
         f.path[len("gguf/"):]: f.size for f in manifest.files if f.path.startswith("gguf/")}
     res = _push(str(run_dir), "--repo", "alice/tiny", "--dry-run")
     assert res.exit_code == 0, res.output
-    assert f"alice/tiny-GGUF @ main  (4 files, {human_size(gguf.size)})" in res.output
+    assert f"alice/tiny-GGUF @ main  (4 files, {human_bytes(gguf.size)})" in res.output
     assert "Tiny-Q4_K_M.gguf" in res.output and "nothing was uploaded" in res.output
 
 
 def test_manifest_path_outside_the_export_is_refused(run_dir):
-    m = ArtifactManifest.load(run_dir / "export")
+    m = Artifacts.load(run_dir / "export")
     m.files[0].path = "gguf/../../run.json"
     m.save()
     res = _push(str(run_dir), "--repo", "alice/tiny", "--dry-run")

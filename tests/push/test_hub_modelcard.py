@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from grpoctl.export.artifacts import ArtifactManifest, resolve_export
-from grpoctl.export.hub import FAMILIES, plan, repo_names
+from grpoctl.artifacts import Artifacts, find_export
+from grpoctl.push.hub import FAMILIES, plan, repo_names
 from tests.hubserver import build_export
 
 
 def _cards(source: Path, repo: str = "alice/tiny", kinds=("merged", "lora", "gguf")) -> dict[str, str]:
-    export, run = resolve_export(source)
-    manifest = ArtifactManifest.load(export)
-    planned = plan(export, manifest, run, repo_names(repo, list(kinds)), "main")
+    planned = plan(find_export(source), repo_names(repo, list(kinds)), "main")
     return {p.kind: card.decode() for p, card in planned}
 
 
@@ -56,7 +54,7 @@ def test_card_front_matter_parses_with_huggingface_hub(run_dir):
 
 
 def test_card_file_table_matches_artifacts_json(run_dir):
-    manifest = ArtifactManifest.load(run_dir / "export")
+    manifest = Artifacts.load(run_dir / "export")
     cards = _cards(run_dir)
     for kind, text in cards.items():
         prefix = FAMILIES[kind][1]
@@ -67,13 +65,11 @@ def test_card_file_table_matches_artifacts_json(run_dir):
             cells = rows[f.path[len(prefix):]]
             assert str(f.size) in cells and f.sha256 in cells
     gguf_rows = _table_rows(cards["gguf"])
-    parity = manifest.sections["parity"]["files"]
     for name, quant in (("Tiny-Q4_K_M.gguf", "Q4_K_M"), ("Tiny-Q8_0.gguf", "Q8_0")):
         cells = gguf_rows[name]
         assert cells[0] == quant
-        rec = parity[f"gguf/{name}"]
-        assert f"top1_agreement {rec['top1_agreement']}" in cells[-1]
-        assert f"mean_kl {rec['mean_kl']}" in cells[-1]
+        rec = manifest.parity.files[name]
+        assert f"top-1 {rec.top1 * 100:.1f}%" in cells[-1] and f"mean KL {rec.kl:.4g}" in cells[-1]
 
 
 def test_card_recipe_comes_from_the_run(run_dir):
@@ -121,7 +117,7 @@ def test_card_for_4bit_weights(run_dir):
     (export / "merged-4bit").mkdir()
     (export / "merged-4bit/model.safetensors").write_bytes(b"\0" * 4096)
     (export / "merged-4bit/config.json").write_text('{"quantization_config": {"load_in_4bit": true}}\n')
-    m = ArtifactManifest.load(export)
+    m = Artifacts.load(export)
     m.add_tree(export / "merged-4bit", "merged-4bit")
     m.save()
     cards = _cards(run_dir, kinds=("merged", "merged-4bit"))
@@ -139,3 +135,41 @@ def test_card_reads_final_reward_from_metrics_when_summary_lacks_it(run_dir):
     text = _cards(run_dir, kinds=("lora",))["lora"]
     assert "- Final mean reward at the last logged step: 0.55 (first steps: 0.1)" in text
     assert "- Steps: 3" in text
+
+
+# --- cards of an export the export stage wrote ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(qwen3_run, tmp_path_factory) -> Path:
+    """An export written by `grpoctl export` itself (the adapter alone and a GGUF with its parity record), so
+    these cards read exactly what the stages write."""
+    from click.testing import CliRunner
+
+    from grpoctl.cli import cli
+
+    out = tmp_path_factory.mktemp("exported") / "export"
+    res = CliRunner().invoke(cli, ["export", str(qwen3_run), "-o", str(out), "--lora", "--gguf", "q8_0",
+                                   "--no-manifests", "-q"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_card_of_a_real_export_reports_what_verification_found_not_where_it_ran(exported, qwen3_run):
+    verify = json.loads((exported / "verify.json").read_text())
+    for kind, text in _cards(exported, kinds=("lora", "gguf")).items():
+        table = text.split("## Adapter verification", 1)[1].split("\n## ", 1)[0]
+        assert str(qwen3_run / "adapter") not in text, kind  # a path on the exporting machine means nothing here
+        assert re.search(rf"\| [^|]*modules[^|]* \| {verify['summary']['modules']} \|", table), table
+        assert re.search(r"\| [^|]*untrained[^|]* \| 0 \|", table), table
+
+
+def test_card_of_a_real_export_shows_each_gguf_parity_as_parity_json_records_it(exported):
+    rec = json.loads((exported / "gguf" / "parity.json").read_text())
+    text = _cards(exported, kinds=("gguf",))["gguf"]
+    (name,) = rec["files"]
+    row = _table_rows(text)[name]
+    f = rec["files"][name]
+    assert f"{f['top1'] * 100:.1f}%" in row[-1] and f"{f['kl']:.4g}" in row[-1]
+    assert "Parity vs. PEFT reference |" in text and "against the PEFT reference (base + adapter merged by PEFT" in text
+    assert "against the merged model in transformers" not in text
+    assert f"{rec['noise_floor']['top1'] * 100:.1f}%" in text

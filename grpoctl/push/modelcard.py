@@ -8,18 +8,17 @@ metadata keys (``base_model``, ``base_model_relation``, ``library_name``, ``tags
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpoctl.export.artifacts import ArtifactManifest, FileEntry
-from grpoctl.models import EMBEDDED_HUB_ID, looks_like_hub_id
-from grpoctl.rundir import RunDir
+from grpoctl.artifacts import Artifacts, FileEntry, ParityResult
+from grpoctl.export.quantize import default_type
+from grpoctl.fsutil import human_bytes
+from grpoctl.models import looks_like_hub_id
+from grpoctl.rundir import BaseModelRef, RunDir
 
-_EMBEDDED_LICENSE = "apache-2.0"
-
-# kind -> (library_name, extra tags, title suffix, one-line description)
+# kind -> (library_name, extra tags, one-line description)
 _KIND_META: dict[str, tuple[str, list[str], str]] = {
     "merged": ("transformers", ["safetensors"], "16-bit safetensors, LoRA merged into the base weights"),
     "merged-4bit": ("transformers", ["bitsandbytes", "4-bit"], "bitsandbytes 4-bit (nf4) weights of the merged model"),
@@ -30,55 +29,22 @@ _KIND_META: dict[str, tuple[str, list[str], str]] = {
 
 @dataclass
 class CardContext:
-    """What every card of one push shares: the manifest, the run (if known), the repo ids, the branch."""
+    """What every card of one push shares: the export's record, the run (if known), the repo ids, the branch."""
 
-    manifest: ArtifactManifest
+    artifacts: Artifacts
     run: RunDir | None
     repos: dict[str, str]
     revision: str = "main"
-    base: dict[str, Any] = field(init=False)
+    base: BaseModelRef = field(init=False)
 
     def __post_init__(self) -> None:
-        self.base = base_model_info(self.run, self.manifest)
+        # export records what the base is (its Hub id and license); without that record the card names nothing
+        self.base = self.artifacts.provenance.base_model or BaseModelRef(id="", path="")
 
 
 # --- facts -------------------------------------------------------------------------------------------
 def _looks_like_hub_id(s: str) -> bool:
     return looks_like_hub_id(s) and not Path(s).exists()  # a local folder named owner/name is not on the Hub
-
-
-def base_model_info(run: RunDir | None, manifest: ArtifactManifest) -> dict[str, Any]:
-    """Hub id (when there is one), local path and license of the base model."""
-    raw: dict[str, Any] = {}
-    if run is not None:
-        raw = dict(run.meta.get("base_model") or {})
-    prov = manifest.provenance.get("base_model")
-    if not raw and isinstance(prov, dict):
-        raw = dict(prov)
-    elif not raw and isinstance(prov, str):
-        raw = {"id": prov}
-    bid, path = raw.get("id"), raw.get("path")
-    info: dict[str, Any] = {"id": None, "display": bid or path, "path": path, "revision": raw.get("revision"),
-                            "license": None}
-    if isinstance(bid, str) and bid.startswith("embedded:"):
-        info["id"], info["license"] = EMBEDDED_HUB_ID, _EMBEDDED_LICENSE
-    elif isinstance(bid, str) and _looks_like_hub_id(bid):
-        info["id"] = bid
-    if path and Path(path).is_dir():
-        src = Path(path) / "grpoctl-source.json"
-        if src.is_file():
-            meta = json.loads(src.read_text())
-            info["id"] = info["id"] or meta.get("hub_id")
-            info["license"] = info["license"] or meta.get("license")
-        readme = Path(path) / "README.md"
-        if readme.is_file() and not info["license"]:
-            from huggingface_hub import metadata_load
-
-            try:
-                info["license"] = (metadata_load(readme) or {}).get("license")
-            except Exception:  # a malformed upstream card must not block a push
-                pass
-    return info
 
 
 def _dataset(run: RunDir | None) -> tuple[str | None, str | None]:
@@ -92,39 +58,6 @@ def _dataset(run: RunDir | None) -> tuple[str | None, str | None]:
     return hub, name
 
 
-def quant_of(entry: FileEntry) -> str | None:
-    if entry.kind.startswith("gguf:"):
-        return entry.kind.split(":", 1)[1].upper()
-    return None
-
-
-def parity_for(entry: FileEntry, manifest: ArtifactManifest) -> dict[str, Any] | None:
-    """The parity record of one GGUF file, wherever the exporter put it (entry extra or ``parity``)."""
-    if isinstance(entry.extra.get("parity"), dict):
-        return entry.extra["parity"]
-    section = manifest.sections.get("parity")
-    if not section:
-        return None
-    name, quant = Path(entry.path).name, (quant_of(entry) or "")
-    keys = {entry.path.lower(), name.lower(), quant.lower()}
-    records: list[Any] = []
-    containers = [section] if isinstance(section, list) else [
-        section, section.get("files"), section.get("results"), section.get("quants")]
-    for container in containers:
-        if isinstance(container, dict):  # keyed by file path, file name or quant type
-            for k, v in container.items():
-                if str(k).lower() in keys and isinstance(v, dict):
-                    return v
-        elif isinstance(container, list):  # records naming their file or quant
-            records += [c for c in container if isinstance(c, dict)]
-    for c in records:
-        ids = {str(c.get(k, "")).lower() for k in ("file", "path", "name", "quant", "type", "gguf")}
-        ids |= {Path(str(c.get(k, ""))).name.lower() for k in ("file", "path")}
-        if keys & (ids - {""}):
-            return c
-    return None
-
-
 def _fmt_num(v: Any) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -133,18 +66,13 @@ def _fmt_num(v: Any) -> str:
     return str(v)
 
 
-def _parity_text(rec: dict[str, Any] | None) -> str:
-    if not rec:
+def _parity_text(rec: ParityResult | None) -> str:
+    if rec is None:
         return "—"
-    parts = [f"{k} {_fmt_num(v)}" for k, v in rec.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool) or k in ("passed", "pass", "ok")]
-    return ", ".join(parts) if parts else "—"
-
-
-def _size(n: int) -> str:
-    from grpoctl.export.hub import human_size
-
-    return human_size(n)
+    floor = [f"top-1 >= {rec.floor.top1 * 100:.1f}%"] if rec.floor.top1 is not None else []
+    floor += [f"KL <= {rec.floor.kl:g}"] if rec.floor.kl is not None else []
+    return (f"top-1 {rec.top1 * 100:.1f}%, mean KL {rec.kl:.4g}" + (f" (floor {', '.join(floor)})" if floor else "")
+            + (", passed" if rec.passed else ", FAILED"))
 
 
 # --- sections ------------------------------------------------------------------------------------------
@@ -152,7 +80,7 @@ def _front_matter(kind: str, ctx: CardContext) -> str:
     from huggingface_hub import ModelCardData
 
     library, extra_tags, _ = _KIND_META[kind]
-    base_id = ctx.base["id"]
+    base_id = ctx.base.hub_id
     merged_repo = ctx.repos.get("merged")
     # quantized repos derive from the merged fine-tune when it is published alongside; else from the base
     if kind in ("gguf", "merged-4bit") and merged_repo:
@@ -175,8 +103,8 @@ def _front_matter(kind: str, ctx: CardContext) -> str:
     if base:
         data["base_model"] = base
         data["base_model_relation"] = relation
-    if ctx.base["license"]:
-        data["license"] = ctx.base["license"]
+    if ctx.base.license:
+        data["license"] = ctx.base.license
     if hub_ds:
         data["datasets"] = [hub_ds]
     return ModelCardData(**data).to_yaml()
@@ -185,18 +113,20 @@ def _front_matter(kind: str, ctx: CardContext) -> str:
 def _files_table(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: str) -> list[str]:
     lines = ["## Files", ""]
     if kind == "gguf":
-        lines += ["| File | Quant | Size | Bytes | SHA256 | Parity vs. merged model |",
+        lines += ["| File | Quant | Size | Bytes | SHA256 | Parity vs. PEFT reference |",
                   "|---|---|---|---|---|---|"]
     else:
         lines += ["| File | Size | Bytes | SHA256 |", "|---|---|---|---|"]
     for e in entries:
         name = e.path[len(prefix):]
         if kind == "gguf":
-            q = quant_of(e) or "—"
-            par = _parity_text(parity_for(e, ctx.manifest)) if quant_of(e) else "—"
-            lines.append(f"| `{name}` | {q} | {_size(e.size)} | {e.size} | `{e.sha256}` | {par} |")
+            parity = ctx.artifacts.parity
+            rec = parity.files.get(Path(e.path).name) if parity and e.quant else None
+            par = _parity_text(rec) if e.quant else "—"
+            lines.append(f"| `{name}` | {(e.quant or '—').upper()} | {human_bytes(e.size)} | {e.size} | `{e.sha256}` "
+                         f"| {par} |")
         else:
-            lines.append(f"| `{name}` | {_size(e.size)} | {e.size} | `{e.sha256}` |")
+            lines.append(f"| `{name}` | {human_bytes(e.size)} | {e.size} | `{e.sha256}` |")
     lines.append("")
     lines.append("Sizes and sha256 are those recorded in `artifacts.json` by `grpoctl export` "
                  "and checked again before upload.")
@@ -208,8 +138,8 @@ def _usage(kind: str, ctx: CardContext, entries: list[FileEntry]) -> list[str]:
     rev_note = [] if ctx.revision == "main" else [f"Files are on the branch `{ctx.revision}`.", ""]
     lines = ["## How to run it", ""] + rev_note
     if kind == "gguf":
-        quants = [q for q in (quant_of(e) for e in entries) if q]
-        q = "Q4_K_M" if "Q4_K_M" in quants else (quants[0] if quants else "Q4_K_M")
+        quants = [e.quant for e in entries if e.quant]
+        q = (default_type(quants) or "q4_k_m").upper()
         lines += ["Ollama (pulls straight from this repo; pick any quant listed above):", "", "```sh",
                   f"ollama run hf.co/{repo}:{q}", "```", "",
                   "llama.cpp server (OpenAI-compatible API on port 8080):", "", "```sh",
@@ -237,7 +167,7 @@ def _usage(kind: str, ctx: CardContext, entries: list[FileEntry]) -> list[str]:
                   "out = model.generate(**inputs, max_new_tokens=512)",
                   'print(tok.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", ""]
     elif kind == "lora":
-        base = ctx.base["id"] or "<base model>"
+        base = ctx.base.hub_id or "<base model>"
         r = ctx.run.lora_r if ctx.run is not None else None
         # name the base explicitly: the adapter's own config may point at a local folder of the training machine
         tok_repo = repo if any("tokenizer" in Path(e.path).name for e in entries) else base
@@ -250,8 +180,8 @@ def _usage(kind: str, ctx: CardContext, entries: list[FileEntry]) -> list[str]:
                   "vLLM with the adapter served on top of the base model:", "", "```sh",
                   f"vllm serve {base} --enable-lora --lora-modules grpo={repo}"
                   + (f" --max-lora-rank {r}" if r else ""), "```", ""]
-        if ctx.base["id"] is None:
-            lines += [f"The base model was a local folder (`{ctx.base['display']}`); use the same weights.", ""]
+        if ctx.base.hub_id is None:
+            lines += [f"The base model was a local folder (`{ctx.base.id}`); use the same weights.", ""]
     return lines
 
 
@@ -263,9 +193,9 @@ def _recipe(ctx: CardContext) -> list[str]:
                         "is not recorded here.", ""]
     base = ctx.base
     lines.append("- Method: GRPO (group relative policy optimisation) with a LoRA adapter, trained by grpoctl")
-    if base["display"]:
-        shown = f"[{base['id']}](https://huggingface.co/{base['id']})" if base["id"] else f"`{base['display']}`"
-        lines.append(f"- Base model: {shown}" + (f" (revision `{base['revision']}`)" if base["revision"] else ""))
+    if base.id:
+        shown = f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else f"`{base.id}`"
+        lines.append(f"- Base model: {shown}" + (f" (revision `{base.revision}`)" if base.revision else ""))
     _, ds = _dataset(run)
     if ds:
         lines.append(f"- Dataset: `{ds}`")
@@ -312,32 +242,40 @@ def _recipe(ctx: CardContext) -> list[str]:
 
 
 def _verification(ctx: CardContext) -> list[str]:
-    verify = ctx.manifest.sections.get("verify")
-    if not isinstance(verify, dict):
+    verify = ctx.artifacts.verify
+    if verify is None:
         return []
-    items = [(k, v) for k, v in verify.items() if isinstance(v, (str, int, float, bool))]
-    if not items:
-        return []
-    lines = ["## Adapter verification (from the export)", "", "| Check | Result |", "|---|---|"]
-    lines += [f"| {k} | {_fmt_num(v)} |" for k, v in items]
+    s = verify.summary
+    lines = ["## Adapter verification (from the export)", "", "| Check | Result |", "|---|---|",
+             f"| result | {verify.status}{' (strict)' if verify.strict else ''} |",
+             f"| LoRA modules checked | {s.modules} |",
+             f"| modules with a zero update (untrained) | {s.zero_delta} |",
+             f"| modules whose lora_B is all zero | {s.zero_b} |",
+             f"| update norm, scale·B·A (smallest, largest) | {s.delta_norm_min:.4g}, {s.delta_norm_max:.4g} |"]
+    if verify.saved_modules:
+        lines.append(f"| modules saved whole | {', '.join(f'`{m}`' for m in verify.saved_modules)} |")
+    lines.append(f"| adapter sha256 | `{verify.adapter_sha256}` |")
+    lines += [f"| warning | {w} |" for w in verify.warnings]
     return lines + [""]
 
 
 def _parity_notes(ctx: CardContext) -> list[str]:
-    section = ctx.manifest.sections.get("parity")
-    if not isinstance(section, dict):
+    parity = ctx.artifacts.parity
+    if parity is None:
         return []
-    scal = [(k, v) for k, v in section.items() if isinstance(v, (str, int, float, bool))]
-    floor = section.get("noise_floor")
-    lines = []
-    if scal or isinstance(floor, dict):
-        lines += ["Parity is measured by `grpoctl export` against the merged model in transformers "
-                  "(top-1 next-token agreement and mean KL divergence on fixed probe prompts)."]
-        lines += [f"- {k}: {_fmt_num(v)}" for k, v in scal]
-        if isinstance(floor, dict):
-            lines.append("- noise floor (merged model, bf16 vs float32): " + _parity_text(floor))
-        lines.append("")
-    return lines
+    probes, noise = parity.probes, parity.noise_floor
+    reference = "the PEFT reference" if "PEFT" in parity.reference else "the reference"
+    lines = [f"Parity is measured by `grpoctl export`: each file is run in llama.cpp against {reference} "
+             f"({parity.reference}), "
+             f"on {probes.get('texts')} fixed probe texts ({probes.get('positions')} positions; prose, math, code "
+             "and chat with the training system prompt), teacher-forced on the same token ids: top-1 next-token "
+             "agreement and mean KL divergence.",
+             f"- noise floor ({noise.what}): top-1 {noise.top1 * 100:.1f}%, mean KL {noise.kl:.4g}"]
+    if not parity.top1_gated:
+        lines.append("- top-1 is not gated: the reference is too flat on these probes for argmax agreement to mean "
+                     "anything; KL is")
+    lines.append(f"- greedy answer of the reference: {parity.reference_answer!r}")
+    return lines + [""]
 
 
 def _related(kind: str, ctx: CardContext) -> list[str]:
@@ -350,29 +288,23 @@ def _related(kind: str, ctx: CardContext) -> list[str]:
 
 
 def _provenance(ctx: CardContext) -> list[str]:
-    prov = ctx.manifest.provenance
-    libs = prov.get("libraries") or {}
-    lines = ["## Provenance", ""]
-    if prov.get("grpoctl_version"):
-        lines.append(f"- grpoctl {prov['grpoctl_version']}, export created {ctx.manifest.created}")
-    if libs:
-        lines.append("- " + ", ".join(f"{k} {v}" for k, v in sorted(libs.items())))
-    return lines + [""] if len(lines) > 2 else []
+    prov = ctx.artifacts.provenance
+    lines = ["## Provenance", "", f"- grpoctl {prov.grpoctl_version}, export created {ctx.artifacts.created}"]
+    if prov.libraries:
+        lines.append("- " + ", ".join(f"{k} {v}" for k, v in sorted(prov.libraries.items())))
+    return lines + [""]
 
 
-def render_card(kind: str, ctx: CardContext) -> str:
-    """The full ``README.md`` for the repo of one artifact family."""
-    from grpoctl.export.hub import FAMILIES, _family_entries
-
-    prefix = FAMILIES[kind][1]
-    entries = sorted((e for e in _family_entries(ctx.manifest, kind) if e.path[len(prefix):] != "README.md"),
-                     key=lambda e: e.path)
+def render_card(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: str) -> str:
+    """The full ``README.md`` for the repo of one artifact family: ``entries`` are its files, under ``prefix``
+    in the export."""
+    entries = sorted((e for e in entries if e.path[len(prefix):] != "README.md"), key=lambda e: e.path)
     repo = ctx.repos[kind]
     name = repo.split("/")[1]
     desc = _KIND_META[kind][2]
     base = ctx.base
-    base_txt = (f"[{base['id']}](https://huggingface.co/{base['id']})" if base["id"]
-                else (f"`{base['display']}`" if base["display"] else "its base model"))
+    base_txt = (f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id
+                else (f"`{base.id}`" if base.id else "its base model"))
     body = [f"# {name}", "", f"{desc}. Fine-tuned from {base_txt} with GRPO and LoRA using grpoctl.", ""]
     body += _files_table(kind, ctx, entries, prefix)
     if kind == "gguf":

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, FileEntry, find_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
-from grpoctl.export.artifacts import ARTIFACTS_FILE, ArtifactManifest, FileEntry, resolve_export
-from grpoctl.rundir import RunDir
+from grpoctl.fsutil import DISK_FULL, disk_full_error, human_bytes
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -75,33 +75,25 @@ class PushReport:
     revision: str
     dry_run: bool
     repos: list[RepoPush] = field(default_factory=list)
+    stale: str | None = None  # why the export is older than its run's adapter (pushed with allow_stale)
 
     def lines(self) -> list[str]:
         """Human-readable summary, one repo block after another (what the CLI prints)."""
-        out: list[str] = []
+        out: list[str] = [f"warning: {self.stale}"] if self.stale else []
         for r in self.repos:
             if self.dry_run:
-                head = f"{r.kind:<12} -> {r.repo_id} @ {self.revision}  ({len(r.files)} files, {human_size(r.size)})"
+                head = f"{r.kind:<12} -> {r.repo_id} @ {self.revision}  ({len(r.files)} files, {human_bytes(r.size)})"
             elif r.commit:
                 head = (f"{r.kind:<12} -> {r.repo_id} @ {self.revision}  committed {len(r.changed)} of "
-                        f"{len(r.files)} files ({human_size(sum(f.size for f in r.changed))}), commit {r.commit[:12]}")
+                        f"{len(r.files)} files ({human_bytes(sum(f.size for f in r.changed))}), commit {r.commit[:12]}")
             else:
                 head = f"{r.kind:<12} -> {r.repo_id} @ {self.revision}  up to date ({len(r.files)} files), no commit"
             out.append(head)
             for f in r.files:
-                out.append(f"    {f.status:<9} {human_size(f.size):>10}  {f.path_in_repo}")
+                out.append(f"    {f.status:<9} {human_bytes(f.size):>10}  {f.path_in_repo}")
             if r.url and not self.dry_run:
                 out.append(f"    {r.url}")
         return out
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 # --- input ---------------------------------------------------------------------------------------
@@ -121,12 +113,12 @@ def validate_repo_id(repo: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def parse_what(what: list[str] | str | None, manifest: ArtifactManifest) -> list[str]:
+def parse_what(what: list[str] | str | None, artifacts: Artifacts) -> list[str]:
     """Kinds to push; by default every family the export holds, in a fixed order."""
-    present = [k for k in ORDER if _family_entries(manifest, k)]
+    present = [k for k in ORDER if family_files(artifacts, k)]
     if what is None:
         if not present:
-            raise InputNotFoundError(f"{manifest.root / ARTIFACTS_FILE} lists no merged, merged-4bit, lora or gguf "
+            raise InputNotFoundError(f"{artifacts.root / ARTIFACTS_FILE} lists no merged, merged-4bit, lora or gguf "
                                      "files; nothing to push")
         return present
     items = what.split(",") if isinstance(what, str) else list(what)
@@ -159,26 +151,27 @@ def repo_names(repo: str, kinds: list[str], names: dict[str, str] | None = None)
     return out
 
 
-def _family_entries(manifest: ArtifactManifest, kind: str) -> list[FileEntry]:
+def family_files(artifacts: Artifacts, kind: str) -> list[FileEntry]:
+    """The files of one family's repo, in path order."""
     prefix = FAMILIES[kind][1]
-    if kind == "gguf":
-        # the GGUF repo carries everything under gguf/: quantized files, Modelfile, parity report
-        return [f for f in manifest.files if f.path.startswith(prefix)]
-    return [f for f in manifest.files if f.kind == kind and f.path.startswith(prefix)]
+    # the GGUF repo carries everything under gguf/: quantized files, Modelfile, parity report
+    files = [f for f in artifacts.files if f.path.startswith(prefix) and (kind == "gguf" or f.kind == kind)]
+    return sorted(files, key=lambda e: e.path)
 
 
 # --- planning --------------------------------------------------------------------------------------
-def plan(export_dir: Path, manifest: ArtifactManifest, run: RunDir | None, repos: dict[str, str],
-         revision: str) -> list[tuple[RepoPush, bytes]]:
+def plan(artifacts: Artifacts, repos: dict[str, str], revision: str) -> list[tuple[RepoPush, bytes]]:
     """Every repo with its files and generated model card; touches nothing remote."""
-    from grpoctl.export.modelcard import CardContext, render_card
+    from grpoctl.push.modelcard import CardContext, render_card
 
-    ctx = CardContext(manifest=manifest, run=run, repos=repos, revision=revision)
+    export_dir = artifacts.root
+    ctx = CardContext(artifacts=artifacts, run=artifacts.run, repos=repos, revision=revision)
     out = []
     for kind, repo_id in repos.items():
         prefix = FAMILIES[kind][1]
         push = RepoPush(kind=kind, repo_id=repo_id)
-        for entry in sorted(_family_entries(manifest, kind), key=lambda e: e.path):
+        entries = family_files(artifacts, kind)
+        for entry in entries:
             in_repo = entry.path[len(prefix):]
             if Path(entry.path).is_absolute() or ".." in Path(entry.path).parts or "\\" in entry.path:
                 raise VerificationError(f"{ARTIFACTS_FILE} lists {entry.path!r}, which points outside the export "
@@ -187,7 +180,7 @@ def plan(export_dir: Path, manifest: ArtifactManifest, run: RunDir | None, repos
                 continue
             push.files.append(PushFile(path_in_repo=in_repo, local=export_dir / entry.path, size=entry.size,
                                        sha256=entry.sha256))
-        card = render_card(kind, ctx).encode()
+        card = render_card(kind, ctx, entries, prefix).encode()
         push.files.append(PushFile(path_in_repo="README.md", local=None, size=len(card),
                                    sha256=hashlib.sha256(card).hexdigest()))
         out.append((push, card))
@@ -247,6 +240,11 @@ def _map_error(err: BaseException, repo_id: str, endpoint: str, token: str | Non
     # huggingface_hub wraps upload failures (RuntimeError "Error while uploading ...") around the real cause
     seen: BaseException | None = err
     while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:  # huggingface_hub's caches (Xet chunks, HF_HOME)
+            from huggingface_hub import constants
+
+            where = Path(seen.filename).parent if seen.filename else Path(constants.HF_HOME)
+            return disk_full_error(seen, where, cleaned=False)
         if isinstance(seen, OfflineModeIsEnabled):
             return OfflineError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (and check the network) "
                                 "to publish, or use --dry-run to see the plan")
@@ -298,7 +296,7 @@ def _offline() -> bool:
 # --- the push ---------------------------------------------------------------------------------------
 def push(source: Path, repo: str, *, what: list[str] | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
-         names: dict[str, str] | None = None, num_threads: int = 4) -> PushReport:
+         names: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False) -> PushReport:
     """Publish an export (``RUN`` or ``RUN/export``) to the Hub, one repo per artifact family.
 
     Arguments:
@@ -310,16 +308,20 @@ def push(source: Path, repo: str, *, what: list[str] | None = None, private: boo
         dry_run: only plan: list repos, files and sizes, without network or token.
         token: Hub token; default ``HF_TOKEN`` or the token stored by ``hf auth login``.
         names: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}``.
+        allow_stale: publish an export whose run's adapter changed since (trained further); refused otherwise.
     """
-    export_dir, run = resolve_export(source)
-    manifest = ArtifactManifest.load(export_dir)
-    kinds = parse_what(what, manifest)
+    artifacts = find_export(source)
+    stale = artifacts.stale()
+    if stale and not allow_stale:
+        raise VerificationError(f"{stale}; pass --allow-stale to publish the old export anyway")
+    kinds = parse_what(what, artifacts)
     repos = repo_names(repo, kinds, names)
     if revision is not None and (not revision.strip() or any(c.isspace() for c in revision) or ".." in revision):
         raise UsageError(f"invalid --revision {revision!r}: give a branch name")
     rev = revision or "main"
-    planned = plan(export_dir, manifest, run, repos, rev)
-    report = PushReport(source=export_dir, revision=rev, dry_run=dry_run, repos=[p for p, _ in planned])
+    planned = plan(artifacts, repos, rev)
+    report = PushReport(source=artifacts.root, revision=rev, dry_run=dry_run, repos=[p for p, _ in planned],
+                        stale=stale)
     check_local_files(report.repos)
     if dry_run:
         return report

@@ -1,0 +1,133 @@
+"""grpoctl as a library: one function per command, the functions the command line calls.
+
+    train(config)                   -> RunDir          grpoctl train
+    evaluate(run, ...)              -> dict            grpoctl eval
+    export(source, options)         -> Artifacts       grpoctl export (manifests included unless manifests=False)
+    write_manifests(source, opts)   -> WrittenManifests  grpoctl manifests
+    push(source, repo, ...)         -> PushReport      grpoctl push
+    serve(options)                  -> int             grpoctl serve
+
+This module sits above the stages: it is where one stage's output is handed to the next (the manifests
+written into an export before it is swapped into place), so that no stage imports a later one. Every
+error is a ``grpoctl.errors.GrpoctlError`` whose message is the one line the command line prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpoctl.artifacts import Artifacts, find_export
+from grpoctl.config import TrainConfig
+from grpoctl.export.pipeline import ExportOptions, ExportSource
+from grpoctl.manifests.api import ManifestOptions, WrittenManifests
+from grpoctl.rundir import RunDir
+from grpoctl.serve.api import ServeOptions
+
+if TYPE_CHECKING:
+    from grpoctl.push.hub import PushReport
+
+__all__ = ["Artifacts", "ExportOptions", "ManifestOptions", "RunDir", "ServeOptions", "TrainConfig", "evaluate",
+           "export", "push", "serve", "train", "write_manifests"]
+
+Say = Callable[[str], None]
+
+
+def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[str, ...] = ()) -> RunDir:
+    """Train a LoRA adapter with GRPO; returns the run directory.
+
+    Arguments:
+        config: a ``TrainConfig``, or a TOML config file (None: the defaults).
+        overrides: ``SECTION.KEY=VALUE`` settings applied on top, as ``--set`` takes them.
+    """
+    from grpoctl.config import load_config
+    from grpoctl.train.run import train as run_training
+
+    if not isinstance(config, TrainConfig):
+        config = load_config(Path(config) if config is not None else None, overrides, {})
+    elif overrides:
+        config = load_config(None, overrides, {}, base=dataclasses.asdict(config))
+    return run_training(config)
+
+
+def evaluate(run: RunDir | Path | str, *, samples: int = 20, max_new_tokens: int | None = None, seed: int = 3407,
+             dataset: str | None = None, log: Say | None = None) -> dict[str, Any]:
+    """Compare the model with and without the trained LoRA on sampled prompts; writes ``RUN/eval.json``."""
+    from grpoctl.train.evaluate import evaluate as run_eval
+
+    return run_eval(RunDir(Path(run)), samples=samples, max_new_tokens=max_new_tokens, seed=seed, dataset=dataset,
+                    log=log)
+
+
+class _Manifests:
+    """The manifests stage as the export's finisher: written into the staged export, so they land with it."""
+
+    def check(self, existing: Artifacts) -> None:
+        from grpoctl.manifests.api import check_manifests_unedited
+
+        check_manifests_unedited(existing)
+
+    def write(self, stage: Path, source: ExportSource, say: Say) -> None:
+        """Serving manifests for the staged export, with the Modelfile's template chosen as ``--ollama-template
+        auto`` chooses it. A chat template whose Go translation fails the check (or does not translate) does not
+        fail the export: where Ollama >= 0.30 renders the GGUF's own chat template (checked with llama.cpp's
+        engine when its tools are built) no TEMPLATE is written, and where a Go template would be needed and none
+        is faithful none is written either; artifacts.json (``manifests.ollama``) records why, and the notes
+        printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
+        the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
+        from grpoctl.manifests.api import render_manifests
+        from grpoctl.models import has_tokenizer
+
+        # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
+        candidates = [source.tokenizer_dir, stage / "merged", stage / "lora", Path(source.base.path)]
+        tokenizer_dir = next((c for c in candidates if has_tokenizer(c)), None)
+        if tokenizer_dir is None:
+            say("note: no tokenizer in the adapter folder, the export or the base, so no Modelfile or vLLM manifests "
+                "(they need its chat template); the export itself is complete. Write them later with `grpoctl "
+                "manifests EXPORT` once the export holds a tokenizer")
+            return
+        # an unchecked template (no Go toolchain) is noted in artifacts.json rather than failing the export
+        written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
+                                   options=ManifestOptions(unchecked_ok=True))
+        for note in written.section.notes:
+            say(f"note: {note}")
+        say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))
+
+
+def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool = True,
+           log: Say | None = None) -> Artifacts:
+    """Verify the adapter (a run directory or an adapter folder) and write what ``options`` asks for, then the
+    Ollama Modelfile and vLLM manifests for it (``manifests=False``: not those); returns the export's record.
+
+    ``ExportOptions(gguf="q8_0,q4_k_m", merged="16bit", lora=True, output_dir=...)``; ``log`` receives the progress
+    lines, tables and notes (None: silent).
+    """
+    from grpoctl.export.pipeline import export as run_export
+
+    return run_export(Path(source), options or ExportOptions(), log, then=_Manifests() if manifests else None)
+
+
+def write_manifests(source: Path | str, options: ManifestOptions | None = None) -> WrittenManifests:
+    """Write the Ollama Modelfile(s) and vLLM manifests for an export (a run directory or an export directory)."""
+    from grpoctl.manifests.api import write_manifests as run_manifests
+
+    artifacts = find_export(Path(source))
+    return run_manifests(artifacts.root, run=artifacts.run, options=options)
+
+
+def push(source: Path | str, repo: str, **options: Any) -> PushReport:
+    """Publish an export to the Hugging Face Hub with generated model cards (``dry_run=True``: plan only).
+
+    ``options`` are those of ``grpoctl.push.hub.push`` (what, private, revision, dry_run, names, allow_stale)."""
+    from grpoctl.push.hub import push as run_push
+
+    return run_push(Path(source), repo, **options)
+
+
+def serve(options: ServeOptions, echo: Say = print) -> int:
+    """Serve an exported GGUF through llama.cpp or a running Ollama; returns the exit status."""
+    from grpoctl.serve.api import serve as run_serve
+
+    return run_serve(options, echo=echo)

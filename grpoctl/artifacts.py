@@ -1,0 +1,392 @@
+"""The export contract: ``artifacts.json``, what ``grpoctl export`` wrote and every later stage reads.
+
+    EXPORT/
+      artifacts.json     this record
+      verify.json        adapter verification report, every module
+      merged/            merged 16-bit safetensors (+ config, tokenizer, chat template)
+      merged-4bit/       bitsandbytes nf4 model
+      lora/              cleaned adapter for ``--enable-lora`` serving
+      gguf/              <Name>-<QUANT>.gguf files, Modelfile(s), parity.json
+      vllm/              serve.sh, docker-compose.yml, k8s.yaml
+
+Each section is a dataclass below, written by one stage and read by the later ones through these types:
+
+    provenance   export      the run, the base model (id, revision, Hub id, license), the adapter, versions
+    files        every stage each file: path relative to the export, kind (``merged``, ``merged-4bit``,
+                             ``lora``, ``gguf:<type>``, ``modelfile``, ``manifest``, ``report``), size, sha256
+    verify       export      the adapter verification summary
+    merged       export      the merged weights: dtype, tensor counts, shards
+    parity       export      every GGUF measured against base + adapter applied by PEFT
+    manifests    manifests   what the Modelfiles and vLLM manifests say, and notes
+
+Loaded and saved here only, checked key by key against these types (a key no stage writes is an error,
+not a guess). ``schema`` is 2 since the sections became these types (1 was the untyped record); a file of
+any other schema is refused with one line saying to re-export. Nothing else in the export directory is
+trusted by a later stage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from grpoctl import __version__
+from grpoctl.errors import DataError, InputNotFoundError
+from grpoctl.fsutil import sha256_file, staged_file
+from grpoctl.jsonfiles import from_json, read_json, to_json
+from grpoctl.rundir import ADAPTER_WEIGHTS, BaseModelRef, RunDir, adapter_sha256
+
+ARTIFACTS_FILE = "artifacts.json"
+SCHEMA_VERSION = 2
+_LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
+              "huggingface_hub", "bitsandbytes", "unsloth")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+@dataclass
+class FileEntry:
+    path: str
+    kind: str
+    size: int
+    sha256: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quant(self) -> str | None:
+        """The GGUF type of a ``gguf:<type>`` file (``q4_k_m``)."""
+        return self.kind.split(":", 1)[1] if self.kind.startswith("gguf:") else None
+
+
+@dataclass
+class AdapterRecord:
+    """The exported adapter: where it was read, its identity (sha256) and the LoRA settings that matter."""
+
+    path: str
+    sha256: str
+    r: int | None = None
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    peft_version: str | None = None
+
+
+@dataclass
+class Provenance:
+    """Written by export: what the export was made from."""
+
+    source: str | None = None  # the run directory or adapter folder, as named
+    run: str | None = None  # the run's absolute path, when exported from a run
+    base_model: BaseModelRef | None = None
+    adapter: AdapterRecord | None = None
+    grpoctl_version: str = __version__
+    libraries: dict[str, str] = field(default_factory=library_versions)
+
+
+@dataclass
+class VerifySummary:
+    modules: int  # LoRA modules (lora_A/lora_B pairs)
+    zero_b: int  # of them with lora_B still all zero
+    zero_delta: int  # of them whose update scale * B @ A is zero
+    max_abs_b: float
+    delta_norm_min: float
+    delta_norm_max: float
+
+
+@dataclass
+class VerifySection:
+    """Written by export (``grpoctl.export.verify``): the adapter verification; ``verify.json`` has every module."""
+
+    status: str  # ok | warn
+    strict: bool
+    adapter: str  # the adapter folder verified, on the exporting machine
+    base: str  # the base's id as the run recorded it
+    adapter_sha256: str
+    summary: VerifySummary
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    saved_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergedSection:
+    """Written by export: the merged weights (merged/, or the 16-bit source of merged-4bit/)."""
+
+    dtype: str
+    tensors: int
+    merged_tensors: int  # tensors the adapter changed
+    shards: int
+    chat_template: bool
+    quantization: str | None = None  # bitsandbytes-nf4 when merged-4bit/ was written
+
+
+@dataclass
+class ParityFloor:
+    top1: float | None  # None: top-1 not gated (the reference too flat for argmax agreement to mean anything)
+    kl: float | None
+
+
+@dataclass
+class ParityResult:
+    """One GGUF file against the reference (``grpoctl.export.parity.measure``)."""
+
+    type: str
+    top1: float  # top-1 next-token agreement with the reference
+    kl: float  # mean KL(reference || GGUF)
+    positions: int
+    floor: ParityFloor
+    passed: bool
+    tokenizer: dict[str, Any]  # one-BOS, same ids, end-of-turn, template checks
+    answer: str  # the GGUF's greedy answer to the probe question
+
+
+@dataclass
+class NoiseFloor:
+    what: str
+    top1: float
+    kl: float
+
+
+@dataclass
+class ParitySection:
+    """Written by export (``grpoctl.export.parity.report``); ``files`` is keyed by GGUF file name."""
+
+    reference: str
+    probes: dict[str, Any]
+    noise_floor: NoiseFloor
+    reference_confidence: float
+    top1_gated: bool
+    reference_answer: str
+    files: dict[str, ParityResult]
+    passed: bool
+
+
+@dataclass
+class OllamaSection:
+    """Written by manifests: the Modelfile's chat format and what each Ollama version renders it with."""
+
+    written: bool
+    template_mode: str | None = None  # --ollama-template: auto | go | native
+    translated: bool | None = None  # the chat template translates to a Go template
+    reason: str | None = None  # why it does not, or why the translation is not faithful
+    family: str | None = None
+    reasoning: str | None = None
+    bos_added_by_runtime: bool | None = None
+    stops: list[str] | None = None
+    fidelity: dict[str, Any] | str | None = None  # the Go check, or why it did not run
+    native_check: dict[str, Any] | str | None = None  # the llama.cpp check, or why it did not run
+    template_written: bool | None = None
+    system_in_template: bool | None = None
+    renders_with: dict[str, str] | None = None  # per Ollama version range
+    faithful: dict[str, bool | None] | None = None
+    go_template: str | None = None  # the checked Go template, when not written (for Ollama < 0.30)
+    llama_cpp_departures: list[str] | None = None
+    summary: str | None = None
+    default_quant: str | None = None  # the GGUF type the plain Modelfile uses
+    quants: list[str] | None = None
+    system: bool | None = None
+    parameters: dict[str, float | int] | None = None
+    license: str | None = None
+
+
+@dataclass
+class VllmMode:
+    mode: str  # merged | merged-4bit | lora
+    files: list[str]
+    argv: list[str]
+
+
+@dataclass
+class VllmSection:
+    written: bool
+    modes: list[VllmMode] = field(default_factory=list)
+
+
+@dataclass
+class ManifestsSection:
+    """Written by manifests (``grpoctl.manifests``)."""
+
+    ollama: OllamaSection
+    vllm: VllmSection
+    notes: list[str] = field(default_factory=list)
+    output_dir: str | None = None  # where they were written, when outside the export
+
+
+# --- the record -----------------------------------------------------------------------------------------
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Stored:
+    """``artifacts.json`` as stored (what ``from_json`` checks)."""
+
+    schema: int
+    grpoctl_version: str
+    created: str
+    provenance: Provenance
+    files: list[FileEntry]
+    verify: VerifySection | None = None
+    merged: MergedSection | None = None
+    parity: ParitySection | None = None
+    manifests: ManifestsSection | None = None
+
+
+@dataclass
+class Artifacts:
+    """``artifacts.json`` in memory: each stage adds its files and its section, then ``save()`` (atomic)."""
+
+    root: Path
+    provenance: Provenance = field(default_factory=Provenance)
+    files: list[FileEntry] = field(default_factory=list)
+    verify: VerifySection | None = None
+    merged: MergedSection | None = None
+    parity: ParitySection | None = None
+    manifests: ManifestsSection | None = None
+    created: str = field(default_factory=_now)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).absolute()
+
+    @classmethod
+    def load(cls, root: Path) -> Artifacts:
+        path = Path(root) / ARTIFACTS_FILE
+        if not path.is_file():
+            raise InputNotFoundError(f"{root} has no {ARTIFACTS_FILE}; run `grpoctl export` first")
+        data = read_json(path)
+        schema = data.get("schema")
+        if schema != SCHEMA_VERSION:  # checked before the shape: another schema's keys are not a corrupt file
+            raise DataError(f"{path} has schema {json.dumps(schema)}; this grpoctl ({__version__}) reads schema "
+                            f"{SCHEMA_VERSION} only: re-export with `grpoctl export ... --force`")
+        stored = from_json(_Stored, data, path)
+        return cls(root=Path(root), provenance=stored.provenance, files=stored.files, verify=stored.verify,
+                   merged=stored.merged, parity=stored.parity, manifests=stored.manifests, created=stored.created)
+
+    def save(self) -> Path:
+        stored = _Stored(schema=SCHEMA_VERSION, grpoctl_version=__version__, created=self.created,
+                         provenance=self.provenance, files=sorted(self.files, key=lambda f: f.path),
+                         verify=self.verify, merged=self.merged, parity=self.parity, manifests=self.manifests)
+        final = self.root / ARTIFACTS_FILE
+        with staged_file(final) as tmp:
+            tmp.write_text(json.dumps(to_json(stored), indent=2) + "\n")
+        return final
+
+    # files ---------------------------------------------------------------------------------------------
+    def add_file(self, path: Path | str, kind: str, **extra: Any) -> FileEntry:
+        """Record (or refresh) one file; ``path`` may be absolute, relative to the export root, or relative to the
+        working directory (as long as it lies inside the export root)."""
+        p = Path(path)
+        if p.is_absolute():
+            abs_path = p
+        elif (self.root / p).exists() or not p.absolute().is_relative_to(self.root):
+            abs_path = self.root / p
+        else:
+            abs_path = p.absolute()
+        rel = abs_path.resolve().relative_to(self.root.resolve()).as_posix()
+        entry = FileEntry(path=rel, kind=kind, size=abs_path.stat().st_size, sha256=sha256_file(abs_path),
+                          extra=extra)
+        self.files = [f for f in self.files if f.path != rel] + [entry]
+        return entry
+
+    def add_tree(self, directory: Path, kind: str) -> list[FileEntry]:
+        d = directory if directory.is_absolute() else self.root / directory
+        return [self.add_file(p, kind) for p in sorted(d.rglob("*")) if p.is_file()]
+
+    def remove_kind(self, prefix: str) -> None:
+        self.files = [f for f in self.files if not f.kind.startswith(prefix)]
+
+    def by_kind(self, prefix: str) -> list[FileEntry]:
+        return [f for f in self.files if f.kind == prefix or f.kind.startswith(prefix + ":")]
+
+    def ggufs(self) -> dict[str, FileEntry]:
+        """The GGUF files by type (``q4_k_m``), in file order."""
+        return {f.quant: f for f in sorted(self.by_kind("gguf"), key=lambda f: f.path) if f.quant}
+
+    # the run it came from, and whether it still matches ------------------------------------------------
+    @cached_property
+    def run(self) -> RunDir | None:
+        """The training run this export came from: its parent (``RUN/export``) or the run the provenance records."""
+        if RunDir.is_run(self.root.parent):
+            return RunDir(self.root.parent)
+        recorded = self.provenance.run
+        return RunDir(Path(recorded)) if recorded and RunDir.is_run(Path(recorded)) else None
+
+    def stale(self) -> str | None:
+        """Why this export no longer matches the adapter it was made from, or None when it does (or cannot tell).
+
+        The provenance records the exported adapter's sha256; training the run further (``--resume``) replaces
+        ``RUN/adapter``, after which the export is someone else's model. Compared with the run's adapter, or for
+        an export of a plain adapter folder with that folder when it was recorded by absolute path.
+        """
+        recorded = self.provenance.adapter
+        if recorded is None or not recorded.sha256:
+            return None
+        run = self.run
+        if run is not None:
+            adapter_dir = run.adapter_dir
+        elif recorded.path and Path(recorded.path).is_absolute():
+            adapter_dir = Path(recorded.path)
+        else:
+            return None
+        if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+            return None
+        current = adapter_sha256(adapter_dir)
+        if current == recorded.sha256:
+            return None
+        steps = run.summary().get("steps") if run is not None else None
+        return (f"the export in {self.root} is stale: {adapter_dir} changed after it was exported (artifacts.json "
+                f"records adapter sha256 {recorded.sha256[:12]}, the adapter now has {current[:12]}"
+                f"{f'; the run is at step {steps}' if steps else ''}), so it holds an older model than the run; "
+                f"re-export with `{self.reexport_command(run.root if run is not None else adapter_dir)}`")
+
+    def reexport_command(self, source: Path) -> str:
+        """The ``grpoctl export`` line that rebuilds what this export holds, where it is."""
+        parts = ["grpoctl", "export", str(source)]
+        if quants := sorted(self.ggufs()):
+            parts += ["--gguf", ",".join(quants)]
+        if self.by_kind("merged-4bit"):
+            parts += ["--merged", "4bit"]
+        elif self.by_kind("merged"):
+            parts += ["--merged", "16bit"]
+        if self.by_kind("lora"):
+            parts.append("--lora")
+        if self.root.resolve() != (Path(source) / "export").resolve():
+            parts += ["-o", str(self.root)]
+        return " ".join(parts + ["--force"])
+
+
+def find_export(source: Path) -> Artifacts:
+    """What a user names after ``grpoctl push/manifests/serve``: a run directory (meaning its ``export/``) or an
+    export directory."""
+    source = Path(source)
+    if not source.exists():
+        raise InputNotFoundError(f"{source} does not exist; give a run directory or an export directory")
+    if RunDir.is_run(source):
+        export_dir = RunDir(source).export_dir
+        if not (export_dir / ARTIFACTS_FILE).is_file():
+            raise InputNotFoundError(f"run {source} has no export yet ({export_dir / ARTIFACTS_FILE} missing); "
+                                     f"run `grpoctl export {source}` first")
+        return Artifacts.load(export_dir)
+    if not (source / ARTIFACTS_FILE).is_file():
+        raise InputNotFoundError(f"{source} holds no {ARTIFACTS_FILE}; give a run directory or the output of "
+                                 "`grpoctl export`")
+    return Artifacts.load(source)

@@ -1,0 +1,57 @@
+"""The Python API (``grpoctl.api``): the stage functions the command line calls, used here and nowhere else."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def exported(qwen3_run, tmp_path_factory) -> tuple[Path, object]:
+    from grpoctl.api import ExportOptions, export
+
+    lines: list[str] = []
+    out = tmp_path_factory.mktemp("api") / "export"
+    artifacts = export(qwen3_run, ExportOptions(gguf="q8_0", lora=True, output_dir=out, progress=False),
+                       log=lines.append)
+    return out, artifacts, lines
+
+
+def test_export_takes_gguf_types_as_a_string_and_writes_the_manifests_with_the_export(exported):
+    out, artifacts, lines = exported
+    assert set(artifacts.ggufs()) == {"q8_0"} and artifacts.by_kind("lora")
+    assert artifacts.manifests is not None and artifacts.manifests.ollama.default_quant == "Q8_0"
+    assert (out / "gguf" / "Modelfile").is_file() and artifacts.by_kind("manifest")
+    assert any(line.startswith("wrote serving manifests:") for line in lines), lines
+
+
+def test_manifests_and_a_dry_run_push_read_the_export_through_the_api(exported, tmp_path):
+    from grpoctl.api import ManifestOptions, push, write_manifests
+
+    out, _, _ = exported
+    written = write_manifests(out, ManifestOptions(output_dir=tmp_path / "m", quant="q8"))
+    assert {p.name for p in written.files} >= {"Modelfile"} and written.section.ollama.default_quant == "Q8_0"
+    report = push(out, "alice/tiny", dry_run=True)
+    assert {r.kind for r in report.repos} == {"lora", "gguf"}
+
+
+def test_export_of_a_base_without_a_tokenizer_lands_and_skips_the_manifests_with_a_note(qwen3_run, tiny_qwen3,
+                                                                                         tmp_path):
+    """The merge lands; the manifests (which need the chat template) are skipped with one note, not an error."""
+    from grpoctl.api import ExportOptions, export
+    from grpoctl.models import TOKENIZER_FILES
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(tiny_qwen3, base)
+    shutil.copytree(qwen3_run / "adapter", adapter)
+    for folder in (base, adapter):
+        for name in TOKENIZER_FILES:
+            (folder / name).unlink(missing_ok=True)
+    lines: list[str] = []
+    artifacts = export(adapter, ExportOptions(base=str(base), merged="16bit", output_dir=tmp_path / "out",
+                                              progress=False), log=lines.append)
+    assert artifacts.by_kind("merged") and (tmp_path / "out" / "merged" / "config.json").is_file()
+    assert not artifacts.by_kind("manifest") and not artifacts.by_kind("modelfile")
+    assert any(line.startswith("note: no tokenizer") for line in lines), lines
