@@ -386,7 +386,11 @@ def _layer_bar(model: Any, desc: str) -> Iterator[None]:
     kinds = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in kinds]
     bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
-    handles = [m.register_forward_hook(lambda *_: bar.update(1)) for m in layers]
+
+    def advance(*_: Any) -> None:  # returns None: a forward hook's return value would replace the layer's output
+        bar.update(1)
+
+    handles = [m.register_forward_hook(advance) for m in layers]
     try:
         yield
     finally:
