@@ -4,7 +4,7 @@
         -> llama.cpp converter, each adapted tensor merged as it streams   (no merged copy on disk)
         -> one 16-bit GGUF (kept when f16/bf16 is asked for, else a temporary intermediate)
         -> llama_cpp.llama_model_quantize per requested type (q8_0, q4_k_m, q5_k_m, ...)
-        -> every file loaded in llama.cpp and compared with base + adapter merged by PEFT in transformers
+        -> every file loaded in llama.cpp and compared with base + adapter applied by PEFT in transformers
         -> EXPORT/gguf/<Name>-<QUANT>.gguf, parity.json, artifacts.json entries
 
 Files appear under their final names only after they loaded in llama.cpp and passed the parity gate.
@@ -52,7 +52,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     ``manifest`` (kind ``gguf:<type>``, section ``parity``). The caller saves the manifest.
 
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
-    again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
+    again. The parity reference is always the base plus the adapter applied by PEFT (never grpoctl's merge,
     nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
     files are not kept; parity.json says why).
     """
