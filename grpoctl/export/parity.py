@@ -1,7 +1,7 @@
 """Does a GGUF behave like the model it came from? Measured, not assumed.
 
-For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with PEFT's LoRA
-layers holding the adapter, applied unmerged, in transformers (float32), read the same fixed probe
+For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with the
+adapter applied by PEFT's own LoRA layers in transformers (float32), read the same fixed probe
 texts, teacher-forced on exactly the same token ids: prose, math, code, and chat conversations rendered
 by the model's own template with the training system prompt. Per file: top-1 next-token agreement and
 mean KL(reference || GGUF) over all positions, one greedy chat answer from each side, whether llama.cpp
