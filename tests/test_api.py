@@ -55,3 +55,15 @@ def test_export_of_a_base_without_a_tokenizer_lands_and_skips_the_manifests_with
     assert artifacts.by_kind("merged") and (tmp_path / "out" / "merged" / "config.json").is_file()
     assert not artifacts.by_kind("manifest") and not artifacts.by_kind("modelfile")
     assert any(line.startswith("note: no tokenizer") for line in lines), lines
+
+
+def test_the_package_names_its_api_and_importing_it_loads_no_torch():
+    """``dir(grpoctl)`` shows ``api``, reached lazily, so ``import grpoctl`` stays cheap for the command line."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grpoctl; assert 'api' in dir(grpoctl); assert 'torch' not in sys.modules; "
+            "api = grpoctl.api; assert callable(api.export) and callable(api.train); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
