@@ -18,7 +18,7 @@ Each section is a dataclass below, written by one stage and read by the later on
                              ``report``), size, sha256; a GGUF made with an importance matrix names it
     verify       export      the adapter verification summary
     merged       export      the merged weights: dtype, tensor counts, shards
-    parity       export      every GGUF measured against base + adapter merged by PEFT (and each importance-matrix
+    parity       export      every GGUF measured against base + adapter applied by PEFT (and each importance-matrix
                              quant against the plain quant of its type)
     imatrix      export      the importance matrix: where it came from, its calibration text, the types it made
     manifests    manifests   what the Modelfiles and vLLM manifests say, and notes

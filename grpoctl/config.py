@@ -52,7 +52,8 @@ class LoraSection:
     target_modules: list[str] = field(default_factory=lambda: list(SEVEN_PROJECTIONS))
     bias: str = "none"
     use_rslora: bool = False
-    gradient_checkpointing: bool = False
+    # None: on with unsloth (its "unsloth" mode, activations offloaded; the tutorial's setting), off with trl
+    gradient_checkpointing: bool | None = None
 
 
 @dataclass
@@ -85,7 +86,7 @@ class TrainerConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     lr_scheduler_type: str = "linear"
-    optim: str = "auto"  # auto: adamw_8bit with bitsandbytes on CUDA, else adamw_torch
+    optim: str = "auto"  # auto: adamw_8bit with bitsandbytes on CUDA (not under FSDP), else adamw_torch
     per_device_train_batch_size: int | None = None  # completions per device and step; None = num_generations
     gradient_accumulation_steps: int = 1
     num_generations: int = 4

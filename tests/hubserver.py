@@ -511,7 +511,7 @@ def build_export(root, *, with_run: bool = True, seed: int = 0):
                             passed=True, tokenizer={"ok": True}, answer="19")
 
     m.parity = ParitySection(
-        reference="base + adapter merged by PEFT's merge_and_unload (peft 0.21.0) in transformers, float32",
+        reference="base + adapter applied by PEFT (peft 0.21.0, unmerged) in transformers, float32 on cpu",
         probes={"texts": 9, "positions": 945, "kinds": {"prose": 2, "math": 2, "code": 2, "chat": 3},
                 "system_prompt": "Think, then answer."},
         noise_floor=NoiseFloor(what="the reference in bf16 vs float32", top1=0.974, kl=0.001),

@@ -4,7 +4,7 @@
         -> llama.cpp converter, each adapted tensor merged as it streams   (no merged copy on disk)
         -> one 16-bit GGUF (kept when f16/bf16 is asked for, else a temporary intermediate)
         -> llama_cpp.llama_model_quantize per requested type (q8_0, q4_k_m, q5_k_m, ...)
-        -> every file loaded in llama.cpp and compared with base + adapter merged by PEFT in transformers
+        -> every file loaded in llama.cpp and compared with base + adapter applied by PEFT in transformers
         -> EXPORT/gguf/<Name>-<QUANT>.gguf, parity.json, artifacts.json entries
 
 Files appear under their final names only after they loaded in llama.cpp and passed the parity gate.
@@ -62,7 +62,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
 
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
-    again. The parity reference is always the base plus the adapter merged by PEFT (never grpoctl's merge,
+    again. The parity reference is always the base plus the adapter applied by PEFT (never grpoctl's merge,
     nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
     files are not kept; parity.json says why).
     """
@@ -96,10 +96,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
 
-        what = "base + adapter merged by PEFT" if adapter_dir else "the model"
-        say(f"parity: running {what} in transformers (float32 reference, bf16 noise floor; a bar per pass)")
+        what = "base + adapter applied by PEFT" if adapter_dir else "the model"
+        plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
+        how = "weights streamed layer by layer" if plan[1] else "in memory"
+        say(f"parity: running {what} in transformers (float32 reference on {plan[0]}, {how}; bf16 noise floor; "
+            "a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids)
+                                       eot_ids, plan=plan)
         files: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)

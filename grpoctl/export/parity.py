@@ -1,7 +1,7 @@
 """Does a GGUF behave like the model it came from? Measured, not assumed.
 
 For each GGUF, llama.cpp (``llama_cpp.Llama`` with all logits) and the reference, the base with the
-adapter merged by PEFT's own ``merge_and_unload`` in transformers (float32), read the same fixed probe
+adapter applied by PEFT's own LoRA layers in transformers (float32), read the same fixed probe
 texts, teacher-forced on exactly the same token ids: prose, math, code, and chat conversations rendered
 by the model's own template with the training system prompt. Per file: top-1 next-token agreement and
 mean KL(reference || GGUF) over all positions, one greedy chat answer from each side, whether llama.cpp
@@ -14,9 +14,11 @@ The reference never uses grpoctl's merge code, so it can disagree with a file gr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,68 +141,270 @@ def build_probes(tokenizer: Any, system_prompt: str) -> list[Probe]:
 
 # --- reference (transformers) --------------------------------------------------------------------
 
-def load_reference(model_dir: Path, adapter_dir: Path | None):
-    """The trained model as PEFT defines it, at the base's stored precision: the base in transformers, the
-    adapter loaded by ``PeftModel.from_pretrained`` and merged by PEFT's own ``merge_and_unload``.
+ENV_REFERENCE = "GRPOCTL_PARITY_REFERENCE"  # memory | stream | auto (default)
+ENV_DEVICE = "GRPOCTL_PARITY_DEVICE"  # e.g. cpu or cuda:1; default: the first GPU when there is one
+
+
+def reference_device() -> str:
+    import torch
+
+    return os.environ.get(ENV_DEVICE) or ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def _checkpoint(model_dir: Path) -> dict[str, Path]:
+    """Every weight name of a safetensors checkpoint and the file that holds it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise UsageError(f"{model_dir} holds no safetensors weights (model.safetensors or its index)")
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def _float32_bytes(model_dir: Path, adapter_dir: Path | None) -> int:
+    """What the reference needs in float32: twice a 16-bit checkpoint (the adapter's size in weights too)."""
+    files = set(_checkpoint(model_dir).values())
+    size = sum(f.stat().st_size for f in files)
+    if adapter_dir is not None:
+        size += sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors"))
+    return 2 * size
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def streams(model_dir: Path, adapter_dir: Path | None, device: str) -> bool:
+    """Whether the reference streams its weights layer by layer: when the float32 model (plus room for the
+    probes' activations) does not fit the device's free memory, or ``$GRPOCTL_PARITY_REFERENCE`` says so."""
+    choice = os.environ.get(ENV_REFERENCE, "auto")
+    if choice not in ("auto", "memory", "stream"):
+        raise UsageError(f"${ENV_REFERENCE} must be memory, stream or auto, not {choice!r}")
+    if choice != "auto":
+        return choice == "stream"
+    return _float32_bytes(model_dir, adapter_dir) * 1.2 + 2 * 2**30 > _available_bytes(device)
+
+
+def load_reference(model_dir: Path, adapter_dir: Path | None, device: str = "cpu", stream: bool = False):
+    """The trained model as PEFT defines it, in float32 on ``device``: the base in transformers with PEFT's LoRA
+    layers around it holding the adapter file's weights, applied unmerged, LoRA beside each base layer, as in
+    training (what ``PeftModel.from_pretrained`` builds, by the same PEFT functions).
 
     Nothing of grpoctl's merge is used here (nor its merged/ folder), so a GGUF that grpoctl merged wrong
-    (a module left out, a wrong scale, the base's lm_head) disagrees with this reference.
+    (a module left out, a wrong scale, the base's lm_head) disagrees with this reference. With ``stream`` the
+    base stays on disk: accelerate's offload hooks load each decoder layer's weights from the safetensors files
+    when it runs and drop them after, so memory holds one layer (plus the embedding and the head) at a time.
+    The arithmetic is the same either way: 16-bit weights widened to float32 are exact.
     """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
-    except RuntimeError as e:  # transformers refuses mismatched shapes
-        info = {"mismatched_keys": [str(e).splitlines()[0]]}
-    # a reference with re-initialised weights would make every comparison meaningless
-    bad = list(info.get("mismatched_keys") or []) + [k for k in info.get("missing_keys") or [] if "lm_head" not in k]
-    if bad:
-        raise UsageError(f"transformers cannot load {model_dir} as saved ({len(bad)} weights missing or of the "
-                         f"wrong shape, first: {bad[0]}); the model folder's config does not match its weights")
+    if stream:
+        model = _streamed_base(Path(model_dir))
+    else:
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                               device_map={"": device}, output_loading_info=True)
+        except RuntimeError as e:  # transformers refuses mismatched shapes
+            info = {"mismatched_keys": [str(e).splitlines()[0]]}
+        # a reference with re-initialised weights would make every comparison meaningless
+        bad = list(info.get("mismatched_keys") or []) + [k for k in info.get("missing_keys") or []
+                                                        if "lm_head" not in k]
+        if bad:
+            _mismatch(model_dir, bad)
     if adapter_dir is not None:
-        model = _peft_merged(model, Path(adapter_dir))
+        model = _peft(model, Path(adapter_dir))
+    model = model.to(torch.float32)  # the adapter too (PEFT keeps what the file holds)
+    if stream:
+        _dispatch(model, Path(model_dir), device)
     model.eval()
     return model
 
 
-def _peft_merged(model: Any, adapter_dir: Path):
-    import warnings
+def _mismatch(model_dir: Path, bad: list[str]) -> None:
+    raise UsageError(f"transformers cannot load {model_dir} as saved ({len(bad)} weights missing or of the "
+                     f"wrong shape, first: {bad[0]}); the model folder's config does not match its weights")
 
-    from peft import PeftModel
 
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise UsageError(f"PEFT cannot load the adapter {adapter_dir} onto the base for the parity reference "
-                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    missing = [str(w.message) for w in seen if "missing adapter keys" in str(w.message)]
-    if missing:  # PEFT would run part of the adapter only: that is not the trained model
-        raise UsageError(f"PEFT cannot load all of the adapter {adapter_dir} for the parity reference: {missing[0]}")
+def _streamed_base(model_dir: Path):
+    """The base's structure without weights (meta device), its shapes checked against the checkpoint."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    files = _checkpoint(model_dir)
+    bad = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = _checkpoint_key(name, files, config)
+        if key is None:
+            bad.append(name)
+            continue
+        with safe_open(str(files[key]), framework="pt") as f:
+            if tuple(f.get_slice(key).get_shape()) != tuple(p.shape):
+                bad.append(name)
+    if bad:
+        _mismatch(model_dir, bad)
+    # PEFT puts each adapter layer where its base layer's weight is, and a weight on the meta device would take
+    # the adapter there too: every base weight becomes a float32 zero broadcast to its shape (no memory) until
+    # accelerate's hooks replace it with the real weight while its layer runs
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            module._parameters[name] = torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape),
+                                                          requires_grad=False)
     return model
 
 
-def reference_logprobs(model: Any, probes: list[Probe], dtype: str) -> list[Any]:
+def _placeholder(p: Any) -> bool:
+    return p.dim() > 0 and p.numel() > 1 and all(st == 0 for st in p.stride())
+
+
+def _checkpoint_key(name: str, files: dict[str, Path], config: Any) -> str | None:
+    """The checkpoint weight behind a parameter of the (PEFT-wrapped) model; PEFT keeps the base layer under
+    ``base_layer`` / ``original_module``. A tied head reads the input embedding."""
+    key = name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer", ".original_module"):
+        key = key.replace(wrapper, "")
+    if key in files:
+        return key
+    if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        return next((k for k in files if k.endswith("embed_tokens.weight")), None)
+    return None
+
+
+def _dispatch(model: Any, model_dir: Path, device: str) -> None:
+    """accelerate's offload hooks on every block (decoder layer, PEFT layer, embedding, head): the base's weights
+    come from the safetensors files each time the block runs, the adapter's from memory."""
+    from accelerate import dispatch_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # older PEFT
+        from peft.utils.other import ModulesToSaveWrapper as AuxiliaryTrainingWrapper
+
+    files = _checkpoint(model_dir)
+    config = getattr(model, "config", None)
+    index, resident = {}, {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if _placeholder(p) or p.device.type == "meta":
+            key = _checkpoint_key(name, files, config)
+            if key is None:
+                raise UsageError(f"the parity reference has no weight for {name} in {model_dir}")
+            index[name] = {"safetensors_file": str(files[key]), "weight_name": key}
+        else:  # the adapter's own weights, and base layers PEFT saved whole (modules_to_save)
+            resident[name] = p.detach().to("cpu")
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    blocks: list[str] = []
+
+    def visit(module: Any, prefix: str) -> None:
+        whole = (type(module).__name__ in no_split or isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+                 or next(module.children(), None) is None or next(module.parameters(recurse=False), None) is not None)
+        if whole:
+            if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+                blocks.append(prefix)  # buffers too (rotary frequencies): they go to the execution device
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    visit(model, "")
+    # each block loads all of its weights as it starts (not each sub-layer its own): DoRA reads its base layer's
+    # weight and runs its LoRA layers outside their forward; and DoRA hands those layers to its magnitude module
+    # as arguments, which accelerate must not try to move
+    whole = sorted({type(model.get_submodule(b)).__name__ for b in blocks})
+    dispatch_model(model, device_map=dict.fromkeys(blocks, "disk"), main_device=device, state_dict=resident,
+                   offload_index=index, force_hooks=True, preload_module_classes=whole,
+                   skip_keys=["lora_A", "lora_B", "base_layer", "embed_fn"])
+
+
+def _peft(model: Any, adapter_dir: Path):
+    """PEFT's LoRA layers around the base, holding the adapter file's weights (the adapter's, and base layers
+    PEFT saved whole, such as an embedding that carries a LoRA); an adapter PEFT cannot load completely fails."""
     import torch
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        config.inference_mode = True
+        weights = load_peft_weights(str(adapter_dir), device="cpu")
+        model = get_peft_model(model, config)
+        # a base weight the file holds whole is copied in: a streamed base's zero placeholder becomes real here
+        for name, p in model.named_parameters():
+            if name in weights and _placeholder(p):
+                module, _, leaf = name.rpartition(".")
+                model.get_submodule(module)._parameters[leaf] = torch.nn.Parameter(torch.zeros(p.shape, dtype=p.dtype),
+                                                                                   requires_grad=False)
+        result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UsageError(f"PEFT cannot load the adapter {adapter_dir} onto the base for the parity reference "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [k for k in result.missing_keys if ".default" in k]
+    if missing:  # PEFT would run part of the adapter only: that is not the trained model
+        raise UsageError(f"PEFT cannot load all of the adapter {adapter_dir} for the parity reference: "
+                         f"{len(missing)} adapter weights missing, first: {missing[0]}")
+    return model
+
+
+def reference_logprobs(model: Any, probes: list[Probe], device: str) -> list[Any]:
+    """Log-probabilities at every probe position, in the model's dtype; all probes in one batch (right-padded,
+    masked), so a streamed model reads its weights once."""
+    import torch
+
+    width = max(len(p.ids) for p in probes)
+    ids = torch.zeros((len(probes), width), dtype=torch.long)
+    mask = torch.zeros((len(probes), width), dtype=torch.long)
+    for i, p in enumerate(probes):
+        ids[i, : len(p.ids)] = torch.tensor(p.ids)
+        mask[i, : len(p.ids)] = 1
+    with torch.no_grad():
+        with _layer_bar(model, f"parity: transformers {str(next(model.parameters()).dtype).removeprefix('torch.')}"):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        return [torch.log_softmax(logits[i, : len(p.ids)].float(), dim=-1).cpu() for i, p in enumerate(probes)]
+
+
+@contextlib.contextmanager
+def _layer_bar(model: Any, desc: str) -> Iterator[None]:
+    """A bar over the decoder layers a pass has run: the probes go through in one batch, and a streamed model
+    spends its time reading each layer's weights."""
     from tqdm.auto import tqdm
 
-    model = model.to(getattr(torch, dtype))
-    out = []
-    with torch.no_grad():
-        for p in tqdm(probes, desc=f"parity: transformers {dtype}", unit="probe", leave=False):
-            logits = model(torch.tensor([p.ids])).logits[0].float()
-            out.append(torch.log_softmax(logits, dim=-1))
-    return out
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    bar = tqdm(total=len(layers), desc=desc, unit="layer", leave=False)
+
+    def advance(*_: Any) -> None:  # returns None: a forward hook's return value would replace the layer's output
+        bar.update(1)
+
+    handles = [m.register_forward_hook(advance) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
 
 
-def greedy_reference(model: Any, tokenizer: Any, prompt_ids: list[int], eos_ids: list[int]) -> str:
+def greedy_reference(model: Any, tokenizer: Any, prompt_ids: list[int], eos_ids: list[int], device: str) -> str:
     import torch
 
-    model = model.to(torch.float32)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                             eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
+        out = model.generate(input_ids=torch.tensor([prompt_ids], device=device), max_new_tokens=GREEDY_TOKENS,
+                             do_sample=False, eos_token_id=eos_ids or None, pad_token_id=(eos_ids or [0])[0])
     return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
 
 
@@ -234,8 +438,9 @@ def open_gguf(path: Path, n_ctx: int):
     import llama_cpp
 
     try:
+        # mmap: the file's pages are the page cache's, not the process's memory
         return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
-                               n_threads=_threads())
+                               n_threads=_threads(), use_mmap=True)
     except Exception as e:
         raise ConversionError(f"llama.cpp cannot load {path.name}: {e}") from None
 
@@ -406,33 +611,43 @@ class ParityReference:
     description: str = "base model in transformers, float32"
 
 
+def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool]:
+    """Where the reference runs and whether it streams its weights: (device, stream)."""
+    device = reference_device()
+    return device, streams(Path(model_dir), adapter_dir, device)
+
+
 def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path, system_prompt: str | None,
-                      eot_ids: list[int]) -> ParityReference:
+                      eot_ids: list[int], plan: tuple[str, bool] | None = None) -> ParityReference:
+    import torch
     from transformers import AutoTokenizer
 
     system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     probes = build_probes(tokenizer, system_prompt)
-    model = load_reference(model_dir, adapter_dir)
-    ref16 = reference_logprobs(model, probes, "bfloat16")
-    ref32 = reference_logprobs(model, probes, "float32")
-    top1, kl, n = compare(ref32, ref16)
-    confidence = float(sum(r.exp().max(-1).values.sum() for r in ref32)) / n
+    device, stream = plan or reference_plan(model_dir, adapter_dir)
+    model = load_reference(model_dir, adapter_dir, device, stream)
+    ref32 = reference_logprobs(model, probes, device)
     prompt_ids = tokenizer(_render(tokenizer, _conversation(system_prompt, GREEDY_QUESTION), True)
                            if getattr(tokenizer, "chat_template", None) else GREEDY_QUESTION,
                            add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
-    answer = greedy_reference(model, tokenizer, prompt_ids, eot_ids)
+    answer = greedy_reference(model, tokenizer, prompt_ids, eot_ids, device)
+    # last, as it rounds the adapter: the same reference in bf16, for the noise floor. Module.to itself:
+    # accelerate guards a dispatched model's own .to against moves, and its weights are not here to move
+    ref16 = reference_logprobs(torch.nn.Module.to(model, torch.bfloat16), probes, device)
     del model
-    what = "base model in transformers, float32"
+    top1, kl, n = compare(ref32, ref16)
+    confidence = float(sum(r.exp().max(-1).values.sum() for r in ref32)) / n
+    where = f"float32 on {device}" + (", weights streamed layer by layer from the safetensors files" if stream else "")
+    what = f"base model in transformers, {where}"
     if adapter_dir is not None:
         import peft
 
-        what = f"base + adapter merged by PEFT's merge_and_unload (peft {peft.__version__}) in transformers, float32"
+        what = f"base + adapter applied by PEFT (peft {peft.__version__}, unmerged) in transformers, {where}"
     return ParityReference(probes=probes, ref32=ref32, noise={"top1": top1, "kl": kl, "positions": n},
                            confidence=confidence, answer=answer,
                            prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt, eot_ids=eot_ids,
                            description=what)
-
 
 
 def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
+from grpoctl.train import backends, distributed
 
 
 def is_main_process() -> bool:
@@ -97,9 +98,11 @@ def train(cfg: TrainConfig) -> RunDir:
     # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every step of TRL
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     if cfg.distributed.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from grpoctl.train.distributed import launch
-
-        return launch(cfg)
+        return distributed.launch(cfg)
+    cfg = distributed.record_launch(cfg)
+    gpu_note = distributed.one_gpu_for_one_process()  # before anything initialises CUDA
+    if gpu_note:
+        print(f"grpoctl: {gpu_note}", flush=True)
 
     from grpoctl.train.data import check_source
     from grpoctl.train.rewards import RewardContext, build_rewards
@@ -109,8 +112,6 @@ def train(cfg: TrainConfig) -> RunDir:
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
     check_source(cfg.data.dataset)
-
-    from grpoctl.train import backends
 
     backend = backends.pick_backend(cfg.trainer.backend)
     if backend == "unsloth":
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig) -> RunDir:
     resolved = cfg.to_dict()
     resolved["trainer"].update(backend=backend, optim=optim, max_prompt_length=data.max_prompt_length,
                                max_completion_length=data.max_completion_length)
+    resolved["lora"]["gradient_checkpointing"] = backends.gradient_checkpointing(cfg, backend)
     meta = {
         "grpoctl_version": __version__,
         "backend": backend,
@@ -167,7 +169,8 @@ def train(cfg: TrainConfig) -> RunDir:
         # values grpoctl computed rather than the user chose; a resumed run derives them again
         "derived": [f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
                     if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
-                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else []),
+                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
+                   + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
         "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
                        "length_cutoff": data.length_cutoff},
         "reward_weights": dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
@@ -181,6 +184,7 @@ def train(cfg: TrainConfig) -> RunDir:
         _write_json(out / RUN_FILE, meta)
 
     trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out)
+    distributed.match_frozen_dtype(trainer.model)
     from grpoctl.train.callbacks import (
         GenerationProgress,
         MetricsCallback,
@@ -239,8 +243,9 @@ def train(cfg: TrainConfig) -> RunDir:
         say(f"\ngrpoctl: interrupted during step {step + 1}: saving checkpoint-{step} and the adapter as of step "
             f"{step} (continue with --resume)", flush=True)
     _save_checkpoint_if_needed(trainer)
+    state = distributed.gathered_state_dict(trainer.model_wrapped)  # every process, where weights are sharded
     if main:
-        _save_adapter(loaded, out / ADAPTER_DIR, base.path)
+        _save_adapter(loaded, out / ADAPTER_DIR, base.path, state)
         trained = saved_adapter_moved(out / ADAPTER_DIR)
         _write_summary(out, trainer, metrics, started, stop_reason, first_step, resume_from,
                        flat_steps=watch.flat_steps, adapter_trained=trained)
@@ -268,6 +273,7 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available()
+    amp = on_gpu and distributed.trainer_mixed_precision()
     dtype = next(loaded.model.parameters()).dtype
     kwargs: dict[str, Any] = dict(
         output_dir=str(out / CHECKPOINTS_DIR),
@@ -291,9 +297,9 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
         beta=t.beta,
         reward_weights=reward_weights,
         report_to="none",
-        gradient_checkpointing=cfg.lora.gradient_checkpointing,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        fp16=on_gpu and dtype == torch.float16,
+        gradient_checkpointing=backends.gradient_checkpointing(cfg, loaded.backend),
+        bf16=amp and dtype == torch.bfloat16,
+        fp16=amp and dtype == torch.float16,
         use_cpu=not on_gpu,
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -316,11 +322,15 @@ def _save_checkpoint_if_needed(trainer: Any) -> None:
         trainer._save_checkpoint(trainer.model, trial=None)
 
 
-def _save_adapter(loaded: Any, final: Path, base_path: str) -> None:
-    """PEFT adapter + tokenizer (chat template included), published in one rename."""
+def _save_adapter(loaded: Any, final: Path, base_path: str, state: dict[str, Any] | None = None) -> None:
+    """PEFT adapter + tokenizer (chat template included), published in one rename; ``state`` holds the
+    gathered weights where the strategy sharded them."""
     with staged_dir(final, force=True) as tmp:
         # TRL adds a frozen "ref" copy for the KL term when the adapter pre-exists; ship only the trained one
-        loaded.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        if state is None:
+            loaded.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        else:
+            distributed.save_gathered_adapter(loaded.model, state, tmp)
         loaded.tokenizer.save_pretrained(str(tmp))
         cfg_file = tmp / "adapter_config.json"
         adapter_cfg = json.loads(cfg_file.read_text())

@@ -98,11 +98,15 @@ def wrong_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
             "wrong scale": doctored("scale", config={"use_rslora": True})}
 
 
+@pytest.mark.parametrize("mode", ["memory", "stream"])
 def test_parity_gate_fails_a_gguf_with_the_base_lm_head_a_dropped_module_or_a_wrong_scale(converter, tiny_models,
-                                                                                         wrong_adapters, tmp_path):
+                                                                                         wrong_adapters, tmp_path,
+                                                                                         monkeypatch, mode):
     """Each wrong file is what a merge bug writes, made by the real fused conversion from a doctored copy of the
-    adapter; the reference is PEFT on the true adapter, so each falls below the f16 floor and the right one passes.
+    adapter; the reference is PEFT on the true adapter, so each falls below the f16 floor and the right one passes,
+    with the reference held in memory or streamed layer by layer.
     (A reference merged by grpoctl's own merge code passes the base-lm_head file: top-1 99.8%, KL 0.000001.)"""
+    monkeypatch.setenv(parity.ENV_REFERENCE, mode)
     base = tiny_models["llama"]
     eot = gg.end_of_turn_ids(base)
     reference = parity.prepare_reference(base, wrong_adapters["good"], base, None, eot)
@@ -117,16 +121,21 @@ def test_parity_gate_fails_a_gguf_with_the_base_lm_head_a_dropped_module_or_a_wr
     assert all(r["kl"] > 1.5 * floor for r in results.values()), {w: r["kl"] for w, r in results.items()}
 
 
-def test_a_wrong_merged_folder_fails_the_gate_because_the_reference_is_peft(tiny_models, wrong_adapters, tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_wrong_merged_folder_fails_the_gate_because_the_reference_is_peft(tiny_models, wrong_adapters, tmp_path,
+                                                                            monkeypatch, mode):
     """export_gguf converts an existing merged/ folder instead of merging again, but measures it against PEFT's
-    merge of base + adapter, never against that folder: a folder that lost the trained lm_head fails."""
+    base + adapter, never against that folder: a folder that lost the trained lm_head fails, whether the reference
+    is held in memory or streamed layer by layer."""
+    monkeypatch.setenv(parity.ENV_REFERENCE, mode)
     base = tiny_models["llama"]
     wrong = peft_merged_folder(base, wrong_adapters["base lm_head"], tmp_path / "merged")
     with pytest.raises(ParityError, match="below the parity floor"):
         gg.export_gguf(base, wrong_adapters["good"], tmp_path / "gguf", ["f16"], name="m",
                        artifacts=Artifacts(root=tmp_path), merged_dir=wrong)
     rep = json.loads((tmp_path / "gguf" / "parity.json").read_text())
-    assert "merge_and_unload" in rep["reference"] and not rep["files"]["m-F16.gguf"]["passed"]
+    assert "PEFT" in rep["reference"] and not rep["files"]["m-F16.gguf"]["passed"]
+    assert ("streamed layer by layer" in rep["reference"]) == (mode == "stream")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -170,6 +170,7 @@ def test_card_of_a_real_export_shows_each_gguf_parity_as_parity_json_records_it(
     row = _table_rows(text)[name]
     f = rec["files"][name]
     assert f"{f['top1'] * 100:.1f}%" in row[-1] and f"{f['kl']:.4g}" in row[-1]
-    assert "Parity vs. PEFT reference |" in text and "against the PEFT reference (base + adapter merged by PEFT" in text
+    assert "Parity vs. PEFT reference |" in text
+    assert "against the PEFT reference (base + adapter applied by PEFT" in text
     assert "against the merged model in transformers" not in text
     assert f"{rec['noise_floor']['top1'] * 100:.1f}%" in text

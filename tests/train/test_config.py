@@ -92,6 +92,18 @@ def test_to_dict_resolves_derived_values():
     assert d["lora"]["alpha"] == 64 and d["trainer"]["per_device_train_batch_size"] == 4
 
 
+def test_gradient_checkpointing_follows_the_backend_unless_set():
+    """Unset, it is the tutorial's "unsloth" checkpointing with unsloth and off with trl; a set value wins."""
+    from grpoctl.train.backends import gradient_checkpointing
+
+    cfg = load_config()
+    assert cfg.lora.gradient_checkpointing is None
+    assert gradient_checkpointing(cfg, "unsloth") and not gradient_checkpointing(cfg, "trl")
+    off = load_config(overrides=["lora.gradient_checkpointing=false"])
+    on = load_config(overrides=["lora.gradient_checkpointing=true"])
+    assert not gradient_checkpointing(off, "unsloth") and gradient_checkpointing(on, "trl")
+
+
 def _optional_keys() -> list[tuple[str, str]]:
     import dataclasses
     import typing

@@ -1,0 +1,121 @@
+"""The parity reference within memory: streamed from the safetensors files one layer at a time, it computes
+exactly what the reference held in memory computes, for every adapter shape; and it streams when the float32
+model does not fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from grpoctl.errors import UsageError
+from grpoctl.export import parity
+from tests.export.adapters import VARIANTS
+
+
+def _logprobs(model_dir, adapter, stream: bool):
+    from transformers import AutoTokenizer
+
+    probes = parity.build_probes(AutoTokenizer.from_pretrained(model_dir), parity.DEFAULT_SYSTEM_PROMPT)
+    return parity.reference_logprobs(parity.load_reference(model_dir, adapter, "cpu", stream), probes, "cpu")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_streamed_reference_equals_the_one_held_in_memory(variant, name):
+    """Every adapter shape the export supports (DoRA reads its base weight outside the layer's forward, an
+    embedding LoRA makes PEFT save the base embedding whole, tied heads read the input embedding)."""
+    base, adapter, _ = variant(name)
+    held, streamed = _logprobs(base, adapter, False), _logprobs(base, adapter, True)
+    assert len(held) == len(streamed) == 9
+    assert max(float((a - b).abs().max()) for a, b in zip(held, streamed, strict=True)) <= 1e-6
+
+
+def test_streamed_reference_holds_one_layer_at_a_time(tiny_models, qwen3_adapter):
+    """No base weight stays in memory between forwards, and while a decoder layer runs no other layer holds
+    its weights: memory is bounded by one layer (and the embedding and the head), not the model."""
+    import torch
+
+    model = parity.load_reference(tiny_models["qwen3"], qwen3_adapter, "cpu", stream=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    layers = [m for m in model.modules() if type(m).__name__ == "Qwen3DecoderLayer"]
+    held_while_running = []
+
+    def count(module, args):
+        held_while_running.append(sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers))
+
+    for layer in layers:  # inside each layer, while it runs
+        layer.mlp.register_forward_pre_hook(count)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert held_while_running == [1] * len(layers)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_reference_streams_when_the_float32_model_does_not_fit(tiny_models, monkeypatch):
+    model = tiny_models["qwen3"]
+    need = parity._float32_bytes(model, None)
+    monkeypatch.delenv(parity.ENV_REFERENCE, raising=False)
+    monkeypatch.setattr(parity, "_available_bytes", lambda device: need + 4 * 2**30)
+    assert not parity.streams(model, None, "cpu")
+    monkeypatch.setattr(parity, "_available_bytes", lambda device: need)
+    assert parity.streams(model, None, "cpu")
+    monkeypatch.setenv(parity.ENV_REFERENCE, "memory")
+    assert not parity.streams(model, None, "cpu")
+    monkeypatch.setenv(parity.ENV_REFERENCE, "sometimes")
+    with pytest.raises(UsageError, match="GRPOCTL_PARITY_REFERENCE must be memory, stream or auto"):
+        parity.streams(model, None, "cpu")
+
+
+def test_streamed_reference_refuses_a_config_that_does_not_match_the_weights(tiny_models, tmp_path):
+    """As the one held in memory does: a reference with made-up weights would make every comparison void."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="config does not match its weights"):
+        parity.load_reference(model, None, "cpu", stream=True)
+
+
+def _plain_peft_logprobs(model_dir, adapter):
+    """The textbook reference: the whole base in float32, ``PeftModel.from_pretrained`` on it, one probe at a
+    time (no batch, no padding), nothing of grpoctl's loading or streaming."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    probes = parity.build_probes(AutoTokenizer.from_pretrained(model_dir), parity.DEFAULT_SYSTEM_PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).to(torch.float32).eval()
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=torch.tensor([p.ids])).logits[0].float(), dim=-1) for p in probes]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_streamed_reference_equals_plain_peft_on_the_whole_float32_model(variant, name):
+    """The memory-lean reference (streamed, batched) computes what PEFT's own loading of the adapter onto the
+    whole float32 base computes, to float rounding, for every adapter shape."""
+    base, adapter, _ = variant(name)
+    plain, streamed = _plain_peft_logprobs(base, adapter), _logprobs(base, adapter, True)
+    assert max(float((a - b).abs().max()) for a, b in zip(plain, streamed, strict=True)) <= 1e-4
+
+
+def test_plain_peft_comparison_can_tell_adapters_apart(variant, wrong_scale_adapter):
+    """The tolerance above is far below what a wrong adapter changes (here rsLoRA's scale on a plain LoRA)."""
+    base, adapter, _ = variant("lora")
+    plain, wrong = _plain_peft_logprobs(base, adapter), _logprobs(base, wrong_scale_adapter, True)
+    assert max(float((a - b).abs().max()) for a, b in zip(plain, wrong, strict=True)) > 1e-2
+
+
+@pytest.fixture
+def wrong_scale_adapter(variant, tmp_path):
+    import json
+    import shutil
+
+    _, adapter, _ = variant("lora")
+    out = tmp_path / "scale"
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    return out
