@@ -17,6 +17,7 @@ raise :class:`UntranslatableTemplate`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -217,11 +218,30 @@ def _split_turn_boundary(seg: str, pre: str, specials: list[str], also: tuple[st
 
 
 def probe_chat_format(tok: Any, reasoning_markers: tuple[str, str] | None = None) -> ChatFormat:
-    """Read a :class:`ChatFormat` off ``tok.chat_template`` by rendering sentinel conversations."""
-    try:
-        return _probe(tok, reasoning_markers)
-    except (ValueError, IndexError) as err:  # a sentinel went missing: the template rewrites content
-        raise UntranslatableTemplate(f"the template's output does not have a role/turn structure ({err})") from None
+    """Read a :class:`ChatFormat` off ``tok.chat_template`` by rendering sentinel conversations.
+
+    The probe renders dozens of conversations; its answer (or refusal) is kept on the tokenizer object for its
+    template and markers, so the Modelfile and the vLLM manifests of one call read the same probe once."""
+    source = getattr(tok, "chat_template", None)
+    key = (source if isinstance(source, str) else json.dumps(source), reasoning_markers)
+    probed = getattr(tok, "_grpoctl_chat_formats", None)
+    if probed is None:
+        probed = {}
+        try:
+            tok._grpoctl_chat_formats = probed
+        except AttributeError:  # a tokenizer that takes no attributes is probed every time
+            pass
+    if key not in probed:
+        try:
+            probed[key] = _probe(tok, reasoning_markers)
+        except UntranslatableTemplate as err:
+            probed[key] = err
+        except (ValueError, IndexError) as err:  # a sentinel went missing: the template rewrites content
+            probed[key] = UntranslatableTemplate(f"the template's output does not have a role/turn structure ({err})")
+    found = probed[key]
+    if isinstance(found, UntranslatableTemplate):
+        raise found
+    return copy.deepcopy(found)  # callers may change theirs
 
 
 def _probe(tok: Any, reasoning_markers: tuple[str, str] | None) -> ChatFormat:

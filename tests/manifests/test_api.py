@@ -351,3 +351,23 @@ def test_single_process_run_serves_on_one_gpu_and_cli_flags(qwen3_export, go_ren
     proc = _cli(run, "--force", "--data-parallel-size", "0")
     assert proc.returncode != 0 and proc.stderr.startswith("grpoctl: ") and proc.stderr.count("\n") == 1
     assert "--data-parallel-size must be >= 1" in proc.stderr
+
+
+def test_one_manifests_call_probes_the_chat_template_once(qwen3_export, go_renderer, monkeypatch):
+    """The Modelfile and the vLLM reasoning parser read one probe of the template (it renders dozens of
+    conversations), and what they get back are copies: changing one leaves the next caller's intact."""
+    from grpoctl.manifests import templates
+
+    calls = []
+    real = templates._probe
+    monkeypatch.setattr(templates, "_probe", lambda tok, markers: calls.append(markers) or real(tok, markers))
+    run, export = qwen3_export
+    write_manifests(export, run=RunDir(run))
+    assert len(calls) == 1
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    first = templates.probe_chat_format(tok)
+    first.stops.append("<edited>")
+    assert "<edited>" not in templates.probe_chat_format(tok).stops
