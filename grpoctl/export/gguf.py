@@ -97,12 +97,12 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             parity.open_gguf(built[t], 64).close()
 
         what = "base + adapter applied by PEFT" if adapter_dir else "the model"
-        plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
-        how = "weights streamed layer by layer" if plan[1] else "in memory"
-        say(f"parity: running {what} in transformers (float32 reference on {plan[0]}, {how}; bf16 noise floor; "
+        ref_plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
+        how = "weights streamed layer by layer" if ref_plan[1] else "in memory"
+        say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids, plan=plan)
+                                       eot_ids, plan=ref_plan)
         files: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
