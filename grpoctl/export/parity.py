@@ -40,7 +40,9 @@ class Floor:
 # Starting points measured on SmolLM2-135M-Instruct (issue figures): f16 100%, q8_0 97.1% / KL 0.004,
 # q5_k_m 89.8% / 0.071, q4_k_m 88.9% / 0.059; bf16 vs f32 97.4% / 0.001.
 DEFAULT_FLOORS: dict[str, Floor] = {
-    "f32": Floor(0.995, 0.005), "f16": Floor(0.995, 0.005), "bf16": Floor(0.995, 0.005),
+    # bf16 keeps 8 mantissa bits, so rounding the merged weights alone flips near-tie argmaxes (the reference in
+    # bf16 agrees with itself in float32 on 97.4% of positions); its KL floor is what catches a wrong file
+    "f32": Floor(0.995, 0.005), "f16": Floor(0.995, 0.005), "bf16": Floor(0.97, 0.005),
     "q8_0": Floor(0.95, 0.02), "q6_k": Floor(0.90, 0.08),
     "q5_k_m": Floor(0.85, 0.15), "q5_k_s": Floor(0.85, 0.15), "q5_0": Floor(0.85, 0.15), "q5_1": Floor(0.85, 0.15),
     "q4_k_m": Floor(0.85, 0.15), "q4_k_s": Floor(0.80, 0.20), "q4_0": Floor(0.80, 0.20), "q4_1": Floor(0.80, 0.20),
