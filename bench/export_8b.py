@@ -36,7 +36,6 @@ from gpulib import QWEN3_SHAPES, TOKENIZER_FILES, default_tokenizer, versions  #
 from synthetic import llama_tensor_shapes  # noqa: E402
 
 SHARD_BYTES = 4 * 1000**3
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def build_base(dest: Path, shape: str, tokenizer: Path) -> Path:
@@ -95,32 +94,12 @@ def build_base(dest: Path, shape: str, tokenizer: Path) -> Path:
 
 
 def build_adapter(base: Path, dest: Path, r: int = 32) -> Path:
-    """PEFT layout, rank ``r`` on the seven projections, A and B random (B non-zero, as after training)."""
-    if (dest / "adapter_model.safetensors").is_file():
-        return dest
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """``gguf_bench``'s random rank-``r`` PEFT adapter on the seven projections, plus the trained tokenizer the
+    adapter folder carries as ``grpoctl train`` writes it."""
+    import gguf_bench
 
-    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for name, fname in index.items():
-        module = name.rsplit(".", 1)[0]
-        if module.split(".")[-1] not in TARGETS:
-            continue
-        with safe_open(base / fname, framework="pt") as f:
-            out_f, in_f = f.get_slice(name).get_shape()
-        key = f"base_model.model.{module}"
-        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f ** 0.5).to(torch.bfloat16)
-        tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, r, generator=gen) * 0.01).to(torch.bfloat16)
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, dest / "adapter_model.safetensors", metadata={"format": "pt"})
-    (dest / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-        "target_modules": TARGETS, "base_model_name_or_path": str(base), "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "use_dora": False, "inference_mode": True}))
-    for name in TOKENIZER_FILES:  # the adapter folder carries the trained tokenizer, as grpoctl train writes it
+    gguf_bench.build_adapter(base, dest, r)
+    for name in TOKENIZER_FILES:
         if (base / name).is_file():
             shutil.copy(base / name, dest / name)
     return dest
