@@ -28,6 +28,16 @@ def tiny_qwen3(tiny_models) -> Path:
     return tiny_models["qwen3"]
 
 
+def convert_tiny(model: Path, out: Path, outtype: str) -> Path:
+    """``model`` (a tiny fixture) as a GGUF of ``outtype``, written by llama.cpp's converter as export writes it."""
+    from grpoctl.export import gguf as gg
+    from grpoctl.export.converter import find_converter
+
+    gg.convert(find_converter(fetch=True), model, None, out, outtype, name="tiny",
+               eot_ids=gg.end_of_turn_ids(model), metadata=gg.gguf_metadata("tiny", model, None))
+    return out
+
+
 def make_run(root: Path, base: Path, adapter_kwargs: dict | None = None, *, base_id: str | None = None) -> Path:
     """A minimal run directory, as ``grpoctl train`` leaves it: run.json naming the base, and adapter/."""
     root.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from grpoctl import llamacpp_sdist as sd
 from grpoctl import llamacpp_tools as lt
 from grpoctl.errors import DependencyError, InputNotFoundError, ToolBuildError
 from grpoctl.fsutil import file_lock, sha256_file
+from tests.conftest import convert_tiny
 from tests.export.gguf_support import read_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_f16_gguf(tiny_qwen3, tmp_path_factory) -> Path:
     """The tiny Qwen3 fixture converted to F16 by llama.cpp's converter."""
-    from grpoctl.export import gguf as gg
-    from grpoctl.export.converter import find_converter
-
-    out = tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf"
-    gg.convert(find_converter(fetch=True), tiny_qwen3, None, out, "f16", name="tiny",
-               eot_ids=gg.end_of_turn_ids(tiny_qwen3), metadata=gg.gguf_metadata("tiny", tiny_qwen3, None))
-    return out
+    return convert_tiny(tiny_qwen3, tmp_path_factory.mktemp("gguf") / "tiny-f16.gguf", "f16")
 
 
 @pytest.fixture(scope="session")

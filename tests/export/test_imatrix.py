@@ -15,11 +15,10 @@ from grpoctl.cli import cli
 from grpoctl.errors import DataError
 from grpoctl.export import gguf as gg
 from grpoctl.export import imatrix as im
-from grpoctl.export.converter import find_converter
 from grpoctl.export.quantize import TYPES, quantize
 from grpoctl.fsutil import sha256_file
 from grpoctl.llamacpp_tools import tool
-from tests.conftest import make_run
+from tests.conftest import convert_tiny, make_run
 from tests.export.gguf_support import read_gguf
 
 
@@ -38,10 +37,7 @@ def _one_clean_line(result, code: int, *patterns: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_bf16(tiny_qwen3, tmp_path_factory) -> Path:
     """The tiny Qwen3 as the 16-bit GGUF intermediate the quantizer and llama-imatrix read."""
-    out = tmp_path_factory.mktemp("imatrix") / "tiny-BF16.gguf"
-    gg.convert(find_converter(fetch=True), tiny_qwen3, None, out, "bf16", name="tiny",
-               eot_ids=gg.end_of_turn_ids(tiny_qwen3), metadata=gg.gguf_metadata("tiny", tiny_qwen3, None))
-    return out
+    return convert_tiny(tiny_qwen3, tmp_path_factory.mktemp("imatrix") / "tiny-BF16.gguf", "bf16")
 
 
 @pytest.fixture(scope="module")
