@@ -50,3 +50,19 @@ def test_smollm2_all_types_parity_figures(smollm2_dir, tmp_path):
     rep = json.loads((out / "parity.json").read_text())
     assert rep["passed"]
     assert rep["files"]["SmolLM2-135M-Instruct-F16.gguf"]["top1"] >= 0.995
+
+
+def test_bf16_file_is_gated_below_bf16s_own_rounding_noise(smollm2_dir, smollm2_adapter, tmp_path):
+    """bf16 keeps 8 mantissa bits: the reference itself in bf16 flips near-tie argmaxes against float32, so a top-1
+    floor above that noise would fail correct bf16 files at random. The bf16 floor sits below the measured noise
+    and the correct file passes; KL stays what separates a wrong file."""
+    out = tmp_path / "export" / "gguf"
+    [path] = gg.export_gguf(smollm2_dir, smollm2_adapter, out, ["bf16"], name="SmolLM2-135M-Instruct-grpo",
+                            artifacts=Artifacts(root=tmp_path / "export"), parity_gate=False)
+    rep = json.loads((out / "parity.json").read_text())
+    f = rep["files"][path.name]
+    floor = gg.parity.DEFAULT_FLOORS["bf16"]
+    assert rep["top1_gated"]
+    assert floor.top1 <= rep["noise_floor"]["top1"], (floor, rep["noise_floor"])
+    assert floor.kl == gg.parity.DEFAULT_FLOORS["f16"].kl
+    assert f["passed"] and f["kl"] <= floor.kl
