@@ -8,7 +8,7 @@
       lora/              cleaned adapter for ``--enable-lora`` serving
       gguf/              <Name>-<QUANT>.gguf files, Modelfile(s), parity.json (+ <Name>-imatrix.gguf and
                          <Name>-calibration.txt when quantized with an importance matrix)
-      vllm/              serve.sh, docker-compose.yml, k8s.yaml
+      vllm/              serve.sh, docker-compose.yml, k8s.yaml (+ parity-<mode>.json from ``serve --parity``)
 
 Each section is a dataclass below, written by one stage and read by the later ones through these types:
 
@@ -22,6 +22,7 @@ Each section is a dataclass below, written by one stage and read by the later on
                              quant against the plain quant of its type)
     imatrix      export      the importance matrix: where it came from, its calibration text, the types it made
     manifests    manifests   what the Modelfiles and vLLM manifests say, and notes
+    served_parity  serve     a running vLLM server measured against the same PEFT reference (``--parity``)
 
 Loaded and saved here only, checked key by key against these types (a key no stage writes is an error,
 not a guess). ``schema`` is 2 since the sections became these types (1 was the untyped record); a file of
@@ -226,6 +227,22 @@ class ParitySection:
 
 
 @dataclass
+class ServedParityRecord:
+    """Written by ``grpoctl serve --engine vllm --parity``: a served model against export's PEFT reference."""
+
+    mode: str  # the vLLM manifests' mode: merged | merged-4bit | lora
+    model: str  # the served name asked for
+    top1: float
+    kl_topk: float  # KL(reference || server) over the server's top-k tokens, the rest pooled (a lower bound)
+    positions: int
+    kl_floor: float  # the gate: a multiple of the reference's bf16-vs-float32 KL
+    passed: bool
+    top_k: int
+    reference: str
+    noise_kl: float
+
+
+@dataclass
 class CalibrationRecord:
     """The text an importance matrix was computed over (``<name>-calibration.txt`` beside the GGUFs)."""
 
@@ -336,6 +353,7 @@ class _Stored:
     parity: ParitySection | None = None
     imatrix: ImatrixSection | None = None
     manifests: ManifestsSection | None = None
+    served_parity: dict[str, ServedParityRecord] | None = None  # keyed engine:mode (``vllm:merged``)
 
 
 @dataclass
@@ -350,6 +368,7 @@ class Artifacts:
     parity: ParitySection | None = None
     imatrix: ImatrixSection | None = None
     manifests: ManifestsSection | None = None
+    served_parity: dict[str, ServedParityRecord] | None = None  # keyed engine:mode (``vllm:merged``)
     created: str = field(default_factory=_now)
 
     def __post_init__(self) -> None:
@@ -368,13 +387,13 @@ class Artifacts:
         stored = from_json(_Stored, data, path)
         return cls(root=Path(root), provenance=stored.provenance, files=stored.files, verify=stored.verify,
                    merged=stored.merged, parity=stored.parity, imatrix=stored.imatrix, manifests=stored.manifests,
-                   created=stored.created)
+                   served_parity=stored.served_parity, created=stored.created)
 
     def save(self) -> Path:
         stored = _Stored(schema=SCHEMA_VERSION, grpoctl_version=__version__, created=self.created,
                          provenance=self.provenance, files=sorted(self.files, key=lambda f: f.path),
                          verify=self.verify, merged=self.merged, parity=self.parity, imatrix=self.imatrix,
-                         manifests=self.manifests)
+                         manifests=self.manifests, served_parity=self.served_parity)
         final = self.root / ARTIFACTS_FILE
         with staged_file(final) as tmp:
             tmp.write_text(json.dumps(to_json(stored), indent=2) + "\n")

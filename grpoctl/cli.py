@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from grpoctl import __version__
+from grpoctl.config import GENERATIONS
 from grpoctl.errors import GrpoctlError
 
 
@@ -104,6 +105,9 @@ def _column_flags(prompt_field: str | None, solution_field: str | None, answer_f
 @click.option("--dataset", "-d", help="datasets name or local .jsonl/.csv/.parquet (default: shipped arith_gsm).")
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Run directory (default: runs/grpo).")
 @click.option("--backend", type=click.Choice(["auto", "trl", "unsloth"]), help="Training backend (default: auto).")
+@click.option("--generation", type=click.Choice(GENERATIONS),
+              help="Who writes the completions: vLLM, transformers' generate, or auto (vLLM when a CUDA GPU and "
+                   "vLLM are there; default).")
 @click.option("--max-steps", type=int, help="GRPO steps (default: 100).")
 @click.option("--tracking", type=click.Choice(["none", "cloud", "local", "offline"]),
               help="SwanLab tracking mode (default: none).")
@@ -115,7 +119,8 @@ def _column_flags(prompt_field: str | None, solution_field: str | None, answer_f
 @click.option("--force", is_flag=True, help="Delete what --output-dir holds (a previous run included) and start again.")
 @_column_options
 def train(config_file: Path | None, overrides: tuple[str, ...], model: str | None, dataset: str | None,
-          output_dir: Path | None, backend: str | None, max_steps: int | None, tracking: str | None,
+          output_dir: Path | None, backend: str | None, generation: str | None, max_steps: int | None,
+          tracking: str | None,
           num_processes: int | None, strategy: str | None, accelerate_config: Path | None, resume: bool,
           force: bool, **columns) -> None:
     """Train a LoRA adapter with GRPO and write a run directory."""
@@ -125,7 +130,7 @@ def train(config_file: Path | None, overrides: tuple[str, ...], model: str | Non
 
     data = {"dataset": dataset, **_column_flags(**columns)}
     flags: dict = {"model": {"name": model}, "data": data, "trainer": {"backend": backend,
-                   "max_steps": max_steps}, "tracking": {"mode": tracking},
+                   "generation": generation, "max_steps": max_steps}, "tracking": {"mode": tracking},
                    "distributed": {"num_processes": num_processes, "strategy": strategy,
                                    "accelerate_config": str(accelerate_config) if accelerate_config else None},
                    "output_dir": str(output_dir) if output_dir else None, "resume": resume or None,
@@ -321,13 +326,14 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 # --- serve ------------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path), required=False)
-@click.option("--engine", type=click.Choice(["llamacpp", "ollama"]), default="llamacpp", show_default=True,
-              help="llama-cpp-python's OpenAI-compatible server, or a running Ollama daemon.")
+@click.option("--engine", type=click.Choice(["llamacpp", "ollama", "vllm"]), default="llamacpp", show_default=True,
+              help="llama-cpp-python's OpenAI-compatible server, a running Ollama daemon, or vLLM (a CUDA GPU; "
+                   "the export's merged model or base + LoRA, as the vLLM manifests run it).")
 @click.option("--quant", default=None, help="Which exported GGUF (e.g. q4_k_m); default: the only one, else q4_k_m.")
-@click.option("--host", default=None, help="llamacpp: address to listen on [127.0.0.1]. ollama: daemon address "
+@click.option("--host", default=None, help="llamacpp/vllm: address to listen on [127.0.0.1]. ollama: daemon address "
               "[$OLLAMA_HOST or 127.0.0.1:11434].")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="llamacpp port (0: any free port; with --stop: which detached server).")
+              help="llamacpp/vllm port (0: any free port; with --stop: which detached server).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=None,
               help="Context size; default: the run's max_seq_length, else the GGUF's (capped at 4096).")
 @click.option("--name", default=None, help="Model name (Ollama model / llama.cpp alias); default from the GGUF.")
@@ -335,16 +341,21 @@ def manifests(source: Path, output_dir: Path | None, no_system: bool, chat_templ
 @click.option("--prompt", default=None, help="Probe question for --smoke and the printed example.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Token limit of the smoke chat.")
-@click.option("--detach", is_flag=True, help="llamacpp: start in the background, write a pid file and return.")
+@click.option("--detach", is_flag=True,
+              help="llamacpp/vllm: start in the background, write a pid file and return.")
 @click.option("--stop", "stop_", is_flag=True, help="Stop detached servers (all, or the one on --port).")
 @click.option("--modelfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="ollama: Modelfile to take TEMPLATE/PARAMETER/SYSTEM from (default: the export's).")
-@click.option("--timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds to wait for the server to answer.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds to wait for the server to answer [120; vllm: 900].")
+@click.option("--vllm-mode", type=click.Choice(["merged", "merged-4bit", "lora"]), default=None,
+              help="vllm: which of the export's vLLM manifests to run (default: the first written).")
+@click.option("--parity", is_flag=True, help="vllm: measure the served model's prompt log-probabilities against "
+              "base + adapter applied by PEFT; exit 1 if it departs beyond the noise floor.")
 @click.pass_context
 def serve(ctx: click.Context, source: Path | None, engine: str, quant: str | None, host: str | None, port: int,
           **kw) -> int:
-    """Serve an exported GGUF locally through llama.cpp or a running Ollama.
+    """Serve an export locally: a GGUF through llama.cpp or a running Ollama, or vLLM on a GPU.
 
     SOURCE is a run directory (uses RUN/export), an export directory (its artifacts.json) or a .gguf file.
     """
@@ -367,7 +378,8 @@ def serve(ctx: click.Context, source: Path | None, engine: str, quant: str | Non
     opts = ServeOptions(source=source, engine=engine, quant=quant, host=host, port=port, ctx=kw["n_ctx"],
                         smoke=kw["smoke"], detach=kw["detach"], name=kw["name"],
                         prompt=kw["prompt"] or DEFAULT_PROBE, max_tokens=kw["max_tokens"],
-                        ready_timeout=kw["timeout"], modelfile=kw["modelfile"])
+                        ready_timeout=kw["timeout"], modelfile=kw["modelfile"], vllm_mode=kw["vllm_mode"],
+                        parity=kw["parity"])
     return run_serve(opts, echo=click.echo)
 
 

@@ -29,6 +29,8 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 DEFAULT_REWARDS = ["format_exact", "format_approx", "answer", "numbers", "language"]
 
 BACKENDS = ("auto", "trl", "unsloth")
+GENERATIONS = ("auto", "vllm", "hf")  # who writes the completions (grpoctl.train.generation)
+VLLM_MODES = ("auto", "colocate", "server")
 TRACKING_MODES = ("none", "cloud", "local", "offline")
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 
@@ -40,7 +42,7 @@ class ModelConfig:
     max_seq_length: int = 1024
     load_in_4bit: bool = False  # GPU only (bitsandbytes); the seed loads the 8B base in 4-bit
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    fast_inference: bool | None = None  # unsloth + vLLM generation; None = when vLLM is installed
+    # the GPU memory share of vLLM's engine when it generates in the training process (Unsloth, TRL colocate)
     gpu_memory_utilization: float = 0.7
 
 
@@ -82,6 +84,8 @@ class RewardsConfig:
 @dataclass
 class TrainerConfig:
     backend: str = "auto"
+    generation: str = "auto"  # vllm | hf | auto (vLLM when a CUDA GPU and vLLM are there): grpoctl.train.generation
+    vllm_mode: str = "auto"  # TRL: colocate | server (a vLLM server on a spare GPU) | auto
     learning_rate: float = 5e-6
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -151,6 +155,12 @@ class TrainConfig:
         t = self.trainer
         if t.backend not in BACKENDS:
             raise ConfigError(f"trainer.backend must be one of {', '.join(BACKENDS)}, not {t.backend!r}")
+        if t.generation not in GENERATIONS:
+            raise ConfigError(f"trainer.generation must be one of {', '.join(GENERATIONS)}, not {t.generation!r}")
+        if t.vllm_mode not in VLLM_MODES:
+            raise ConfigError(f"trainer.vllm_mode must be one of {', '.join(VLLM_MODES)}, not {t.vllm_mode!r}")
+        if not 0 < self.model.gpu_memory_utilization < 1:
+            raise ConfigError("model.gpu_memory_utilization must be in (0, 1): the share of GPU memory vLLM takes")
         if self.tracking.mode not in TRACKING_MODES:
             raise ConfigError(f"tracking.mode must be one of {', '.join(TRACKING_MODES)}, not {self.tracking.mode!r}")
         if self.distributed.strategy not in STRATEGIES:

@@ -240,6 +240,15 @@ def _reasoning_parser(tok: Any, ctx: _Context) -> str | None:
         return None
     if not fmt.reasoning_markers:
         return None
+    # vLLM's think parsers look both markers up as single tokens of the vocabulary and refuse to start
+    # otherwise ("could not locate think start/end tokens", vllm/reasoning/basic_parsers.py); markers that are
+    # plain text (SmolLM2 splits "<think>" into "<", "think", ">") stay in the answer instead
+    vocab = tok.get_vocab()
+    if not all(m in vocab for m in fmt.reasoning_markers):
+        ctx.notes.append(f"no --reasoning-parser for vLLM: the tokenizer has no single tokens for the reasoning "
+                         f"markers {' '.join(fmt.reasoning_markers)}, which vLLM's parsers need; the thinking stays "
+                         "in the answer text")
+        return None
     # deepseek_r1 tolerates a missing opening tag (templates that pre-fill it); qwen3 expects both tags.
     if fmt.family == "deepseek" or fmt.prefills_think:
         return "deepseek_r1"

@@ -15,7 +15,9 @@ from grpoctl.serve.common import DEFAULT_PROBE, DEFAULT_SMOKE_MAX_TOKENS, defaul
 from grpoctl.serve.gguf_info import GGUFInfo, read_gguf_info
 from grpoctl.serve.source import ServeTarget, resolve_target
 
-ENGINES = ("llamacpp", "ollama")
+ENGINES = ("llamacpp", "ollama", "vllm")
+# seconds to wait for a server to answer: vLLM loads the 16-bit model and compiles its graphs first
+DEFAULT_READY_TIMEOUT = {"llamacpp": 120.0, "ollama": 120.0, "vllm": 900.0}
 # Context for a bare GGUF with no run: enough for a chat, without the KV cache of a 128k-token model.
 DEFAULT_CTX_CAP = 4096
 # uvicorn's access log: 'INFO:     127.0.0.1:54640 - "POST /v1/chat/completions HTTP/1.1" 200 OK'
@@ -35,8 +37,14 @@ class ServeOptions:
     name: str | None = None
     prompt: str = DEFAULT_PROBE
     max_tokens: int = DEFAULT_SMOKE_MAX_TOKENS
-    ready_timeout: float = 120.0
+    ready_timeout: float | None = None  # None: the engine's DEFAULT_READY_TIMEOUT
     modelfile: Path | None = None
+    vllm_mode: str | None = None  # vllm: merged | merged-4bit | lora (default: the first the manifests wrote)
+    parity: bool = False  # vllm: measure the served model against export's PEFT reference
+
+    @property
+    def timeout(self) -> float:
+        return self.ready_timeout if self.ready_timeout is not None else DEFAULT_READY_TIMEOUT.get(self.engine, 120.0)
 
 
 def context_size(target: ServeTarget, info: GGUFInfo, requested: int | None) -> int:
@@ -52,13 +60,21 @@ def serve(opts: ServeOptions, echo: Callable[[str], None] = print) -> int:
     if opts.engine not in ENGINES:
         raise UsageError(f"unknown engine {opts.engine!r}; choose one of {', '.join(ENGINES)}")
     if opts.engine == "ollama" and opts.detach:
-        raise UsageError("--detach applies to --engine llamacpp; an Ollama daemon already runs in the background")
+        raise UsageError("--detach applies to --engine llamacpp or vllm; an Ollama daemon already runs in the "
+                         "background")
+    if opts.engine != "vllm" and (opts.vllm_mode is not None or opts.parity):
+        raise UsageError("--vllm-mode and --parity apply to --engine vllm (export measured the GGUF files already)")
+    if opts.engine == "vllm" and opts.quant is not None:
+        raise UsageError("--quant picks a GGUF; vLLM serves the export's merged model or base + LoRA "
+                         "(pick one with --vllm-mode)")
     if opts.modelfile is not None and opts.engine != "ollama":
         raise UsageError("--modelfile applies to --engine ollama; llama.cpp uses the GGUF's own chat template")
     if opts.smoke and opts.detach:
         raise UsageError("--smoke starts, checks and stops a server; it cannot be combined with --detach")
     if opts.name and opts.engine == "ollama":
         ollama.check_model_name(opts.name)  # before reading or hashing anything
+    if opts.engine == "vllm":
+        return _serve_vllm(opts, echo)
     target = resolve_target(opts.source, opts.quant)
     if target.artifacts is not None and (why := target.artifacts.stale()):
         echo(f"warning: {why}; serving the old export anyway")
@@ -82,7 +98,7 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
     with termination_as_interrupt():
         server.start(detached=opts.detach)
         try:
-            server.wait_ready(opts.ready_timeout)
+            server.wait_ready(opts.timeout)
         except BaseException:
             server.stop()
             raise
@@ -107,6 +123,87 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         return _run_foreground(server, echo)
 
 
+def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
+    from grpoctl.serve import vllm
+
+    if opts.name:
+        raise UsageError("--name does not apply to --engine vllm: the served name is the manifests' "
+                         "(`grpoctl manifests RUN --served-model-name NAME`)")
+    target = vllm.resolve_vllm_target(opts.source, opts.vllm_mode)
+    if why := target.artifacts.stale():
+        echo(f"warning: {why}; serving the old export anyway")
+    vllm.check_vllm_installed()
+    host = opts.host or "127.0.0.1"
+    port = llamacpp.free_port(host) if opts.port == 0 else opts.port
+    server = vllm.server_for(target, host, port)
+    echo(f"starting vLLM server ({target.mode}, model {target.served_model_name!r}) on {server.base_url}")
+    with termination_as_interrupt():
+        server.start(detached=opts.detach)
+        try:
+            server.wait_ready(opts.timeout)
+        except BaseException:
+            server.stop()
+            raise
+        if opts.parity or opts.smoke:
+            try:
+                return _vllm_checks(opts, server, target, echo)
+            finally:
+                server.stop()
+        echo(f"ready: {server.url} (model {target.served_model_name!r}, log {server.log_path})")
+        echo("try:\n  " + llamacpp.curl_example(server.base_url, target.served_model_name, target.system_prompt,
+                                                 opts.prompt))
+        if opts.detach:
+            echo(f"detached: pid {server.proc.pid} (pid file {llamacpp.pid_file(server.port, server.ENGINE)}); "
+                 f"stop it with `grpoctl serve --stop --port {server.port}`")
+            return 0
+        echo("serving; Ctrl-C or SIGTERM stops the server")
+        return _run_foreground(server, echo)
+
+
+def _vllm_checks(opts: ServeOptions, server, target, echo: Callable[[str], None]) -> int:
+    """--parity and/or --smoke against the running server; the exit code (0 when every check passed)."""
+    from grpoctl.serve import vllm
+
+    code = 0
+    if opts.parity:
+        from grpoctl.serve import vllm_parity
+
+        echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
+        ref = vllm_parity.reference_for(target)
+        result = vllm_parity.measure_served(server.base_url, target.served_model_name, target.mode, ref)
+        echo(f"{'served model':44} {'top-1':>7} {'KL top-k':>9} {'floor':>14}  result")
+        echo(f"{'(noise floor: bf16 vs f32)':44} {ref.noise['top1'] * 100:6.1f}% {ref.noise['kl']:9.5f}")
+        echo(result.row())
+        record_served_parity(target, result, ref)
+        code = 0 if result.passed else 1
+    if opts.smoke:
+        try:
+            smoke = vllm.smoke_chat(server, target, opts.prompt, opts.max_tokens)
+        except ServeError as e:
+            echo(f"smoke: FAILED ({e})")
+            return 1
+        echo(smoke.report())
+        code = code or (0 if smoke.ok else 1)
+    return code
+
+
+def record_served_parity(target, result, ref) -> None:
+    """The vLLM row joins the export's record: ``vllm/parity-MODE.json`` and ``artifacts.json``."""
+    from dataclasses import asdict
+
+    from grpoctl.artifacts import Artifacts, ServedParityRecord
+    from grpoctl.fsutil import output_lock
+    from grpoctl.serve.vllm_parity import write_served
+
+    with output_lock(target.export_dir, what="serve --parity"):
+        art = Artifacts.load(target.export_dir)
+        path = write_served(target.export_dir / "vllm" / f"parity-{target.mode}.json", [result], ref)
+        art.add_file(path, "report")
+        art.served_parity = {**(art.served_parity or {}), f"vllm:{target.mode}": ServedParityRecord(
+            **asdict(result), reference=ref.description, noise_kl=float(ref.noise["kl"]))}
+        art.save()
+
+
 def _follow_requests(log_path: Path, start: int, echo: Callable[[str], None], done: threading.Event) -> None:
     """Echo the server's access-log and error lines as they appear (the rest of its log is llama.cpp's
     model-loading detail, kept in the log file)."""
@@ -126,6 +223,7 @@ def _follow_requests(log_path: Path, start: int, echo: Callable[[str], None], do
 
 
 def _run_foreground(server: llamacpp.LlamaCppServer, echo: Callable[[str], None]) -> int:
+    label = llamacpp.ENGINE_LABELS[server.ENGINE]
     """Block until the server exits or grpoctl is asked to stop; always leave no server behind."""
     done = threading.Event()
     follower = threading.Thread(target=_follow_requests, daemon=True,
@@ -133,10 +231,10 @@ def _run_foreground(server: llamacpp.LlamaCppServer, echo: Callable[[str], None]
     follower.start()
     try:
         code = server.proc.wait()
-        echo(f"llama.cpp server exited with code {code}: {llamacpp.death_reason(server.log_text())}")
+        echo(f"{label} exited with code {code}: {llamacpp.death_reason(server.log_text())}")
         return 1
     except KeyboardInterrupt:
-        echo("stopping llama.cpp server ...")
+        echo(f"stopping {label} ...")
         server.stop()
         echo("stopped")
         return 0
@@ -176,7 +274,7 @@ def _serve_ollama(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, name:
 
 
 def stop(port: int | None = None, echo: Callable[[str], None] = print) -> int:
-    """Stop detached llama.cpp servers started by ``grpoctl serve --detach``."""
+    """Stop detached servers (llama.cpp, vLLM) started by ``grpoctl serve --detach``."""
     for line in llamacpp.stop_detached(port):
         echo(line)
     return 0

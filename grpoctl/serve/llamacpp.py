@@ -5,11 +5,12 @@ The server runs as a child process in its own process group so that stopping it 
 take grpoctl with it. Its output goes to a log file; when it dies before answering, the one line of
 that log that says why is shown.
 
-One server per port: the server process holds an flock on ``llamacpp-PORT.lock`` for its whole life
-(grpoctl takes it, the child inherits it), so a second ``serve`` on that port fails at once; the pid
-file names exactly that process, and ``serve --stop`` trusts a pid file only while its lock is held.
-Each server has its own log, ``llamacpp-PORT.log``, written by no other (the previous server's log on
-that port is kept as ``llamacpp-PORT.log.1``).
+One server per port, whatever its engine: the server process holds an flock on ``port-PORT.lock`` for its
+whole life (grpoctl takes it, the child inherits it), so a second ``serve`` on that port fails at once; the
+pid file (``ENGINE-PORT.pid``) names exactly that process, and ``serve --stop`` trusts a pid file only while
+the port's lock is held. Each server has its own log, ``ENGINE-PORT.log``, written by no other (the previous
+server's log on that port is kept as ``ENGINE-PORT.log.1``). :mod:`grpoctl.serve.vllm` runs vLLM's server
+through the same class.
 
 The GGUF's own chat template is used: llama-cpp-python would otherwise swap a template that merely
 equals a built-in one (ChatML, Llama-3, Mistral) for its hand-written formatter, or fall back to the
@@ -32,6 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from grpoctl.errors import ServeError
 from grpoctl.fsutil import cache_dir, lock_owner, staged_file, try_lock, write_lock_owner
@@ -43,6 +45,9 @@ GGUF_TEMPLATE_FORMAT = "chat_template.default"
 # Environment variables that llama_cpp.server reads in preference to its command line.
 _OVERRIDING_ENV = ("HOST", "PORT", "CONFIG_FILE")
 READY_PATH = "/v1/models"
+# what each engine's server process has on its command line (``python -m MODULE``), and its name in messages
+SERVER_MODULES = {"llamacpp": "llama_cpp.server", "vllm": "vllm.entrypoints.cli.main"}
+ENGINE_LABELS = {"llamacpp": "llama.cpp server", "vllm": "vLLM server"}
 
 
 def state_dir() -> Path:
@@ -50,24 +55,25 @@ def state_dir() -> Path:
     return cache_dir() / "serve"
 
 
-def pid_file(port: int) -> Path:
-    return state_dir() / f"llamacpp-{port}.pid"
+def pid_file(port: int, engine: str = "llamacpp") -> Path:
+    return state_dir() / f"{engine}-{port}.pid"
 
 
-def log_file(port: int) -> Path:
-    return state_dir() / f"llamacpp-{port}.log"
+def log_file(port: int, engine: str = "llamacpp") -> Path:
+    return state_dir() / f"{engine}-{port}.log"
 
 
 def port_lock(port: int) -> Path:
-    return state_dir() / f"llamacpp-{port}.lock"
+    return state_dir() / f"port-{port}.lock"
 
 
 def claim_port(port: int) -> int:
     """The fd of this port's lock, for the server to inherit; ServeError when a grpoctl server holds it."""
     fd = try_lock(port_lock(port))
     if fd is None:
-        owner = lock_owner(port_lock(port)).get("pid")
-        raise ServeError(f"a grpoctl llama.cpp server already runs on port {port}"
+        held = lock_owner(port_lock(port))
+        owner = held.get("pid")
+        raise ServeError(f"a grpoctl {held.get('what') or 'server'} already runs on port {port}"
                          + (f" (pid {owner})" if owner else "")
                          + f"; stop it with `grpoctl serve --stop --port {port}` or pick another --port")
     return fd
@@ -148,6 +154,8 @@ def log_tail(log_text: str, lines: int = 3) -> str:
 class LlamaCppServer:
     """One ``llama_cpp.server`` process serving one GGUF."""
 
+    ENGINE: ClassVar[str] = "llamacpp"  # the state files' prefix, a key of SERVER_MODULES
+
     gguf: Path
     host: str = "127.0.0.1"
     port: int = 8080
@@ -184,7 +192,7 @@ class LlamaCppServer:
         lock = claim_port(self.port)
         try:
             if self.log_path is None:
-                self.log_path = log_file(self.port)
+                self.log_path = log_file(self.port, self.ENGINE)
                 if self.log_path.exists():
                     self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +201,7 @@ class LlamaCppServer:
                 self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                              pass_fds=(lock,), preexec_fn=None if detached else parent_death_signal())
-            write_lock_owner(lock, pid=self.proc.pid, what="llama.cpp server")
+            write_lock_owner(lock, pid=self.proc.pid, what=ENGINE_LABELS[self.ENGINE])
             if detached:
                 write_pid_file(self)
         finally:
@@ -212,20 +220,24 @@ class LlamaCppServer:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise ServeError(f"llama.cpp server exited (code {code}) before answering: "
+                raise ServeError(f"{ENGINE_LABELS[self.ENGINE]} exited (code {code}) before answering: "
                                  f"{death_reason(self.log_text())} (full log: {self.log_path})")
             try:
-                with _urlopen(self.base_url + READY_PATH, timeout=2) as r:
-                    if r.status == 200 and self._answers_as_us(r.read()):
-                        return
+                if self.answers():
+                    return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServeError(f"llama.cpp server did not answer on {self.base_url}{READY_PATH} within "
+                raise ServeError(f"{ENGINE_LABELS[self.ENGINE]} did not answer on {self.base_url}{READY_PATH} within "
                                  f"{timeout:.0f}s (raise --timeout for large models); log tail: "
                                  f"{log_tail(self.log_text())} (full log: {self.log_path})")
             time.sleep(0.2)
+
+    def answers(self) -> bool:
+        """Whether the model is loaded and this server (not another one on the port) answers."""
+        with _urlopen(self.base_url + READY_PATH, timeout=2) as r:
+            return r.status == 200 and self._answers_as_us(r.read())
 
     def _answers_as_us(self, body: bytes) -> bool:
         """Whether the /v1/models answer comes from this server (its alias), not another one on the port."""
@@ -244,7 +256,7 @@ class LlamaCppServer:
         if self.proc.poll() is None:
             stop_process_group(self.proc.pid, grace, wait=self.proc.wait)
         code = self.proc.wait()
-        _forget_pid_file(self.port, self.proc.pid)
+        _forget_pid_file(pid_file(self.port, self.ENGINE), self.proc.pid)
         return code
 
     def __enter__(self) -> LlamaCppServer:
@@ -305,40 +317,40 @@ def curl_example(base_url: str, model: str | None, system_prompt: str | None, qu
 def write_pid_file(server: LlamaCppServer) -> Path:
     """Written while grpoctl holds the port's lock, naming the child that inherits it."""
     assert server.proc is not None
-    p = pid_file(server.port)
+    p = pid_file(server.port, server.ENGINE)
     with staged_file(p) as tmp:
         tmp.write_text(f"{server.proc.pid}\n")
     return p
 
 
-def _forget_pid_file(port: int, pid: int) -> None:
-    p = pid_file(port)
+def _forget_pid_file(p: Path, pid: int) -> None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         if int(p.read_text().split()[0]) == pid:
             p.unlink()
 
 
-def _is_our_server(pid: int, port: int) -> bool:
-    """Guard against a recycled pid: the process must be llama_cpp.server on that port."""
+def _is_our_server(pid: int, port: int, engine: str = "llamacpp") -> bool:
+    """Guard against a recycled pid: the process must be that engine's server on that port."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return alive(pid)  # no /proc (macOS): trust the pid file
     args = [a.decode(errors="replace") for a in argv]
-    return "llama_cpp.server" in args and str(port) in args
+    return SERVER_MODULES.get(engine, "?") in args and str(port) in args
 
 
 def stop_detached(port: int | None = None, grace: float = 10.0) -> list[str]:
     """Stop the detached server on ``port`` (every recorded one when None); returns what was done."""
-    files = [pid_file(port)] if port is not None else sorted(state_dir().glob("llamacpp-*.pid"))
-    files = [f for f in files if f.is_file()]
+    pattern = f"*-{port}.pid" if port is not None else "*-*.pid"
+    files = [f for f in sorted(state_dir().glob(pattern)) if f.is_file() and f.stem.split("-")[0] in SERVER_MODULES]
     if not files:
         where = f" on port {port}" if port is not None else ""
         raise ServeError(f"no detached grpoctl server{where} is recorded in {state_dir()}; "
                          "start one with `grpoctl serve SOURCE --detach`")
     done = []
     for f in files:
-        fport = int(f.stem.split("-", 1)[1])
+        engine, _, fport_text = f.stem.partition("-")
+        fport = int(fport_text)
         try:
             pid = int(f.read_text().split()[0])
         except (ValueError, IndexError):
@@ -346,11 +358,11 @@ def stop_detached(port: int | None = None, grace: float = 10.0) -> list[str]:
             done.append(f"removed unreadable pid file {f}")
             continue
         # the port's lock is held exactly while the server the pid file names runs
-        if not port_in_use_by_grpoctl(fport) or not alive(pid) or not _is_our_server(pid, fport):
+        if not port_in_use_by_grpoctl(fport) or not alive(pid) or not _is_our_server(pid, fport, engine):
             f.unlink(missing_ok=True)
             done.append(f"server on port {fport} (pid {pid}) was not running; removed its pid file")
             continue
         stop_process_group(pid, grace)
         f.unlink(missing_ok=True)
-        done.append(f"stopped llama.cpp server on port {fport} (pid {pid})")
+        done.append(f"stopped {ENGINE_LABELS[engine]} on port {fport} (pid {pid})")
     return done

@@ -147,16 +147,13 @@ def load_trl(cfg: TrainConfig, model_path: str) -> Loaded:
     return Loaded(model=model, tokenizer=tokenizer, backend="trl", fast_inference=False)
 
 
-def load_unsloth(cfg: TrainConfig, model_path: str) -> Loaded:
+def load_unsloth(cfg: TrainConfig, model_path: str, fast: bool) -> Loaded:
+    """``fast``: Unsloth's ``fast_inference``, its vLLM engine in this process generating with the LoRA weights
+    being trained (shared in GPU memory, not copied)."""
     # unsloth must be imported before trl/transformers/peft so its patches apply
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
-    fast = cfg.model.fast_inference
-    if fast is None:
-        fast = has_module("vllm")
-    elif fast and not has_module("vllm"):
-        raise DependencyError("model.fast_inference=true needs vLLM: pip install vllm (or set it to false)")
     kwargs: dict[str, Any] = {
         "model_name": model_path, "max_seq_length": cfg.model.max_seq_length,
         "load_in_4bit": cfg.model.load_in_4bit, "fast_inference": fast,
@@ -180,5 +177,6 @@ def _ensure_pad(tokenizer: Any) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def load(cfg: TrainConfig, backend: str, model_path: str) -> Loaded:
-    return load_unsloth(cfg, model_path) if backend == "unsloth" else load_trl(cfg, model_path)
+def load(cfg: TrainConfig, backend: str, model_path: str, vllm: bool = False) -> Loaded:
+    """The PEFT model and tokenizer; ``vllm``: generation will run through vLLM (Unsloth loads its engine)."""
+    return load_unsloth(cfg, model_path, vllm) if backend == "unsloth" else load_trl(cfg, model_path)

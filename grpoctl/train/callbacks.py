@@ -38,6 +38,10 @@ def step_metrics(logs: dict[str, Any], step: int) -> dict[str, Any]:
             out["completion_length"] = value
         elif key == "completions/clipped_ratio":
             out["clipped_ratio"] = value
+        elif key == "sampling/sampling_logp_difference/mean":
+            # vLLM generation: how far vLLM's log-probabilities of its samples are from the trained policy's
+            # (kernel noise when vLLM holds the current weights; it grows with every step if they are stale)
+            out["vllm_logp_diff"] = value
     return out
 
 

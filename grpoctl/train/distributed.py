@@ -76,6 +76,16 @@ def record_launch(cfg: TrainConfig) -> TrainConfig:
                                                                     strategy=known))
 
 
+def visible_gpus() -> list[str]:
+    """The CUDA devices this launch may use, as ``CUDA_VISIBLE_DEVICES`` names them (read through NVML, so CUDA
+    is not initialised and the variable can still be narrowed afterwards)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    named = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
 def one_gpu_for_one_process() -> str | None:
     """Restrict a single process to the first visible GPU; returns the note saying how to use all of them.
 

@@ -6,6 +6,7 @@ tracking credentials, backend, dataset columns, prompt lengths) is checked befor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
 from grpoctl.train import backends, distributed
+from grpoctl.train.generation import Generation, pick_generation, vllm_version
 
 
 def is_main_process() -> bool:
@@ -100,6 +102,7 @@ def train(cfg: TrainConfig) -> RunDir:
     if cfg.distributed.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         return distributed.launch(cfg)
     cfg = distributed.record_launch(cfg)
+    visible = distributed.visible_gpus()  # before one process is restricted to one: a spare may serve vLLM
     gpu_note = distributed.one_gpu_for_one_process()  # before anything initialises CUDA
     if gpu_note:
         print(f"grpoctl: {gpu_note}", flush=True)
@@ -114,6 +117,9 @@ def train(cfg: TrainConfig) -> RunDir:
     check_source(cfg.data.dataset)
 
     backend = backends.pick_backend(cfg.trainer.backend)
+    gen = pick_generation(cfg.trainer.generation, cfg.trainer.vllm_mode, backend, cuda=backends.has_cuda(),
+                          vllm=vllm_version(), gpus=len(visible), processes=distributed.world_size(),
+                          load_in_4bit=cfg.model.load_in_4bit)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must patch transformers/trl before anything imports them)
 
@@ -151,16 +157,18 @@ def train(cfg: TrainConfig) -> RunDir:
         f"{' (opening marker pre-filled by the chat template)' if markers.prefilled_start else ''}", flush=True)
     if optim_note:
         say(f"grpoctl: {optim_note}", flush=True)
+    say(f"grpoctl: {gen.line()}", flush=True)
 
-    loaded = backends.load(cfg, backend, base.path)
+    loaded = backends.load(cfg, backend, base.path, vllm=gen.engine == "vllm")
     resolved = cfg.to_dict()
     resolved["trainer"].update(backend=backend, optim=optim, max_prompt_length=data.max_prompt_length,
-                               max_completion_length=data.max_completion_length)
+                               max_completion_length=data.max_completion_length, generation=gen.engine,
+                               vllm_mode=gen.mode or cfg.trainer.vllm_mode)
     resolved["lora"]["gradient_checkpointing"] = backends.gradient_checkpointing(cfg, backend)
     meta = {
         "grpoctl_version": __version__,
         "backend": backend,
-        "fast_inference": loaded.fast_inference,
+        "generation": {"engine": gen.engine, "vllm_mode": gen.mode, "reason": gen.reason},
         "base_model": {"id": base.id, "path": base.path, "revision": base.revision},
         "config": {k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking",
                                             "distributed")},
@@ -170,6 +178,7 @@ def train(cfg: TrainConfig) -> RunDir:
         "derived": [f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
                     if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
                    + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
+                   + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
                    + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
         "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
                        "length_cutoff": data.length_cutoff},
@@ -183,7 +192,14 @@ def train(cfg: TrainConfig) -> RunDir:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, meta)
 
-    trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out)
+    # the vLLM server of trainer.vllm_mode=server runs from before the trainer connects to it until training ends
+    servers = contextlib.ExitStack()
+    try:
+        server_url = _start_generation_server(servers, cfg, gen, base.path, visible, out) if main else None
+        trainer = _build_trainer(cfg, loaded, data, reward_funcs, reward_weights, optim, out, gen, server_url)
+    except BaseException:
+        servers.close()
+        raise
     distributed.match_frozen_dtype(trainer.model)
     from grpoctl.train.callbacks import (
         GenerationProgress,
@@ -221,6 +237,7 @@ def train(cfg: TrainConfig) -> RunDir:
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
+        servers.close()
         if tracker is not None:
             tracker.finish()
     step = trainer.state.global_step
@@ -266,8 +283,21 @@ def saved_adapter_moved(adapter_dir: Path) -> bool:
         return any(bool(f.get_tensor(k).any()) for k in f.keys() if "lora_B" in k)
 
 
+def _start_generation_server(stack: contextlib.ExitStack, cfg: TrainConfig, gen: Generation, model: str,
+                             visible: list[str], out: Path) -> str | None:
+    """For ``vllm_mode=server``: the server on the first GPU the training processes leave free; its URL."""
+    if gen.mode != "server":
+        return None
+    from grpoctl.train.vllm_server import LOG_NAME, running_server
+
+    gpu = visible[distributed.world_size()]
+    return stack.enter_context(running_server(model, gpu, out / LOG_NAME,
+                                              gpu_memory_utilization=cfg.model.gpu_memory_utilization,
+                                              max_model_len=cfg.model.max_seq_length))
+
+
 def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list, reward_weights: list[float],
-                   optim: str, out: Path) -> Any:
+                   optim: str, out: Path, gen: Generation, server_url: str | None = None) -> Any:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
@@ -305,8 +335,14 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
         dataloader_num_workers=0,
         **_warmup_kwargs(t.warmup_ratio),
     )
-    if loaded.backend == "unsloth" and loaded.fast_inference:
+    if gen.engine == "vllm":
         kwargs["use_vllm"] = True
+        if loaded.backend == "trl":
+            kwargs.update(vllm_mode=gen.mode, vllm_max_model_length=cfg.model.max_seq_length)
+            if gen.mode == "server":
+                kwargs["vllm_server_base_url"] = server_url
+            else:
+                kwargs["vllm_gpu_memory_utilization"] = cfg.model.gpu_memory_utilization
     args = GRPOConfig(**kwargs)
     return GRPOTrainer(model=loaded.model, processing_class=loaded.tokenizer, reward_funcs=reward_funcs,
                        args=args, train_dataset=data.dataset)

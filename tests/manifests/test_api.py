@@ -155,6 +155,17 @@ def test_cli_smollm2_real_gguf(tmp_path, smollm2_dir, go_renderer):
     assert "--gpu-memory-utilization 0.5" in serve and "--chat-template" not in serve
 
 
+def test_text_reasoning_markers_get_no_vllm_reasoning_parser(tmp_path, smollm2_dir, go_renderer):
+    """SmolLM2 has no <think> token: vLLM's think parsers refuse to start on such a tokenizer (they look the
+    markers up in the vocabulary, vllm/reasoning/basic_parsers.py), so serve.sh must not ask for one."""
+    run = write_run(tmp_path / "run", smollm2_dir, reasoning=True, base_path=str(smollm2_dir))
+    export = write_export(run, name="SmolLM2-135M-GRPO", quants=("Q4_1",), real_gguf=True, lora=False)
+    proc = _cli(run)
+    assert proc.returncode == 0, proc.stderr
+    assert "--reasoning-parser" not in (export / "vllm" / "serve.sh").read_text()
+    assert "no --reasoning-parser for vLLM: the tokenizer has no single tokens" in proc.stderr
+
+
 def test_cli_tokenizer_without_chat_template(tmp_path, tiny_qwen3, go_renderer):
     run = write_run(tmp_path / "run", tiny_qwen3)
     for folder in (run / "adapter",):

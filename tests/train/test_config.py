@@ -36,9 +36,9 @@ def test_precedence_toml_then_set_then_flags(tmp_path):
 def test_set_values_are_typed():
     assert parse_overrides(["a.b=3", "a.c=true", "a.d=x y", "a.e=0.5"]) == {"a": {"b": 3, "c": True, "d": "x y",
                                                                                    "e": 0.5}}
-    cfg = load_config(overrides=["trainer.top_k=none", "model.fast_inference=false",
+    cfg = load_config(overrides=["trainer.top_k=none", "trainer.generation=hf",
                                  "lora.target_modules=q_proj,k_proj"])
-    assert cfg.trainer.top_k is None and cfg.model.fast_inference is False
+    assert cfg.trainer.top_k is None and cfg.trainer.generation == "hf"
     assert cfg.lora.target_modules == ["q_proj", "k_proj"]
 
 

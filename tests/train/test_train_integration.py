@@ -59,6 +59,10 @@ def test_tiny_qwen3_run_directory_contract(qwen3_run, tiny_qwen3):
     assert meta["base_model"] == {"id": str(tiny_qwen3.resolve()), "path": str(tiny_qwen3.resolve()),
                                   "revision": None}
     assert meta["reasoning"]["start"] == "<think>" and meta["reasoning"]["source"] == "tokenizer"
+    # generation as resolved here (auto: vLLM on a GPU with vLLM, else transformers), and why
+    gen = meta["generation"]
+    assert gen["engine"] == meta["config"]["trainer"]["generation"] and gen["reason"]
+    assert "trainer.generation" in meta["derived"]
     cfg = meta["config"]
     assert cfg["model"]["max_seq_length"] == 1024
     assert {"r", "alpha", "dropout", "target_modules"} <= set(cfg["lora"])
