@@ -136,6 +136,14 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
     host = opts.host or "127.0.0.1"
     port = llamacpp.free_port(host) if opts.port == 0 else opts.port
     server = vllm.server_for(target, host, port)
+    ref = None
+    if opts.parity:
+        # before vLLM takes its share of the GPU: the reference needs the memory only while it runs
+        from grpoctl.serve import vllm_parity
+
+        llamacpp.check_port_free(host, port)
+        echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
+        ref = vllm_parity.reference_for(target)
     echo(f"starting vLLM server ({target.mode}, model {target.served_model_name!r}) on {server.base_url}")
     with termination_as_interrupt():
         server.start(detached=opts.detach)
@@ -146,7 +154,7 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
             raise
         if opts.parity or opts.smoke:
             try:
-                return _vllm_checks(opts, server, target, echo)
+                return _vllm_checks(opts, server, target, ref, echo)
             finally:
                 server.stop()
         echo(f"ready: {server.url} (model {target.served_model_name!r}, log {server.log_path})")
@@ -160,16 +168,15 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
         return _run_foreground(server, echo)
 
 
-def _vllm_checks(opts: ServeOptions, server, target, echo: Callable[[str], None]) -> int:
-    """--parity and/or --smoke against the running server; the exit code (0 when every check passed)."""
+def _vllm_checks(opts: ServeOptions, server, target, ref, echo: Callable[[str], None]) -> int:
+    """--parity (``ref``: export's reference) and/or --smoke against the running server; the exit code (0 when
+    every check passed)."""
     from grpoctl.serve import vllm
 
     code = 0
-    if opts.parity:
+    if ref is not None:
         from grpoctl.serve import vllm_parity
 
-        echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
-        ref = vllm_parity.reference_for(target)
         result = vllm_parity.measure_served(server.base_url, target.served_model_name, target.mode, ref)
         echo(f"{'served model':44} {'top-1':>7} {'KL top-k':>9} {'floor':>14}  result")
         echo(f"{'(noise floor: bf16 vs f32)':44} {ref.noise['top1'] * 100:6.1f}% {ref.noise['kl']:9.5f}")

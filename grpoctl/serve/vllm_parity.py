@@ -139,7 +139,12 @@ def reference_for(target: Any) -> Any:
     tokenizer = next((d for d in (target.export_dir / "merged", lora, adapter, Path(base.path))
                       if (d / "tokenizer_config.json").is_file()), Path(base.path))
     eot = _eot_ids(tokenizer)
-    return prepare_reference(Path(base.path), adapter, tokenizer, target.system_prompt, eot)
+    ref = prepare_reference(Path(base.path), adapter, tokenizer, target.system_prompt, eot)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the reference's model is gone; vLLM sizes its cache from what is free
+    return ref
 
 
 def _eot_ids(tokenizer_dir: Path) -> list[int]:
