@@ -6,7 +6,9 @@
         command, Kubernetes' args) parsed by vLLM's own CLI parser; `grpoctl serve --engine vllm --smoke --parity`
         for the merged model and for base + LoRA; serve.sh and serve-lora.sh started as written, each answering
         a chat request with the training system prompt.
-    python bench/vllm_gpu.py train OUTDIR --backend unsloth|trl [--steps 5] [--completion 128] [--deadline-s 560]
+    python bench/vllm_gpu.py train OUTDIR --backend unsloth|trl [--engines vllm,hf] [--steps 5] [--completion 128]
+                                   [--deadline-s 560]
+    python bench/vllm_gpu.py report OUTDIR... (the ratios, from the runs of one call or of several)
         the tutorial's settings at the Qwen3-8B shape (random weights, a 151,936-token vocabulary, LoRA r32 on
         the seven projections, 4 completions per prompt, lr 5e-6, 8-bit AdamW; unsloth: 4-bit base, its
         gradient checkpointing; trl: 16-bit base): one run with --generation vllm, one with --generation hf,
@@ -292,8 +294,15 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
                       "--set", "model.gpu_memory_utilization=" + ("0.7" if backend == "unsloth" else "0.5"),
                       "--set", 'rewards.functions=["format_exact","format_approx","answer","numbers","language",'
                                '"steptimer:tick"]')
+        # every run starts cold, as a user's first run: its own HOME (vLLM's and Triton's caches), TMPDIR
+        # (TorchInductor's) and working directory (Unsloth's generated modules)
+        cold = WORK / "cold" / name
+        shutil.rmtree(cold, ignore_errors=True)
+        for d in ("home", "tmp", "cwd"):
+            (cold / d).mkdir(parents=True)
+        run_env = env(BENCH_TICKS=str(ticks), HOME=str(cold / "home"), TMPDIR=str(cold / "tmp"))
         with GpuSampler() as gpu:
-            row = run_logged(name, cmd, out, left - 20, env=env(BENCH_TICKS=str(ticks)))
+            row = run_logged(name, cmd, out, left - 20, env=run_env, cwd=cold / "cwd")
         row["gpu"] = gpu.summary()
         summary = rundir / "summary.json"
         if summary.is_file():
@@ -311,36 +320,57 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
         row["log_tail"] = log_tail(out, name, 2000)
         results["runs"][name] = row
         write_json(out / f"train_{backend}.json", results)
-    runs = results["runs"]
-    v, h = runs.get(f"{backend}_vllm", {}), runs.get(f"{backend}_hf", {})
-    if v.get("steady_s_per_step") and h.get("steady_s_per_step"):
-        results["ratios_vllm_over_hf"] = {
+    results["wall_s"] = round(time.time() - start, 1)
+    write_json(out / f"train_{backend}.json", results)
+    report([out])
+
+
+def report(outs: list[Path]) -> dict:
+    """The vLLM / HF ratios per backend, from the runs in ``outs`` (one call's runs or several calls')."""
+    runs: dict = {}
+    for o in outs:
+        for f in sorted(Path(o).glob("train_*.json")):
+            runs.update(json.loads(f.read_text())["runs"])
+    ratios = {}
+    for backend in ("unsloth", "trl"):
+        v, h = runs.get(f"{backend}_vllm", {}), runs.get(f"{backend}_hf", {})
+        if not (v.get("steady_s_per_step") and h.get("steady_s_per_step")):
+            continue
+        ratios[backend] = {
             "steady_s_per_step": round(v["steady_s_per_step"] / h["steady_s_per_step"], 3),
             "first_step_s": round(v["first_step_s"] / h["first_step_s"], 3),
+            "generated_tokens_per_s": round(v["generated_tokens_per_s"] / h["generated_tokens_per_s"], 3),
             "process_wall_s": round(v["process_wall_s"] / h["process_wall_s"], 3),
             "peak_nvidia_smi_mib": round(max(v["gpu"]["peak_mib"].values()) / max(h["gpu"]["peak_mib"].values()), 3),
         }
-        print("vLLM / HF generate:", json.dumps(results["ratios_vllm_over_hf"]))
-    results["wall_s"] = round(time.time() - start, 1)
-    write_json(out / f"train_{backend}.json", results)
+        print(f"{backend}: vLLM / HF generate: {json.dumps(ratios[backend])}")
+    for name, r in runs.items():
+        print(f"{name}: steady {r.get('steady_s_per_step')} s/step, first step {r.get('first_step_s')} s, "
+              f"{r.get('generated_tokens_per_s')} tok/s, peak {r.get('gpu', {}).get('peak_mib')} MiB (nvidia-smi), "
+              f"{r.get('peak_allocated_mib')} MiB (torch), process {r.get('process_wall_s')} s, rc {r.get('rc')}")
+    return ratios
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["serve", "train"])
-    ap.add_argument("out", type=Path)
+    ap.add_argument("what", choices=["serve", "train", "report"])
+    ap.add_argument("out", type=Path, nargs="+")
     ap.add_argument("--backend", choices=["unsloth", "trl"], default="unsloth")
     ap.add_argument("--engines", default="vllm,hf")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--completion", type=int, default=128)
     ap.add_argument("--deadline-s", type=float, default=560)
     a = ap.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
+    if a.what == "report":
+        report(a.out)
+        return
+    out = a.out[0]
+    out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     if a.what == "serve":
-        cmd_serve(a.out, a.deadline_s)
+        cmd_serve(out, a.deadline_s)
     else:
-        cmd_train(a.out, a.backend, a.steps, a.completion, a.deadline_s, a.engines.split(","))
+        cmd_train(out, a.backend, a.steps, a.completion, a.deadline_s, a.engines.split(","))
 
 
 if __name__ == "__main__":
