@@ -273,7 +273,8 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
     tok = WORK / "wide-tok"
     if not (tok / "tokenizer.json").is_file():
         wide_tokenizer(tok, QWEN3_SHAPES["qwen3-8b"]["vocab_size"])
-    model = build_model(WORK / "qwen3-8b", QWEN3_SHAPES["qwen3-8b"], tok)
+    shape = os.environ.get("VLLM_BENCH_SHAPE", "qwen3-8b")  # "tiny" rehearses the script on a CPU
+    model = build_model(WORK / shape, QWEN3_SHAPES[shape], tok)
     results: dict = {"versions": versions(), "backend": backend, "steps": steps, "completion": completion,
                      "model_built_s": round(time.time() - start, 1), "runs": {}}
     for engine in engines:
