@@ -153,7 +153,7 @@ def versions() -> dict[str, str | None]:
 
     found: dict[str, str | None] = {}
     for mod in ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "unsloth", "bitsandbytes",
-                "llama_cpp_python"):
+                "vllm", "llama_cpp_python"):
         try:
             found[mod] = version(mod)
         except PackageNotFoundError:

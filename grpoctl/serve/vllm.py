@@ -146,9 +146,10 @@ def smoke_chat(server: VllmServer, target: VllmTarget, question: str, max_tokens
     # a reasoning parser moves the thinking out of `content` (vLLM's `reasoning_content` / `reasoning`)
     thinking = message.get("reasoning_content") or message.get("reasoning") or ""
     answer = message.get("content") or ""
-    if thinking and target.reasoning_markers:
-        start, end = target.reasoning_markers
-        answer = f"{start}{thinking}{end}{answer}"
+    if thinking:
+        # a template that pre-fills the opening marker leaves an answer cut at max_tokens wholly "reasoning"
+        start, end = target.reasoning_markers or ("", "")
+        answer = f"{start}{thinking}{end if answer else ''}{answer}"
     return SmokeResult(engine=f"vLLM, {target.mode}", model=target.served_model_name,
                        system_prompt=target.system_prompt, question=question, answer=answer,
                        finish_reason=choice.get("finish_reason"), reasoning_markers=target.reasoning_markers)

@@ -141,3 +141,13 @@ def test_detach_writes_a_vllm_pid_file_and_stop_ends_it(vllm_run, tmp_path):
             os.killpg(pid, 9)
         except OSError:
             pass
+
+
+def test_smoke_counts_an_answer_the_reasoning_parser_kept_as_reasoning(vllm_run):
+    """Seen on a GPU: a template that pre-fills <think> and an answer cut at max_tokens come back from vLLM's
+    reasoning parser with no `content`, only `reasoning_content`; that is an answer, not an empty one."""
+    r = grpoctl("serve", vllm_run, "--engine", "vllm", "--port", "0", "--vllm-mode", "merged", "--smoke",
+                "--max-tokens", "8", extra_env={"STUB_VLLM_ALL_REASONING": "1"})
+    assert r.returncode == 0 and "smoke: ok" in r.stdout, r.stdout + r.stderr
+    assert "answer: <empty>" not in r.stdout
+

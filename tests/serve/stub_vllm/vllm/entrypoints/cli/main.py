@@ -4,7 +4,8 @@ by transformers (+ PEFT for ``--lora-modules``) in float32 on the CPU.
 It is not vLLM: it proves grpoctl's side of the protocol (argv, /health, /v1/models, chat completions, prompt
 log-probabilities, process lifecycle) where no GPU exists; the real server is exercised on a GPU machine
 (bench/vllm_gpu.md). ``STUB_VLLM_DROP_LORA=1`` serves the base model under the adapter's name, the way a
-server that ignores the adapter would, so parity has something to catch.
+server that ignores the adapter would, so parity has something to catch; ``STUB_VLLM_ALL_REASONING=1`` returns
+the answer as ``reasoning_content``, as vLLM's reasoning parser does for an answer cut inside ``<think>``.
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def main() -> None:
                     new = out[0, len(ids):].tolist()
                     finish = "stop" if eos in new else "length"
                     text = tok.decode(new, skip_special_tokens=True)
-                    return self._send(200, {"choices": [{"message": {"role": "assistant", "content": text},
-                                                         "finish_reason": finish}]})
+                    message = {"role": "assistant", "content": text}
+                    if os.environ.get("STUB_VLLM_ALL_REASONING") == "1":
+                        # what vLLM's reasoning parser returns for an answer cut inside a pre-filled <think>
+                        message = {"role": "assistant", "content": None, "reasoning_content": text}
+                    return self._send(200, {"choices": [{"message": message, "finish_reason": finish}]})
                 if self.path == "/v1/completions":
                     ids = body["prompt"]
                     k = int(body.get("prompt_logprobs") or 0)
