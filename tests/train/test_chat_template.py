@@ -95,3 +95,29 @@ def test_export_and_manifests_use_the_runs_template_without_asking(trained, temp
     html = (trained / "report.html").read_text()
     assert f"from {template_file}" in html and "merged/chat_template.jinja" in html
     assert report.stdout.splitlines()[0].split()[:2] == ["step", "reward"]
+
+
+def test_the_gguf_converted_from_the_run_carries_the_template(trained, tiny_base_without_template, tmp_path):
+    """export's GGUF conversion reads the tokenizer from the base with the run's tokenizer files over it; the
+    template the run was trained with lands in the GGUF's metadata (read back by the gguf package)."""
+    from gguf import GGUFReader
+
+    from grpoctl.export import gguf as gg
+    from tests.conftest import convert_tiny
+
+    view = gg.model_view(tiny_base_without_template, trained / "adapter", tmp_path / "view")
+    reader = GGUFReader(convert_tiny(view, tmp_path / "run.gguf", "f16"))
+    field = reader.fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == CHAT_TEMPLATE
+
+
+def test_a_template_that_drops_the_users_message_is_refused(tiny_base_without_template):
+    from transformers import AutoTokenizer
+
+    from grpoctl.train.data import use_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_base_without_template)
+    with pytest.raises(DataError, match="leaves the user's message out"):
+        use_chat_template(tok, "{{ '<|im_start|>assistant\\n' }}", "fixed.jinja")
+    use_chat_template(tok, CHAT_TEMPLATE, "chatml.jinja")  # the fixture's own template passes
+    assert tok.chat_template == CHAT_TEMPLATE
