@@ -36,7 +36,7 @@ def reward_names(run: RunDir, metrics: list[dict[str, Any]]) -> list[str]:
     """The reward functions in the run's order, then any other the metrics carry (a plugin named otherwise)."""
     names = [name.split(":")[-1].split(".")[-1] for name, _ in run.rewards]
     logged = [k for m in metrics for k in (m.get("rewards") or {})]
-    ordered = [n for n in names if n in logged] or []
+    ordered = [n for n in names if n in logged]
     return ordered + [n for n in dict.fromkeys(logged) if n not in ordered]
 
 
@@ -77,7 +77,7 @@ def reward_chart(run: RunDir) -> str | None:
                       y_label="reward")
 
 
-def charts(run: RunDir, metrics: list[dict[str, Any]], names: list[str]) -> list[str]:
+def charts(metrics: list[dict[str, Any]], names: list[str]) -> list[str]:
     """Reward, each reward function, KL and completion length over the steps."""
     per_func = {n: [(m["step"], v) for m in metrics if isinstance(m.get("step"), int)
                     and (v := _num((m.get("rewards") or {}).get(n))) is not None] for n in names}
@@ -228,7 +228,7 @@ def render_html(run: RunDir, artifacts: Artifacts | None, stale: str | None = No
                    _fmt(m.get("kl"), ".5f"), _fmt(m.get("completion_length"), ".1f")] for m in metrics]
     title = f"grpoctl report: {run.root.resolve().name}"
     body = [f"<h1>{escape(title)}</h1>", _overview(run), "<h2>Training curves</h2>"]
-    body += charts(run, metrics, names) if metrics else ["<p>No step was logged yet.</p>"]
+    body += charts(metrics, names) if metrics else ["<p>No step was logged yet.</p>"]
     body += ["<h2>Per step</h2>",
              _table(["step", "reward", *names, "KL", "completion length"], table_rows) if metrics else "",
              "<h2>Completions from training</h2>", _training_samples(run),
