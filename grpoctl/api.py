@@ -2,6 +2,7 @@
 
     train(config)                   -> RunDir          grpoctl train
     evaluate(run, ...)              -> dict            grpoctl eval
+    report(run, ...)                -> WrittenReport   grpoctl report
     export(source, options)         -> Artifacts       grpoctl export (manifests included unless manifests=False)
     write_manifests(source, opts)   -> WrittenManifests  grpoctl manifests
     push(source, repo, ...)         -> PushReport      grpoctl push
@@ -28,9 +29,10 @@ from grpoctl.serve.api import ServeOptions
 
 if TYPE_CHECKING:
     from grpoctl.push.hub import PushReport
+    from grpoctl.report import WrittenReport
 
 __all__ = ["Artifacts", "ExportOptions", "ManifestOptions", "RunDir", "ServeOptions", "TrainConfig", "evaluate",
-           "export", "push", "serve", "train", "write_manifests"]
+           "export", "push", "report", "serve", "train", "write_manifests"]
 
 Say = Callable[[str], None]
 
@@ -61,8 +63,24 @@ def evaluate(run: RunDir | Path | str, *, samples: int = 20, max_new_tokens: int
                     log=log)
 
 
+def report(run: RunDir | Path | str, *, output: Path | str | None = None,
+           export_dir: Path | str | None = None) -> WrittenReport:
+    """Write the run's HTML report (default ``RUN/report.html``: plots, per-step table, training and eval
+    completions, the export's parity and files); returns its path and the per-step table as text."""
+    from grpoctl.report import write_report
+
+    return write_report(run if isinstance(run, RunDir) else RunDir(Path(run)),
+                        output=Path(output) if output is not None else None,
+                        export_dir=Path(export_dir) if export_dir is not None else None)
+
+
 class _Manifests:
-    """The manifests stage as the export's finisher: written into the staged export, so they land with it."""
+    """The manifests stage as the export's finisher: written into the staged export, so they land with it.
+
+    ``output_dir``: the export folder asked for (None: the source's default), named in the notes' commands."""
+
+    def __init__(self, output_dir: Path | None = None) -> None:
+        self.output_dir = output_dir
 
     def check(self, existing: Artifacts) -> None:
         from grpoctl.manifests.api import check_manifests_unedited
@@ -77,16 +95,24 @@ class _Manifests:
         is faithful none is written either; artifacts.json (``manifests.ollama``) records why, and the notes
         printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
         the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
+        from grpoctl.export.merge import read_chat_template
         from grpoctl.manifests.api import render_manifests
         from grpoctl.models import has_tokenizer
 
         # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
-        candidates = [source.tokenizer_dir, stage / "merged", stage / "lora", Path(source.base.path)]
-        tokenizer_dir = next((c for c in candidates if has_tokenizer(c)), None)
-        if tokenizer_dir is None:
+        candidates = [c for c in (source.tokenizer_dir, stage / "merged", stage / "lora", Path(source.base.path))
+                      if has_tokenizer(c)]
+        if not candidates:
             say("note: no tokenizer in the adapter folder, the export or the base, so no Modelfile or vLLM manifests "
                 "(they need its chat template); the export itself is complete. Write them later with `grpoctl "
                 "manifests EXPORT` once the export holds a tokenizer")
+            return
+        tokenizer_dir = next((c for c in candidates if read_chat_template(c) is not None), None)
+        if tokenizer_dir is None:  # a base model's tokenizer often has none: GRPO on base models is common
+            say("note: the tokenizer has no chat template, so no Modelfile or vLLM manifests (they serve the chat "
+                "format the model was trained on); the export itself is complete. Add them later with "
+                f"`{self._manifests_command(source)} --chat-template FILE` (FILE: the Jinja template used in "
+                "training)")
             return
         # an unchecked template (no Go toolchain) is noted in artifacts.json rather than failing the export
         written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
@@ -94,6 +120,15 @@ class _Manifests:
         for note in written.section.notes:
             say(f"note: {note}")
         say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))
+
+    def _manifests_command(self, source: ExportSource) -> str:
+        """``grpoctl manifests`` naming this export as the user would: the run when it is the run's export."""
+        import shlex
+
+        out = Path(self.output_dir or source.default_output).absolute()
+        if source.run is not None and out == source.run.export_dir.absolute():
+            return f"grpoctl manifests {shlex.quote(str(source.run.root))}"
+        return f"grpoctl manifests {shlex.quote(str(out))}"
 
 
 def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool = True,
@@ -106,7 +141,8 @@ def export(source: Path | str, options: ExportOptions | None = None, *, manifest
     """
     from grpoctl.export.pipeline import export as run_export
 
-    return run_export(Path(source), options or ExportOptions(), log, then=_Manifests() if manifests else None)
+    options = options or ExportOptions()
+    return run_export(Path(source), options, log, then=_Manifests(options.output_dir) if manifests else None)
 
 
 def write_manifests(source: Path | str, options: ManifestOptions | None = None) -> WrittenManifests:

@@ -115,22 +115,25 @@ def _column_flags(prompt_field: str | None, solution_field: str | None, answer_f
 @click.option("--strategy", type=click.Choice(["ddp", "zero2", "zero3", "fsdp"]),
               help="Multi-process strategy (default: ddp).")
 @click.option("--accelerate-config", type=click.Path(path_type=Path), help="accelerate config file to launch with.")
+@click.option("--chat-template", type=click.Path(path_type=Path), metavar="FILE",
+              help="Jinja chat template, for a base whose tokenizer has none (config key model.chat_template).")
 @click.option("--resume", is_flag=True, help="Continue the run in --output-dir from its newest checkpoint.")
 @click.option("--force", is_flag=True, help="Delete what --output-dir holds (a previous run included) and start again.")
 @_column_options
 def train(config_file: Path | None, overrides: tuple[str, ...], model: str | None, dataset: str | None,
           output_dir: Path | None, backend: str | None, generation: str | None, max_steps: int | None,
           tracking: str | None,
-          num_processes: int | None, strategy: str | None, accelerate_config: Path | None, resume: bool,
-          force: bool, **columns) -> None:
+          num_processes: int | None, strategy: str | None, accelerate_config: Path | None,
+          chat_template: Path | None, resume: bool, force: bool, **columns) -> None:
     """Train a LoRA adapter with GRPO and write a run directory."""
     from grpoctl.config import load_config
     from grpoctl.train.run import resumed_config_base
     from grpoctl.train.run import train as run_training
 
     data = {"dataset": dataset, **_column_flags(**columns)}
-    flags: dict = {"model": {"name": model}, "data": data, "trainer": {"backend": backend,
-                   "generation": generation, "max_steps": max_steps}, "tracking": {"mode": tracking},
+    flags: dict = {"model": {"name": model, "chat_template": str(chat_template) if chat_template else None},
+                   "data": data, "trainer": {"backend": backend, "generation": generation, "max_steps": max_steps},
+                   "tracking": {"mode": tracking},
                    "distributed": {"num_processes": num_processes, "strategy": strategy,
                                    "accelerate_config": str(accelerate_config) if accelerate_config else None},
                    "output_dir": str(output_dir) if output_dir else None, "resume": resume or None,
@@ -158,12 +161,32 @@ def train(config_file: Path | None, overrides: tuple[str, ...], model: str | Non
 def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, dataset: str | None, **columns) -> None:
     """Compare the model with and without the trained LoRA on sampled prompts."""
     from grpoctl.rundir import RunDir
-    from grpoctl.train.evaluate import evaluate, format_table
+    from grpoctl.train.evaluate import evaluate, format_examples, format_table
 
     result = evaluate(RunDir(run), samples=samples, max_new_tokens=max_new_tokens, seed=seed, dataset=dataset,
                       columns=_column_flags(**columns), log=click.echo)
     click.echo(format_table(result))
+    click.echo(format_examples(result))
     click.echo(f"grpoctl: wrote {Path(run) / 'eval.json'}")
+
+
+# --- report -----------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Where the HTML report goes (default: RUN/report.html).")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), metavar="DIR",
+              help="The export to include (default: RUN/export, when there is one).")
+def report(run: Path, output: Path | None, export_dir: Path | None) -> None:
+    """Print a run's per-step table and write a self-contained HTML report: plots of the rewards, KL and
+    completion length, completions from training and eval, and the export's parity and artifacts."""
+    from grpoctl.api import report as write_report
+
+    written = write_report(run, output=output, export_dir=export_dir)
+    click.echo(written.table)
+    for note in written.notes:
+        click.echo(f"grpoctl: note: {note}", err=True)
+    click.echo(f"grpoctl: wrote {written.path}")
 
 
 # --- export -----------------------------------------------------------------------------------------

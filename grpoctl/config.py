@@ -44,6 +44,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     # the GPU memory share of vLLM's engine when it generates in the training process (Unsloth, TRL colocate)
     gpu_memory_utilization: float = 0.7
+    # Jinja chat template file, for a base whose tokenizer has none (or to replace its own); the adapter's
+    # tokenizer carries it from then on, so export, manifests and serve use it without being told again
+    chat_template: str | None = None
 
 
 @dataclass
@@ -113,6 +116,7 @@ class TrackingConfig:
     project: str = "grpoctl"
     experiment: str | None = None
     logdir: str | None = None  # None = RUN/swanlog
+    sample_completions: int = 2  # completions kept per logged step in RUN/samples.jsonl (0: none)
 
 
 @dataclass
@@ -166,6 +170,8 @@ class TrainConfig:
         if self.distributed.strategy not in STRATEGIES:
             raise ConfigError(f"distributed.strategy must be one of {', '.join(STRATEGIES)}, "
                               f"not {self.distributed.strategy!r}")
+        if self.tracking.sample_completions < 0:
+            raise ConfigError("tracking.sample_completions must be 0 (keep none) or more")
         if t.num_generations < 2:
             raise ConfigError("trainer.num_generations must be at least 2 (GRPO compares completions of one prompt)")
         if self.lora.r < 1:

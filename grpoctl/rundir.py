@@ -7,9 +7,11 @@
                         tokenizer files including its chat template; the sha256 of its weights
                         is the adapter's identity (``adapter_sha256``)
       metrics.jsonl     one JSON object per logged step (reward, per-reward means, kl, lengths)
+      samples.jsonl     per logged step, a few of the completions it trained on (tracking.sample_completions)
       summary.json      steps run, wall time, first/last mean reward, stop reason
       checkpoints/      trainer checkpoints (``--resume`` picks the newest)
       eval.json         written by ``grpoctl eval``
+      report.html       written by ``grpoctl report``
       export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
 
 Stages never import a later stage; they meet only here and in ``artifacts.json`` (``grpoctl.artifacts``).
@@ -34,6 +36,8 @@ ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
@@ -178,6 +182,28 @@ class RunDir:
         return json.loads(self.summary_file.read_text()) if self.summary_file.is_file() else {}
 
     def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.is_file():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        return _json_lines(self.metrics_file)
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The completions training kept, one record per logged step (``{"step": N, "samples": [...]}``)."""
+        return _json_lines(self.root / SAMPLES_FILE)
+
+    def eval_result(self) -> dict[str, Any] | None:
+        """What ``grpoctl eval`` wrote, or None before it ran."""
+        path = self.root / EVAL_FILE
+        return read_json(path) if path.is_file() else None
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per line; a line cut short by a killed writer (the last one) is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise DataError(f"{path} line {i + 1} is not JSON; the file is damaged") from None
+    return out

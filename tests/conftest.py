@@ -28,6 +28,12 @@ def tiny_qwen3(tiny_models) -> Path:
     return tiny_models["qwen3"]
 
 
+@pytest.fixture(scope="session")
+def tiny_base_without_template(tmp_path_factory) -> Path:
+    """The tiny Qwen3 with a tokenizer that has no chat template, as many base (not instruct) models ship."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-base") / "qwen3-base", "qwen3", chat_template=False)
+
+
 def convert_tiny(model: Path, out: Path, outtype: str) -> Path:
     """``model`` (a tiny fixture) as a GGUF of ``outtype``, written by llama.cpp's converter as export writes it."""
     from grpoctl.export import gguf as gg

@@ -57,6 +57,42 @@ def test_export_of_a_base_without_a_tokenizer_lands_and_skips_the_manifests_with
     assert any(line.startswith("note: no tokenizer") for line in lines), lines
 
 
+def test_export_of_a_base_without_a_chat_template_lands_the_merge_and_says_how_to_add_the_manifests(
+        tiny_base_without_template, tmp_path):
+    """`grpoctl export ADAPTER --base BASE --merged 16bit` on a base model: the merged model lands, the manifests
+    (which need a chat template) are skipped with one note, and the command that note prints writes them."""
+    import re
+    import shlex
+
+    from click.testing import CliRunner
+
+    from grpoctl.artifacts import Artifacts
+    from grpoctl.cli import cli
+    from tests.export.adapters import make_adapter
+    from tests.tinymodels import CHAT_TEMPLATE
+
+    adapter = make_adapter(tiny_base_without_template, tmp_path / "adapter", save_tokenizer=True)
+    out = tmp_path / "my export"
+    result = CliRunner().invoke(cli, ["export", str(adapter), "--base", str(tiny_base_without_template),
+                                      "--merged", "16bit", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    artifacts = Artifacts.load(out)
+    assert artifacts.by_kind("merged") and (out / "merged" / "model.safetensors").is_file()
+    assert not artifacts.by_kind("manifest") and not artifacts.by_kind("modelfile") and not (out / "vllm").exists()
+    notes = [line for line in result.output.splitlines() if "no Modelfile or vLLM manifests" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: the tokenizer has no chat template"), result.output
+    (command,) = re.findall(r"`(grpoctl manifests [^`]*)`", notes[0])
+    assert command == f"grpoctl manifests {shlex.quote(str(out))} --chat-template FILE"
+
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    argv = shlex.split(command.replace("FILE", shlex.quote(str(template))))
+    later = CliRunner().invoke(cli, argv[1:])  # the command as printed, FILE filled in
+    assert later.exit_code == 0, later.output
+    assert (out / "vllm" / "chat_template.jinja").read_text() == CHAT_TEMPLATE and (out / "vllm" / "serve.sh").is_file()
+    assert Artifacts.load(out).by_kind("manifest")
+
+
 def test_the_package_names_its_api_and_importing_it_loads_no_torch():
     """``dir(grpoctl)`` shows ``api``, reached lazily, so ``import grpoctl`` stays cheap for the command line."""
     import subprocess

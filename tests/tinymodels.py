@@ -38,7 +38,9 @@ def _corpus() -> list[str]:
     return [r["question"] + "\n" + r["answer"] for r in rows] + extra * 20
 
 
-def build_tokenizer(out: Path, vocab_size: int = 800):
+def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True):
+    """The fixture tokenizer, saved to ``out``; ``chat_template=False``: without a chat template, as many base
+    (not instruct) models ship."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,20 +55,23 @@ def build_tokenizer(out: Path, vocab_size: int = 800):
     tok.train_from_iterator(_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None)
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 
 
-def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool = False) -> Path:
+def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool = False,
+                     chat_template: bool = True) -> Path:
     """Write a tiny random ``arch`` (llama | qwen2 | qwen3) model with the fixture tokenizer to ``out``;
-    ``tied``: lm_head shares the input embedding (tie_word_embeddings, no lm_head.weight saved)."""
+    ``tied``: lm_head shares the input embedding (tie_word_embeddings, no lm_head.weight saved);
+    ``chat_template=False``: its tokenizer has none (a base model)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out)
+    tok = build_tokenizer(out, chat_template=chat_template)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=0.1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),

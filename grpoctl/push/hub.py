@@ -46,10 +46,11 @@ class PushFile:
     """One file of a repo: where it comes from, where it goes, and what happened to it."""
 
     path_in_repo: str
-    local: Path | None  # None for the generated model card
+    local: Path | None  # None for a file push generates (the model card, its reward plot)
     size: int
     sha256: str
     status: str = "planned"  # planned | new | changed | unchanged
+    data: bytes | None = None  # a generated file's bytes
 
 
 @dataclass
@@ -162,7 +163,7 @@ def family_files(artifacts: Artifacts, kind: str) -> list[FileEntry]:
 # --- planning --------------------------------------------------------------------------------------
 def plan(artifacts: Artifacts, repos: dict[str, str], revision: str) -> list[tuple[RepoPush, bytes]]:
     """Every repo with its files and generated model card; touches nothing remote."""
-    from grpoctl.push.modelcard import CardContext, render_card
+    from grpoctl.push.modelcard import REWARD_PLOT, CardContext, render_card, reward_plot
 
     export_dir = artifacts.root
     ctx = CardContext(artifacts=artifacts, run=artifacts.run, repos=repos, revision=revision)
@@ -180,9 +181,13 @@ def plan(artifacts: Artifacts, repos: dict[str, str], revision: str) -> list[tup
                 continue
             push.files.append(PushFile(path_in_repo=in_repo, local=export_dir / entry.path, size=entry.size,
                                        sha256=entry.sha256))
-        card = render_card(kind, ctx, entries, prefix).encode()
-        push.files.append(PushFile(path_in_repo="README.md", local=None, size=len(card),
-                                   sha256=hashlib.sha256(card).hexdigest()))
+        taken = {f.path_in_repo for f in push.files}
+        plot = reward_plot(ctx) if REWARD_PLOT not in taken else None
+        card = render_card(kind, ctx, entries, prefix, reward_plot=REWARD_PLOT if plot else None).encode()
+        for name, data in (("README.md", card), (REWARD_PLOT, plot)):
+            if data is not None:
+                push.files.append(PushFile(path_in_repo=name, local=None, size=len(data),
+                                           sha256=hashlib.sha256(data).hexdigest(), data=data))
         out.append((push, card))
     return out
 
@@ -337,12 +342,12 @@ def push(source: Path, repo: str, *, what: list[str] | None = None, private: boo
         raise HubError("no Hugging Face token found; run `hf auth login` or set HF_TOKEN to a token with write access")
     api = HfApi(endpoint=endpoint, token=token)
     hub_call(api.whoami, repo, endpoint, token)
-    for push_, card in planned:
-        _push_repo(api, push_, card, rev, revision, private, endpoint, token, num_threads)
+    for push_, _card in planned:
+        _push_repo(api, push_, rev, revision, private, endpoint, token, num_threads)
     return report
 
 
-def _push_repo(api, push_: RepoPush, card: bytes, rev: str, revision: str | None, private: bool,
+def _push_repo(api, push_: RepoPush, rev: str, revision: str | None, private: bool,
                endpoint: str, token: str, num_threads: int) -> None:
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.utils.sha import git_hash
@@ -360,7 +365,7 @@ def _push_repo(api, push_: RepoPush, card: bytes, rev: str, revision: str | None
     ops = []
     for f in push_.files:
         r = remote.get(f.path_in_repo)
-        data = card if f.local is None else None
+        data = f.data if f.local is None else None
         if r is None or not hasattr(r, "blob_id"):
             f.status = "new"
         elif r.lfs is not None:

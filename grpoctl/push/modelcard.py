@@ -18,6 +18,9 @@ from grpoctl.fsutil import human_bytes
 from grpoctl.models import looks_like_hub_id
 from grpoctl.rundir import BaseModelRef, RunDir
 
+# The reward curve pushed beside each card (SVG drawn by grpoctl.report from the run's metrics.jsonl).
+REWARD_PLOT = "reward.svg"
+
 # kind -> (library_name, extra tags, one-line description)
 _KIND_META: dict[str, tuple[str, list[str], str]] = {
     "merged": ("transformers", ["safetensors"], "16-bit safetensors, LoRA merged into the base weights"),
@@ -185,7 +188,15 @@ def _usage(kind: str, ctx: CardContext, entries: list[FileEntry]) -> list[str]:
     return lines
 
 
-def _recipe(ctx: CardContext) -> list[str]:
+def reward_plot(ctx: CardContext) -> bytes | None:
+    """The run's mean reward per logged step as SVG, to upload beside the card; None without a run or metrics."""
+    from grpoctl.report import reward_chart
+
+    svg = reward_chart(ctx.run) if ctx.run is not None else None
+    return svg.encode() if svg else None
+
+
+def _recipe(ctx: CardContext, reward_plot: str | None = None) -> list[str]:
     lines = ["## Training recipe", ""]
     run = ctx.run
     if run is None:
@@ -232,6 +243,8 @@ def _recipe(ctx: CardContext) -> list[str]:
     if summary.get("stop_reason"):
         lines.append(f"- Stopped because: {summary['stop_reason']}")
     lines.append("")
+    if reward_plot:
+        lines += [f"![Mean reward per training step]({reward_plot})", ""]
     for title, section in (("LoRA", run.section("lora")), ("Trainer", run.section("trainer"))):
         items = [(k, v) for k, v in section.items() if isinstance(v, (str, int, float, bool, list)) and k != "backend"]
         if items:
@@ -328,9 +341,10 @@ def _provenance(ctx: CardContext) -> list[str]:
     return lines + [""]
 
 
-def render_card(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: str) -> str:
+def render_card(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: str,
+                reward_plot: str | None = None) -> str:
     """The full ``README.md`` for the repo of one artifact family: ``entries`` are its files, under ``prefix``
-    in the export."""
+    in the export; ``reward_plot``: the reward curve's path in the repo, shown with the recipe."""
     entries = sorted((e for e in entries if e.path[len(prefix):] != "README.md"), key=lambda e: e.path)
     repo = ctx.repos[kind]
     name = repo.split("/")[1]
@@ -344,7 +358,7 @@ def render_card(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: s
         body += _parity_notes(ctx)
         body += _imatrix_notes(ctx)
     body += _usage(kind, ctx, entries)
-    body += _recipe(ctx)
+    body += _recipe(ctx, reward_plot)
     body += _verification(ctx)
     body += _related(kind, ctx)
     body += _provenance(ctx)

@@ -72,6 +72,69 @@ class MetricsCallback(TrainerCallback):
             fh.write(json.dumps(m) + "\n")
 
 
+def _text(value: Any) -> str:
+    """A prompt or completion as TRL logs it (plain text, or chat messages) as text: the last message's content."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    return str(value)
+
+
+def pick_samples(logged: dict[str, Any], weights: dict[str, float], keep: int) -> list[dict[str, Any]]:
+    """``keep`` of the completions in TRL's completion log (``GRPOTrainer._logs``: prompt, completion, rewards per
+    function, advantages), spread over the range of their total reward: the best first, the worst last, so a
+    step's samples show what was reinforced and what was pushed down."""
+    prompts, completions = list(logged.get("prompt") or []), list(logged.get("completion") or [])
+    per_func = {name: list(values) for name, values in (logged.get("rewards") or {}).items()}
+    advantages = list(logged.get("advantages") or [])
+    n = min(len(prompts), len(completions))
+    if keep <= 0 or n == 0:
+        return []
+
+    def number(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    rows = []
+    for i in range(n):
+        rewards = {name: number(values[i]) if i < len(values) else None for name, values in per_func.items()}
+        scored = [weights.get(name, 1.0) * v for name, v in rewards.items() if v is not None]
+        rows.append({"prompt": _text(prompts[i]), "completion": _text(completions[i]),
+                     "reward": sum(scored) if scored else None, "rewards": rewards,
+                     "advantage": number(advantages[i]) if i < len(advantages) else None})
+    ranked = sorted(range(n), key=lambda i: (rows[i]["reward"] is None, -(rows[i]["reward"] or 0.0), i))
+    if keep >= n:
+        picks = ranked
+    elif keep == 1:
+        picks = ranked[:1]
+    else:
+        picks = [ranked[round(j * (n - 1) / (keep - 1))] for j in range(keep)]
+    return [rows[i] for i in picks]
+
+
+class CompletionSamples(TrainerCallback):
+    """Appends ``keep`` completions of each logged step, with their rewards, to ``samples.jsonl`` (main process).
+
+    TRL keeps the prompts, completions and per-function rewards of the latest generation batch for its own
+    completion tables (``GRPOTrainer._logs``, filled in ``_generate_and_score_completions``, read in ``log``
+    right after the callbacks' ``on_log``); ``logged`` returns that record, or None where a trainer keeps none,
+    and then nothing is written. The file grows by at most ``keep`` records a logged step."""
+
+    def __init__(self, path: Path, keep: int, logged: Callable[[], dict[str, Any] | None],
+                 weights: dict[str, float]) -> None:
+        self.path = Path(path)
+        self.keep = keep
+        self.logged = logged
+        self.weights = weights
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        if self.keep <= 0 or not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        record = self.logged()
+        samples = pick_samples(record, self.weights, self.keep) if isinstance(record, dict) else []
+        if samples:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "samples": samples}, ensure_ascii=False) + "\n")
+
+
 class StepProgress(ProgressCallback):
     """transformers' progress bar, printing one compact reward/KL/length line per step instead of raw dicts."""
 

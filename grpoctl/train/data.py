@@ -137,6 +137,35 @@ def find_reasoning_markers(tokenizer: Any, fallback_start: str, fallback_end: st
     return Markers(start=start, end=end, source=source, prefilled_start=prefilled)
 
 
+def read_chat_template(path: str | Path) -> str:
+    """The Jinja chat template in ``path`` (``model.chat_template``), read before any model loads."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputNotFoundError(f"chat template file {path} does not exist (--chat-template / model.chat_template)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"chat template file {path} is not a text file (not UTF-8)") from None
+    if not text.strip():
+        raise DataError(f"chat template file {path} is empty")
+    return text
+
+
+def use_chat_template(tokenizer: Any, template: str, path: str | Path) -> None:
+    """Give ``tokenizer`` the chat template, checked on a system + user conversation with a generation prompt
+    (what training renders), so a broken template fails here in one line rather than deep in the trainer."""
+    tokenizer.chat_template = template
+    probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # jinja syntax errors, raise_exception(), missing keys: all mean "unusable"
+        first = (str(err).splitlines() or [""])[0]
+        raise DataError(f"chat template file {path} does not render a system + user conversation: "
+                        f"{type(err).__name__}: {first}") from None
+    if "1+1?" not in str(text):
+        raise DataError(f"chat template file {path} leaves the user's message out of the prompt it renders")
+
+
 @dataclass
 class PreparedData:
     dataset: Any  # datasets.Dataset with prompt (messages), answer, solution
@@ -219,7 +248,9 @@ def prepare(ds: Any, tokenizer: Any, cfg: DataConfig, max_seq_length: int,
     import numpy as np
 
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; use an instruct/chat model or add a template")
+        raise DataError("the tokenizer has no chat template, so prompts cannot be rendered as the model will be "
+                        "served; pass --chat-template FILE (a Jinja chat template; config key "
+                        "model.chat_template), or use an instruct/chat model")
     mapped = map_rows(ds, cfg)
     lengths = np.array([len(_render_ids(tokenizer, p)) for p in mapped["prompt"]])
     total = len(mapped)

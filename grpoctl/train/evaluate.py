@@ -190,3 +190,24 @@ def format_table(result: dict[str, Any]) -> str:
         else:
             lines.append(f"{name:<28}{before:>14.3f}{after:>12.3f}{after - before:>+10.3f}")
     return "\n".join(lines)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " …"
+
+
+def format_examples(result: dict[str, Any], limit: int = 300) -> str:
+    """The sample answers eval.json keeps, with and without the LoRA, each cut to ``limit`` characters."""
+    examples = result.get("examples") or []
+    if not examples:
+        return ""
+    lines = [f"{len(examples)} sample answers (eval.json has them whole)"]
+    for i, ex in enumerate(examples, 1):
+        lines.append(f"[{i}] question:     {_clip(str(ex.get('question', '')), limit)}")
+        lines.append(f"    expected:     {ex.get('answer', '')}")
+        for key, label in (("with_lora", "with LoRA:   "), ("without_lora", "without LoRA:")):
+            body = _clip(str(ex.get(key, "")), limit).splitlines() or [""]
+            lines.append(f"    {label} {body[0]}")
+            lines += [f"    {'':<13} {line}" for line in body[1:]]
+    return "\n".join(lines)

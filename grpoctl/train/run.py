@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from grpoctl import __version__
 from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
-from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SUMMARY_FILE, RunDir
+from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SAMPLES_FILE, SUMMARY_FILE, RunDir
 from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
 
@@ -107,7 +108,7 @@ def train(cfg: TrainConfig) -> RunDir:
     if gpu_note:
         print(f"grpoctl: {gpu_note}", flush=True)
 
-    from grpoctl.train.data import check_source
+    from grpoctl.train.data import check_source, read_chat_template
     from grpoctl.train.rewards import RewardContext, build_rewards
     from grpoctl.train.tracking import check_tracking
 
@@ -115,6 +116,7 @@ def train(cfg: TrainConfig) -> RunDir:
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
     check_source(cfg.data.dataset)
+    template = read_chat_template(cfg.model.chat_template) if cfg.model.chat_template else None
 
     backend = backends.pick_backend(cfg.trainer.backend)
     gen = pick_generation(cfg.trainer.generation, cfg.trainer.vllm_mode, backend, cuda=backends.has_cuda(),
@@ -131,10 +133,13 @@ def train(cfg: TrainConfig) -> RunDir:
     from transformers import AutoTokenizer
 
     from grpoctl.models import resolve_base_model
-    from grpoctl.train.data import find_reasoning_markers, load_source, prepare
+    from grpoctl.train.data import find_reasoning_markers, load_source, prepare, use_chat_template
 
     base = resolve_base_model(cfg.model.name, cfg.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
+    replaced = template is not None and bool(getattr(tokenizer, "chat_template", None))
+    if template is not None:
+        use_chat_template(tokenizer, template, cfg.model.chat_template)
     markers = find_reasoning_markers(tokenizer, cfg.data.reasoning_start, cfg.data.reasoning_end)
     data = prepare(load_source(cfg.data.dataset, cfg.data.subset, cfg.data.split), tokenizer, cfg.data,
                    cfg.model.max_seq_length, cfg.trainer.max_prompt_length, cfg.trainer.max_completion_length)
@@ -158,8 +163,14 @@ def train(cfg: TrainConfig) -> RunDir:
     if optim_note:
         say(f"grpoctl: {optim_note}", flush=True)
     say(f"grpoctl: {gen.line()}", flush=True)
+    if template is not None:
+        instead = " instead of the tokenizer's own" if replaced else ""
+        say(f"grpoctl: chat template from {cfg.model.chat_template}{instead}; the adapter's tokenizer carries it",
+            flush=True)
 
     loaded = backends.load(cfg, backend, base.path, vllm=gen.engine == "vllm")
+    if template is not None:  # the tokenizer the trainer renders prompts with and the adapter folder saves
+        use_chat_template(loaded.tokenizer, template, cfg.model.chat_template)
     resolved = cfg.to_dict()
     resolved["trainer"].update(backend=backend, optim=optim, max_prompt_length=data.max_prompt_length,
                                max_completion_length=data.max_completion_length, generation=gen.engine,
@@ -172,6 +183,9 @@ def train(cfg: TrainConfig) -> RunDir:
         "base_model": {"id": base.id, "path": base.path, "revision": base.revision},
         "config": {k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking",
                                             "distributed")},
+        "chat_template": {"source": "file" if template is not None else "tokenizer",
+                          "file": cfg.model.chat_template,
+                          "sha256": hashlib.sha256(template.encode()).hexdigest() if template is not None else None},
         "reasoning": {"start": markers.start, "end": markers.end, "source": markers.source,
                       "prefilled_start": markers.prefilled_start},
         # values grpoctl computed rather than the user chose; a resumed run derives them again
@@ -202,6 +216,7 @@ def train(cfg: TrainConfig) -> RunDir:
         raise
     distributed.match_frozen_dtype(trainer.model)
     from grpoctl.train.callbacks import (
+        CompletionSamples,
         GenerationProgress,
         MetricsCallback,
         ResumedSchedule,
@@ -212,6 +227,8 @@ def train(cfg: TrainConfig) -> RunDir:
 
     metrics = MetricsCallback(out / METRICS_FILE)
     trainer.add_callback(metrics)
+    trainer.add_callback(CompletionSamples(out / SAMPLES_FILE, cfg.tracking.sample_completions,
+                                           lambda: getattr(trainer, "_logs", None), meta["reward_weights"]))
     trainer.add_callback(ResumedSchedule())
     trainer.add_callback(GenerationProgress(loaded.model, data.max_completion_length))
     from tqdm.auto import tqdm

@@ -79,7 +79,8 @@ def test_dry_run_lists_repos_files_and_sizes_without_network(run_dir):
         f.path[len("gguf/"):]: f.size for f in manifest.files if f.path.startswith("gguf/")}
     res = _push(str(run_dir), "--repo", "alice/tiny", "--dry-run")
     assert res.exit_code == 0, res.output
-    assert f"alice/tiny-GGUF @ main  (4 files, {human_bytes(gguf.size)})" in res.output
+    # the GGUF files, the Modelfile, the generated card and its reward curve
+    assert f"alice/tiny-GGUF @ main  (5 files, {human_bytes(gguf.size)})" in res.output
     assert "Tiny-Q4_K_M.gguf" in res.output and "nothing was uploaded" in res.output
 
 

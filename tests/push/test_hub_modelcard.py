@@ -112,6 +112,24 @@ def test_card_is_deterministic_so_repushes_stay_idempotent(run_dir):
     assert _cards(run_dir) == _cards(run_dir)
 
 
+def test_every_card_shows_the_reward_curve_pushed_beside_it(run_dir):
+    import xml.etree.ElementTree as ET
+
+    planned = plan(find_export(run_dir), repo_names("alice/tiny", ["merged", "lora", "gguf"]), "main")
+    for push_, card in planned:
+        assert "![Mean reward per training step](reward.svg)" in card.decode()
+        (plot,) = [f for f in push_.files if f.path_in_repo == "reward.svg"]
+        svg = ET.fromstring(plot.data)  # an SVG image: the logged rewards 0.25 and 0.8125, one marker a step
+        assert len(list(svg.iter("{http://www.w3.org/2000/svg}circle"))) == 2
+        assert plot.size == len(plot.data)
+
+
+def test_a_run_without_logged_steps_gets_no_reward_curve(run_dir):
+    (run_dir / "metrics.jsonl").unlink()
+    for push_, card in plan(find_export(run_dir), repo_names("alice/tiny", ["lora"]), "main"):
+        assert "reward.svg" not in card.decode() and "reward.svg" not in {f.path_in_repo for f in push_.files}
+
+
 def test_card_for_4bit_weights(run_dir):
     export = run_dir / "export"
     (export / "merged-4bit").mkdir()

@@ -20,6 +20,8 @@ from click.testing import CliRunner
 
 from grpoctl.artifacts import Artifacts
 from grpoctl.cli import cli
+from grpoctl.report import reward_chart
+from grpoctl.rundir import RunDir
 from tests.hubserver import FakeHub, build_export
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +77,8 @@ def test_protocol_no_xet_push_remote_files_equal_local_artifacts(hub_env, run_di
         local = {f.path[len(prefix):]: (f.size, f.sha256) for f in manifest.files if f.path.startswith(prefix)}
         readme = remote.pop("README.md")
         assert readme[0] > 0
+        plot = remote.pop("reward.svg")  # the reward curve the card shows, drawn from the run's metrics
+        assert plot[1] == hashlib.sha256(reward_chart(RunDir(run_dir)).encode()).hexdigest()
         assert remote == local
         assert len(hub_env.state.commits_to(repo_id)) == 1
     # large files went through LFS, each exactly once
@@ -82,7 +86,7 @@ def test_protocol_no_xet_push_remote_files_equal_local_artifacts(hub_env, run_di
     assert sorted(hub_env.state.lfs_puts) == sorted(lfs_oids)
     # huggingface_hub had the generated card's metadata validated before uploading
     assert ("POST", "/api/validate-yaml") in hub_env.state.requests
-    assert "alice/tiny-GGUF @ main  committed 4 of 4 files" in res.output
+    assert "alice/tiny-GGUF @ main  committed 5 of 5 files" in res.output
 
 
 def test_protocol_no_xet_second_push_makes_no_commit_and_uploads_nothing(hub_env, run_dir):

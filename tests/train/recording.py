@@ -25,6 +25,11 @@ def record(prompts: list, completions: list, completion_ids: list, answer: list,
 
 
 
+def varied(completions: list, **kwargs: Any) -> list[float]:
+    """A score that depends on the completion (its length mod 3), so groups vary and the adapter trains."""
+    return [float(len(c[0]["content"]) % 3) for c in completions]
+
+
 def interrupt_after_first_step(completions: list, **kwargs: Any) -> list[float]:
     """Behaves like Ctrl-C in the middle of the second step."""
     if kwargs["trainer_state"].global_step >= 1:

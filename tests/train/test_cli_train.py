@@ -31,9 +31,10 @@ def _fast(model, out) -> list[str]:
 def test_help_lists_the_options():
     result = CliRunner().invoke(cli, ["train", "--help"])
     for opt in ("--config", "--set", "--model", "--dataset", "--output-dir", "--backend", "--max-steps", "--resume",
-                "--force", "--tracking", "--num-processes", "--strategy", "--accelerate-config"):
+                "--force", "--tracking", "--num-processes", "--strategy", "--accelerate-config", "--chat-template"):
         assert opt in result.output
     assert "--samples" in CliRunner().invoke(cli, ["eval", "--help"]).output
+    assert "--export" in CliRunner().invoke(cli, ["report", "--help"]).output
 
 
 def test_unknown_set_key(out):

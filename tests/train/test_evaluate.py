@@ -8,7 +8,7 @@ import pytest
 
 from grpoctl.errors import UsageError
 from grpoctl.rundir import RunDir
-from grpoctl.train.evaluate import CPU_MAX_NEW_TOKENS, completion_budget
+from grpoctl.train.evaluate import CPU_MAX_NEW_TOKENS, completion_budget, format_examples
 
 
 @pytest.fixture
@@ -32,3 +32,16 @@ def test_eval_keeps_the_training_budget_on_a_gpu_or_when_short_or_asked(run, tmp
     assert completion_budget(RunDir(short), None, cuda=False) == (32, None)
     with pytest.raises(UsageError):
         completion_budget(run, 0, cuda=False)
+
+
+def test_eval_prints_the_sample_answers_it_keeps_with_and_without_the_lora():
+    examples = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "with_lora": f"<think>x</think>{i + 1}",
+                 "without_lora": "line one\nline two" if i == 0 else "no idea"} for i in range(5)]
+    text = format_examples({"examples": examples})
+    assert text.splitlines()[0] == "5 sample answers (eval.json has them whole)"
+    for i in range(5):
+        assert f"[{i + 1}] question:     What is {i} + 1?" in text and f"with LoRA:    <think>x</think>{i + 1}" in text
+    assert "without LoRA: line one\n                  line two" in text  # later lines stay under the first
+    long = format_examples({"examples": [{**examples[0], "with_lora": "a" * 1000}]}, limit=50)
+    assert "a" * 50 + " …" in long and "a" * 51 not in long
+    assert format_examples({"examples": []}) == ""
