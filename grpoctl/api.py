@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpoctl.argtypes import checked
 from grpoctl.artifacts import Artifacts, find_export
 from grpoctl.config import TrainConfig
 from grpoctl.export.pipeline import ExportOptions, ExportSource
@@ -35,6 +36,7 @@ __all__ = ["Artifacts", "ExportOptions", "ManifestOptions", "RunDir", "ServeOpti
 Say = Callable[[str], None]
 
 
+@checked
 def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[str, ...] = ()) -> RunDir:
     """Train a LoRA adapter with GRPO; returns the run directory.
 
@@ -52,6 +54,7 @@ def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[st
     return run_training(config)
 
 
+@checked
 def evaluate(run: RunDir | Path | str, *, samples: int = 20, max_new_tokens: int | None = None, seed: int = 3407,
              dataset: str | None = None, log: Say | None = None) -> dict[str, Any]:
     """Compare the model with and without the trained LoRA on sampled prompts; writes ``RUN/eval.json``."""
@@ -96,6 +99,7 @@ class _Manifests:
         say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))
 
 
+@checked
 def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool = True,
            log: Say | None = None) -> Artifacts:
     """Verify the adapter (a run directory or an adapter folder) and write what ``options`` asks for, then the
@@ -109,6 +113,7 @@ def export(source: Path | str, options: ExportOptions | None = None, *, manifest
     return run_export(Path(source), options or ExportOptions(), log, then=_Manifests() if manifests else None)
 
 
+@checked
 def write_manifests(source: Path | str, options: ManifestOptions | None = None) -> WrittenManifests:
     """Write the Ollama Modelfile(s) and vLLM manifests for an export (a run directory or an export directory)."""
     from grpoctl.manifests.api import write_manifests as run_manifests
@@ -117,6 +122,7 @@ def write_manifests(source: Path | str, options: ManifestOptions | None = None) 
     return run_manifests(artifacts.root, run=artifacts.run, options=options)
 
 
+@checked
 def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     """Publish an export to the Hugging Face Hub with generated model cards (``dry_run=True``: plan only).
 
@@ -126,6 +132,7 @@ def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     return run_push(Path(source), repo, **options)
 
 
+@checked
 def serve(options: ServeOptions, echo: Say = print) -> int:
     """Serve an exported GGUF through llama.cpp or a running Ollama; returns the exit status."""
     from grpoctl.serve.api import serve as run_serve

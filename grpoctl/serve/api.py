@@ -7,7 +7,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from grpoctl.argtypes import Range, check_fields
 from grpoctl.errors import ServeError, UsageError
 from grpoctl.procs import termination_as_interrupt
 from grpoctl.serve import llamacpp, ollama
@@ -28,15 +30,18 @@ class ServeOptions:
     engine: str = "llamacpp"
     quant: str | None = None
     host: str | None = None
-    port: int = 8080
-    ctx: int | None = None
+    port: Annotated[int, Range(0, 65535)] = 8080  # 0: a free port
+    ctx: Annotated[int, Range(1)] | None = None
     smoke: bool = False
     detach: bool = False
     name: str | None = None
     prompt: str = DEFAULT_PROBE
-    max_tokens: int = DEFAULT_SMOKE_MAX_TOKENS
-    ready_timeout: float = 120.0
+    max_tokens: Annotated[int, Range(1)] = DEFAULT_SMOKE_MAX_TOKENS
+    ready_timeout: Annotated[float, Range(0)] = 120.0
     modelfile: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def context_size(target: ServeTarget, info: GGUFInfo, requested: int | None) -> int:
