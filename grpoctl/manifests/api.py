@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.argtypes import check_fields
 from grpoctl.artifacts import Artifacts, ManifestsSection, OllamaSection, VllmMode, VllmSection
 from grpoctl.errors import (
     InputNotFoundError,
@@ -50,7 +51,7 @@ class ManifestOptions:
     quant: str | None = None  # GGUF type the plain ``Modelfile`` uses
     served_model_name: str | None = None
     hub_repo: str | None = None  # serve the merged model from the Hub instead of the local folder
-    gpu_memory_utilization: float = 0.90
+    gpu_memory_utilization: float = 0.90  # bounds: VllmPlan, with the flags' names
     # None = derived from the run (see _parallelism): the GPUs it trained on, one full replica per GPU
     tensor_parallel_size: int | None = None
     data_parallel_size: int | None = None
@@ -60,6 +61,9 @@ class ManifestOptions:
     # Modelfile TEMPLATE: "auto" (what Ollama >= 0.30 renders faithfully), "go" (the translated Go template,
     # for Ollama < 0.30), "native" (never; the GGUF's chat template)
     ollama_template: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
