@@ -31,7 +31,14 @@ from grpoctl.errors import (
     UsageError,
     VerificationError,
 )
-from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
+from grpoctl.fsutil import (
+    check_writable,
+    disk_full_is_one_line,
+    output_lock,
+    sha256_file,
+    staged_file,
+    updated_dir,
+)
 from grpoctl.models import has_tokenizer
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
@@ -394,6 +401,7 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
     export_dir = Path(export_dir).absolute()
     out_dir = Path(options.output_dir).absolute() if options.output_dir else export_dir
     Artifacts.load(export_dir)  # "run `grpoctl export` first" before anything else
+    check_writable(out_dir)
     with output_lock(export_dir, what="manifests"), disk_full_is_one_line(out_dir):
         if not out_dir.resolve().is_relative_to(export_dir.resolve()):
             return render_manifests(export_dir, run=run, tokenizer_dir=tokenizer_dir, options=options)
