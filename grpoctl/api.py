@@ -15,6 +15,7 @@ error is a ``grpoctl.errors.GrpoctlError`` whose message is the one line the com
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,8 @@ class _Manifests:
         is faithful none is written either; artifacts.json (``manifests.ollama``) records why, and the notes
         printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
         the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
-        from grpoctl.manifests.api import render_manifests
+        from grpoctl.fsutil import staged_for
+        from grpoctl.manifests.api import SystemPromptRefused, render_manifests
         from grpoctl.models import has_tokenizer
 
         # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
@@ -92,8 +94,13 @@ class _Manifests:
                 "manifests EXPORT` once the export holds a tokenizer")
             return
         # an unchecked template (no Go toolchain) is noted in artifacts.json rather than failing the export
-        written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
-                                   options=ManifestOptions(unchecked_ok=True))
+        try:
+            written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
+                                       options=ManifestOptions(unchecked_ok=True))
+        except SystemPromptRefused as err:  # the export is complete; only the Modelfile cannot carry the prompt
+            say(f"note: no Modelfile or vLLM manifests: {err}; the export itself is complete. Write them without "
+                f"the system prompt: `grpoctl manifests {shlex.quote(str(staged_for(stage)))} --no-system`")
+            return
         for note in written.section.notes:
             say(f"note: {note}")
         say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))

@@ -174,6 +174,12 @@ def _new_stage(final: Path) -> Path:
     return tmp
 
 
+def staged_for(stage: Path) -> Path:
+    """The output a staging folder becomes (its ``.F.partial-*`` name read back), for messages that name it."""
+    m = re.fullmatch(r"\.(.+)\.partial-\d+-[^/]*", stage.name)
+    return stage.with_name(m.group(1)) if m else stage
+
+
 def _owner_pid(name: str) -> int | None:
     m = re.search(r"\.(?:partial|old)-(\d+)(?:-|$)", name)
     return int(m.group(1)) if m else None

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 MANIFEST_KINDS = ("modelfile", "manifest")
 
 
+class SystemPromptRefused(UsageError):
+    """The training system prompt cannot go into a Modelfile as it is; ``no_system`` leaves it out."""
+
+
 @dataclass
 class ManifestOptions:
     """User overrides; everything else is derived from the run and the tokenizer."""
@@ -193,10 +197,13 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     if system:
         try:
             quote_value(system, "the system prompt")
-        except UsageError:
+        except UsageError as err:
             if not plan.go_faithful:
-                raise
-            template, system = _bake_system(ctx, fmt, system), None
+                raise SystemPromptRefused(str(err)) from None
+            try:
+                template, system = _bake_system(ctx, fmt, system), None
+            except VerificationError as baked:
+                raise SystemPromptRefused(str(baked)) from None
             section.update(system_in_template=True, template_written=True)
     gguf_out = ctx.out_dir / "gguf"
     base = ctx.artifacts.provenance.base_model
