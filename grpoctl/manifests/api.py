@@ -6,6 +6,8 @@ LoRA rank, base model) and the tokenizer's own chat template -- and writes
 
     gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.export.quantize.default_type``)
     gguf/Modelfile.<QUANT>    one per GGUF when there are several
+    gguf/template, gguf/system, gguf/params   the same TEMPLATE, SYSTEM and PARAMETERs in the files the Hub gives
+                              to ``ollama run hf.co/OWNER/REPO`` (pushed to the GGUF repo's root)
     vllm/serve.sh, vllm/docker-compose.yml, vllm/k8s.yaml        merged (or 4-bit) model, else base + LoRA
     vllm/serve-lora.sh, vllm/docker-compose-lora.yml, vllm/k8s-lora.yaml   base + LoRA, when both exist
     vllm/chat_template.jinja  only with --chat-template (the tokenizer has none)
@@ -230,9 +232,28 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
             files[gguf_out / "Modelfile"] = text
         if len(by_quant) > 1:
             files[gguf_out / f"Modelfile.{quant}"] = text
+    hub = _hub_files(template if template is not None else plan.go_template if plan.go_faithful else None,
+                     system, {"stop": stops, **params})
+    files.update({gguf_out / name: text for name, text in hub.items()})
+    if "template" not in hub:
+        ctx.notes.append("no checked Go template: `ollama run hf.co/...` uses the template the Hub picks from the "
+                         "GGUF's metadata")
     section.update(written=True, default_quant=default, quants=sorted(by_quant), system=bool(system),
-                   parameters=params, license=license_)
+                   parameters=params, license=license_, hub_files=sorted(hub))
     return files, OllamaSection(**section)
+
+
+def _hub_files(template: str | None, system: str | None, parameters: dict[str, Any]) -> dict[str, str]:
+    """The files the Hub hands to ``ollama run hf.co/OWNER/REPO``, at the GGUF repo's root (the Hub's Ollama docs:
+    ``template``, a Go template; ``system``; ``params``, JSON): the Modelfile's TEMPLATE (else the checked Go
+    template), SYSTEM and PARAMETERs. Ollama reads the first two as the file's bytes (server/images.go GetModel),
+    so nothing is added to them, and ``params`` into api.Options (``FromMap``: JSON numbers, ``stop`` a list)."""
+    out = {"params": json.dumps(parameters, indent=2, ensure_ascii=False) + "\n"}
+    if template is not None:
+        out["template"] = template
+    if system:
+        out["system"] = system
+    return out
 
 
 # --- vLLM ---------------------------------------------------------------------------------------------
@@ -467,7 +488,7 @@ def render_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_d
     written: list[Path] = []
     for path, text in files.items():
         with staged_file(path) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
             if path.suffix == ".sh":
                 tmp.chmod(0o755)
         written.append(path)
