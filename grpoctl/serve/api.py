@@ -83,7 +83,12 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         echo(f"warning: {target.gguf.name} has no chat template; llama.cpp falls back to its Llama-2 format")
     server = llamacpp.LlamaCppServer(gguf=target.gguf, host=host, port=port, n_ctx=n_ctx, alias=name,
                                      use_gguf_template=bool(info.chat_template))
-    echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
+    server.claim()  # a port another server holds is refused before anything is announced
+    try:
+        echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
+    except BaseException:
+        server.release()
+        raise
     with termination_as_interrupt():
         server.start(detached=opts.detach)
         try:
