@@ -141,6 +141,7 @@ def checked(fn: F) -> F:
     sig = inspect.signature(fn)
     name = fn.__name__
 
+    @functools.cache  # resolved at the first call, when every name the hints use is defined
     def hints() -> dict[str, Any]:
         # parameters only: a return hint may name a type that is imported for type checkers alone
         ns = {**vars(typing), **fn.__globals__}
