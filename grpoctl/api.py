@@ -16,10 +16,12 @@ error is a ``grpoctl.errors.GrpoctlError`` whose message is the one line the com
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grpoctl.argtypes import checked
 from grpoctl.artifacts import Artifacts, find_export
 from grpoctl.config import TrainConfig
 from grpoctl.export.pipeline import ExportOptions, ExportSource
@@ -37,6 +39,7 @@ __all__ = ["Artifacts", "ExportOptions", "ManifestOptions", "RunDir", "ServeOpti
 Say = Callable[[str], None]
 
 
+@checked
 def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[str, ...] = ()) -> RunDir:
     """Train a LoRA adapter with GRPO; returns the run directory.
 
@@ -54,6 +57,7 @@ def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[st
     return run_training(config)
 
 
+@checked
 def evaluate(run: RunDir | Path | str, *, samples: int = 20, max_new_tokens: int | None = None, seed: int = 3407,
              dataset: str | None = None, log: Say | None = None) -> dict[str, Any]:
     """Compare the model with and without the trained LoRA on sampled prompts; writes ``RUN/eval.json``."""
@@ -96,7 +100,7 @@ class _Manifests:
         printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
         the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
         from grpoctl.export.merge import read_chat_template
-        from grpoctl.manifests.api import render_manifests
+        from grpoctl.manifests.api import SystemPromptRefused, render_manifests
         from grpoctl.models import has_tokenizer
 
         # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
@@ -115,22 +119,26 @@ class _Manifests:
                 "training)")
             return
         # an unchecked template (no Go toolchain) is noted in artifacts.json rather than failing the export
-        written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
-                                   options=ManifestOptions(unchecked_ok=True))
+        try:
+            written = render_manifests(stage, run=source.run, tokenizer_dir=tokenizer_dir,
+                                       options=ManifestOptions(unchecked_ok=True))
+        except SystemPromptRefused as err:  # the export is complete; only the Modelfile cannot carry the prompt
+            say(f"note: no Modelfile or vLLM manifests: {err}; the export itself is complete. Write them without "
+                f"the system prompt: `{self._manifests_command(source)} --no-system`")
+            return
         for note in written.section.notes:
             say(f"note: {note}")
         say("wrote serving manifests: " + ", ".join(p.relative_to(stage).as_posix() for p in written.files))
 
     def _manifests_command(self, source: ExportSource) -> str:
         """``grpoctl manifests`` naming this export as the user would: the run when it is the run's export."""
-        import shlex
-
         out = Path(self.output_dir or source.default_output).absolute()
         if source.run is not None and out == source.run.export_dir.absolute():
             return f"grpoctl manifests {shlex.quote(str(source.run.root))}"
         return f"grpoctl manifests {shlex.quote(str(out))}"
 
 
+@checked
 def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool = True,
            log: Say | None = None) -> Artifacts:
     """Verify the adapter (a run directory or an adapter folder) and write what ``options`` asks for, then the
@@ -145,6 +153,7 @@ def export(source: Path | str, options: ExportOptions | None = None, *, manifest
     return run_export(Path(source), options, log, then=_Manifests(options.output_dir) if manifests else None)
 
 
+@checked
 def write_manifests(source: Path | str, options: ManifestOptions | None = None) -> WrittenManifests:
     """Write the Ollama Modelfile(s) and vLLM manifests for an export (a run directory or an export directory)."""
     from grpoctl.manifests.api import write_manifests as run_manifests
@@ -153,6 +162,7 @@ def write_manifests(source: Path | str, options: ManifestOptions | None = None) 
     return run_manifests(artifacts.root, run=artifacts.run, options=options)
 
 
+@checked
 def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     """Publish an export to the Hugging Face Hub with generated model cards (``dry_run=True``: plan only).
 
@@ -162,6 +172,7 @@ def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     return run_push(Path(source), repo, **options)
 
 
+@checked
 def serve(options: ServeOptions, echo: Say = print) -> int:
     """Serve an exported GGUF through llama.cpp or a running Ollama; returns the exit status."""
     from grpoctl.serve.api import serve as run_serve

@@ -308,6 +308,7 @@ class OllamaSection:
     system: bool | None = None
     parameters: dict[str, float | int] | None = None
     license: str | None = None
+    hub_files: list[str] | None = None  # gguf/template, system, params: what `ollama run hf.co/...` reads
 
 
 @dataclass

@@ -19,6 +19,21 @@ THINK_OPEN_TAGS = ("<think>", "<thinking>", "<reasoning>")
 CHECK_DAYS = ("2024-02-29", "2031-11-05")
 
 
+# What the parity probes carry of a system prompt. They check that the GGUF computes and renders like the
+# reference, which a prompt's first lines exercise as well as all of it; a whole 100 KB prompt would only make
+# llama.cpp evaluate a 100k-token context per file (minutes on a CPU) and push the conversation's own turns out
+# of the probes' token budget. The parity report says when the prompt was cut.
+PROBE_SYSTEM_CHARS = 512
+
+
+def probe_system_prompt(system_prompt: str) -> tuple[str, int | None]:
+    """The part of ``system_prompt`` the probes carry, and the prompt's full length in characters when that is
+    not all of it (None when it is)."""
+    if len(system_prompt) <= PROBE_SYSTEM_CHARS:
+        return system_prompt, None
+    return system_prompt[:PROBE_SYSTEM_CHARS], len(system_prompt)
+
+
 @dataclass
 class Conversation:
     name: str

@@ -56,6 +56,13 @@ class OutputBusyError(GrpoctlError, BlockingIOError):
     exit_code = 14
 
 
+class OutputNotWritableError(GrpoctlError, PermissionError):
+    """Nothing can be written where the output goes: no permission, a read-only file system, or a place where no
+    folder can be made (``/proc``)."""
+
+    exit_code = 15
+
+
 class DependencyError(GrpoctlError, ImportError):
     """An optional engine (unsloth, vLLM, bitsandbytes, a GPU, the GGUF converter) is missing."""
 

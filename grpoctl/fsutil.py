@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import DiskFullError, OutputBusyError, OutputExistsError
+from grpoctl.errors import DiskFullError, OutputBusyError, OutputExistsError, OutputNotWritableError
 from grpoctl.procs import alive, start_time
 
 
@@ -27,8 +27,41 @@ def _umask() -> int:
     return mask
 
 
+# What an OSError while creating an output means to the user (errno -> reason)
+_CANNOT_WRITE = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EROFS: "read-only file system", errno.ENOENT: "no folder can be made there",
+                 errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+@contextlib.contextmanager
+def creating(output: Path) -> Iterator[None]:
+    """Within the block, an OSError that says nothing can be written where ``output`` goes becomes one
+    OutputNotWritableError naming it."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, OutputNotWritableError) or err.errno not in _CANNOT_WRITE:
+            raise
+        where = f" ({err.filename})" if err.filename and Path(str(err.filename)) != Path(output) else ""
+        raise OutputNotWritableError(f"cannot write to {output}: {_CANNOT_WRITE[err.errno]}{where}; choose an "
+                                     "output folder you can write to") from None
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any slow work when ``path`` (an output folder) cannot be created or written: a file is made
+    and removed where its staging folder goes (its parent) and, if it exists, in it."""
+    path = real_output(path)
+    with creating(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in (path.parent, path) if path.is_dir() else (path.parent,):
+            fd, name = tempfile.mkstemp(prefix=".grpoctl-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(name)
+
+
 def check_output_dir(path: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty directory unless ``force`` is set."""
+    """Refuse to overwrite a non-empty directory unless ``force`` is set, or an output that cannot be written."""
+    check_writable(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output path {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
@@ -42,8 +75,15 @@ def check_output_dir(path: Path, force: bool) -> None:
 _held: dict[Path, int] = {}
 
 
-def lock_path(final: Path) -> Path:
+def real_output(final: Path) -> Path:
+    """The folder an output path names: a symlink (``-o link``) is followed, so its target is what is locked and
+    replaced; replacing the link itself would turn it into a folder and leave the old target behind."""
     final = Path(final).absolute()
+    return final.resolve() if final.is_symlink() else final
+
+
+def lock_path(final: Path) -> Path:
+    final = real_output(final)
     return final.with_name(f".{final.name}.lock")
 
 
@@ -90,11 +130,12 @@ def write_lock_owner(fd: int, **info: Any) -> None:
 def output_lock(final: Path, what: str = "export", wait: bool = False) -> Iterator[None]:
     """Own ``final`` for the duration: a second owner fails at once with OutputBusyError (or, with ``wait``,
     blocks until the first is done)."""
-    final = Path(final).absolute()
+    final = real_output(final)
     if final in _held:
         yield
         return
     path = lock_path(final)
+    check_writable(final)
     fd = try_lock(path, wait)
     if fd is None:
         owner = lock_owner(path)
@@ -133,9 +174,23 @@ def _new_stage(final: Path) -> Path:
     return tmp
 
 
+def staged_for(stage: Path) -> Path:
+    """The output a staging folder becomes (its ``.F.partial-*`` name read back), for messages that name it."""
+    m = re.fullmatch(r"\.(.+)\.partial-\d+-[^/]*", stage.name)
+    return stage.with_name(m.group(1)) if m else stage
+
+
 def _owner_pid(name: str) -> int | None:
     m = re.search(r"\.(?:partial|old)-(\d+)(?:-|$)", name)
     return int(m.group(1)) if m else None
+
+
+def _remove(path: Path) -> None:
+    """Remove a staging leftover: a folder with its content, a file or a link (never what a link points to)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _tree_size(path: Path) -> int:
@@ -144,9 +199,14 @@ def _tree_size(path: Path) -> int:
 
 def sweep_stale_siblings(final: Path) -> list[tuple[Path, int]]:
     """Remove ``.F.partial-*`` / ``.F.old-*`` folders left next to ``final`` by owners that are gone; call it
-    while owning ``final``. Returns what was removed, with sizes."""
-    final = Path(final).absolute()
-    removed = []
+    while owning ``final`` (for a symlink, next to the link and next to its target). Returns what was removed,
+    with sizes."""
+    named, real = Path(final).absolute(), real_output(final)
+    return _sweep_siblings(real) + (_sweep_siblings(named) if named != real else [])
+
+
+def _sweep_siblings(final: Path) -> list[tuple[Path, int]]:
+    removed: list[tuple[Path, int]] = []
     if not final.parent.is_dir():
         return removed
     for p in final.parent.iterdir():
@@ -157,8 +217,8 @@ def sweep_stale_siblings(final: Path) -> list[tuple[Path, int]]:
             continue  # named before owners were recorded: only the age can tell that nobody writes it
         if pid is not None and pid != os.getpid() and alive(pid) and not _journal_says_gone(p, pid):
             continue
-        size = _tree_size(p) if p.is_dir() else p.lstat().st_size
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        size = _tree_size(p) if p.is_dir() and not p.is_symlink() else p.lstat().st_size
+        _remove(p)
         (_journal_dir() / f"{p.name.lstrip('.')}.json").unlink(missing_ok=True)
         removed.append((p, size))
     return removed
@@ -194,9 +254,9 @@ def sweep_stale_staging() -> list[tuple[Path, int]]:
             continue
         if alive(pid) and data.get("start") in (None, start_time(pid)):
             continue
-        if ".partial-" in path.name and path.exists():
-            size = _tree_size(path) if path.is_dir() else path.stat().st_size
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if ".partial-" in path.name and os.path.lexists(path):
+            size = _tree_size(path) if path.is_dir() and not path.is_symlink() else path.lstat().st_size
+            _remove(path)
             removed.append((path, size))
         _remove_unheld_lock(path.with_name(path.name.split(".partial-", 1)[0] + ".lock"))
         entry.unlink(missing_ok=True)
@@ -258,7 +318,7 @@ def _install(tmp: Path, final: Path, force: bool) -> None:
         raise OutputExistsError(f"{final} appeared while the output was being written; it was left as it is and "
                                 "nothing was written (pass --force to replace it)")
     _exchange(tmp, final)
-    shutil.rmtree(tmp, ignore_errors=True)  # now the old content
+    _remove(tmp)  # now the old content
 
 
 @contextlib.contextmanager
@@ -269,10 +329,10 @@ def staged_dir(final: Path, force: bool = False, wait: bool = False) -> Iterator
     failing). A crash, Ctrl-C or a full disk leaves at most a ``.<name>.partial-*`` directory, which is never
     mistaken for a finished output and which the next owner of ``final`` removes.
     """
-    final = Path(final).absolute()  # relative paths would be joined twice by whoever records them
-    final.parent.mkdir(parents=True, exist_ok=True)
+    named = Path(final).absolute()  # relative paths would be joined twice by whoever records them
+    final = real_output(named)
     with output_lock(final, wait=wait):
-        sweep_stale_siblings(final)
+        sweep_stale_siblings(named)
         check_output_dir(final, force)
         tmp = _new_stage(final)
         entry = _journal(tmp)
@@ -280,10 +340,10 @@ def staged_dir(final: Path, force: bool = False, wait: bool = False) -> Iterator
             yield tmp
             _install(tmp, final, force)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             raise
         finally:
-            entry.unlink(missing_ok=True)
+            _forget(entry, tmp)
 
 
 @contextlib.contextmanager
@@ -293,21 +353,29 @@ def updated_dir(final: Path) -> Iterator[Path]:
     The copy is made of hard links (files are replaced, never written in place, by every grpoctl writer), so
     it costs no space; readers of ``final`` see the old tree or the new one, never a mix.
     """
-    final = Path(final).absolute()
+    named = Path(final).absolute()
+    final = real_output(named)
     with output_lock(final):
-        sweep_stale_siblings(final)
+        sweep_stale_siblings(named)
         tmp = _new_stage(final)
         entry = _journal(tmp)
         try:
             _link_tree(final, tmp)
             yield tmp
             _exchange(tmp, final)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
             raise
         finally:
-            entry.unlink(missing_ok=True)
+            _forget(entry, tmp)
+
+
+def _forget(entry: Path, tmp: Path) -> None:
+    """Drop the journal entry of a staging folder once it is gone; one that could not be removed stays listed,
+    for the next owner or ``grpoctl doctor`` to remove and report."""
+    if not os.path.lexists(tmp):
+        entry.unlink(missing_ok=True)
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -328,8 +396,9 @@ def _link_tree(src: Path, dst: Path) -> None:
 def staged_file(final: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; it is renamed onto ``final`` only on success."""
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
+    with creating(final.parent):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     tmp.chmod(0o666 & ~_umask())  # mkstemp makes 0600; a finished output gets the usual permissions

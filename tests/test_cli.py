@@ -66,3 +66,22 @@ def test_grpoctl_lets_openmp_threads_sleep_unless_the_user_chose(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["grpoctl", "--version"])
         main()
         assert os.environ["OMP_WAIT_POLICY"] == expected
+
+
+@pytest.mark.parametrize("command", ["export", "manifests", "train"])
+def test_an_output_nothing_can_be_written_to_is_one_line_with_exit_15(command, qwen3_run, tmp_path):
+    """`-o /proc/x` (no folder can be made there) used to end in exit 70, "internal error"."""
+    import shutil
+
+    args = {"export": ["export", str(qwen3_run), "-o", "/proc/x/out"],
+            "manifests": ["manifests", str(tmp_path / "run"), "--output-dir", "/proc/x/out"],
+            "train": ["train", "-o", "/proc/x/out", "--max-steps", "1"]}[command]
+    if command == "manifests":  # an export to write manifests for
+        from tests.manifests.conftest import write_export
+
+        write_export(shutil.copytree(qwen3_run, tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "-m", "grpoctl", *args], capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 15, proc.stderr
+    assert lines[-1].startswith("grpoctl: cannot write to /proc/x/out") and "internal error" not in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from grpoctl.errors import OutputExistsError
@@ -202,3 +206,75 @@ def test_disk_full_from_any_layer_is_one_error_naming_the_output(tmp_path):
     with pytest.raises(PermissionError):  # anything else passes through untouched
         with disk_full_is_one_line(out):
             raise PermissionError(errno.EACCES, "denied")
+
+
+def test_output_that_is_a_symlink_is_followed_the_link_stays_and_nothing_is_left(tmp_path, monkeypatch):
+    from grpoctl.fsutil import staged_dir, updated_dir
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "old").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with staged_dir(link, force=True) as stage:
+        (stage / "new").write_text("new")
+    assert link.is_symlink() and link.resolve() == target  # the link is not replaced by a folder
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    with updated_dir(link) as stage:
+        (stage / "added").write_text("+")
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["added", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "link", "target"]  # no .link.partial-*
+
+
+def test_output_through_a_symlink_and_its_target_share_one_lock(tmp_path):
+    from grpoctl.fsutil import lock_path, output_lock, try_lock
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert lock_path(tmp_path / "link") == tmp_path / ".target.lock"
+    with output_lock(tmp_path / "link"):
+        assert try_lock(tmp_path / ".target.lock") is None  # a writer of the target would be refused
+
+
+def test_a_staging_leftover_that_is_a_symlink_is_removed_not_followed(tmp_path, monkeypatch):
+    import subprocess
+
+    from grpoctl.fsutil import sweep_stale_siblings, sweep_stale_staging
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    keep = tmp_path / "target"
+    keep.mkdir()
+    (keep / "weights").write_text("x")
+    left = tmp_path / f".link.partial-{dead.pid}-abc"
+    left.symlink_to(keep)
+    assert [p for p, _ in sweep_stale_siblings(tmp_path / "link")] == [left]
+    assert not os.path.lexists(left) and (keep / "weights").is_file()
+    # and doctor's sweep from the journal, wherever the leftover is
+    left.symlink_to(keep)
+    journal = tmp_path / "cache" / "staging"
+    journal.mkdir(parents=True)
+    (journal / f"{left.name.lstrip('.')}.json").write_text(json.dumps({"path": str(left), "pid": dead.pid}))
+    assert [p for p, _ in sweep_stale_staging()] == [left]
+    assert not os.path.lexists(left) and (keep / "weights").is_file()
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "/proc/self/x/y", "read-only"])
+def test_an_output_nothing_can_be_written_to_is_one_error(where, tmp_path):
+    from grpoctl.errors import OutputNotWritableError
+    from grpoctl.fsutil import check_writable, output_lock, staged_dir, staged_file
+
+    if where == "read-only":
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        # root ignores permission bits: sysfs refuses new entries to everyone
+        where = "/sys/x" if os.geteuid() == 0 else str(ro / "out")
+    out = Path(where)
+    for attempt in (lambda: check_writable(out), lambda: output_lock(out).__enter__(),
+                    lambda: staged_dir(out).__enter__(), lambda: staged_file(out / "f").__enter__()):
+        with pytest.raises(OutputNotWritableError, match=f"cannot write to {out}") as info:
+            attempt()
+        assert info.value.exit_code == 15 and "choose an output folder you can write to" in str(info.value)

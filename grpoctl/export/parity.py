@@ -611,6 +611,7 @@ class ParityReference:
     system_prompt: str
     eot_ids: list[int]
     description: str = "base model in transformers, float32"
+    system_prompt_chars: int | None = None  # the full prompt's length, when the probes carry only its start
 
 
 def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool]:
@@ -624,7 +625,9 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
     import torch
     from transformers import AutoTokenizer
 
-    system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+    from grpoctl.chatprobes import probe_system_prompt
+
+    system_prompt, system_chars = probe_system_prompt(system_prompt or DEFAULT_SYSTEM_PROMPT)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     probes = build_probes(tokenizer, system_prompt)
     device, stream = plan or reference_plan(model_dir, adapter_dir)
@@ -649,7 +652,7 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
     return ParityReference(probes=probes, ref32=ref32, noise={"top1": top1, "kl": kl, "positions": n},
                            confidence=confidence, answer=answer,
                            prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt, eot_ids=eot_ids,
-                           description=what)
+                           description=what, system_prompt_chars=system_chars)
 
 
 def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> dict[str, Any]:
@@ -680,7 +683,9 @@ def report(ref: ParityReference, files: dict[str, dict[str, Any]]) -> dict[str, 
     return {
         "reference": ref.description,
         "probes": {"texts": len(ref.probes), "positions": ref.noise["positions"], "kinds": kinds,
-                   "system_prompt": ref.system_prompt},
+                   "system_prompt": ref.system_prompt,
+                   **({"system_prompt_cut": f"the first {len(ref.system_prompt)} of {ref.system_prompt_chars} "
+                                            "characters"} if ref.system_prompt_chars else {})},
         "noise_floor": {"what": "the reference in bf16 vs float32", "top1": round(ref.noise["top1"], 5),
                         "kl": round(ref.noise["kl"], 6)},
         "reference_confidence": round(ref.confidence, 4),

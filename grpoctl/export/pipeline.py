@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from grpoctl.argtypes import check_fields
 from grpoctl.artifacts import ARTIFACTS_FILE, AdapterRecord, Artifacts, MergedSection, Provenance
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import (
@@ -68,6 +69,9 @@ class ExportOptions:
     progress: bool = True
     imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
     calibration: Path | None = None  # text to compute the matrix over instead of the run's data
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass

@@ -6,6 +6,8 @@ LoRA rank, base model) and the tokenizer's own chat template -- and writes
 
     gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.export.quantize.default_type``)
     gguf/Modelfile.<QUANT>    one per GGUF when there are several
+    gguf/template, gguf/system, gguf/params   the same TEMPLATE, SYSTEM and PARAMETERs in the files the Hub gives
+                              to ``ollama run hf.co/OWNER/REPO`` (pushed to the GGUF repo's root)
     vllm/serve.sh, vllm/docker-compose.yml, vllm/k8s.yaml        merged (or 4-bit) model, else base + LoRA
     vllm/serve-lora.sh, vllm/docker-compose-lora.yml, vllm/k8s-lora.yaml   base + LoRA, when both exist
     vllm/chat_template.jinja  only with --chat-template (the tokenizer has none)
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.argtypes import check_fields
 from grpoctl.artifacts import Artifacts, ManifestsSection, OllamaSection, VllmMode, VllmSection
 from grpoctl.errors import (
     InputNotFoundError,
@@ -30,7 +33,14 @@ from grpoctl.errors import (
     UsageError,
     VerificationError,
 )
-from grpoctl.fsutil import disk_full_is_one_line, output_lock, sha256_file, staged_file, updated_dir
+from grpoctl.fsutil import (
+    check_writable,
+    disk_full_is_one_line,
+    output_lock,
+    sha256_file,
+    staged_file,
+    updated_dir,
+)
 from grpoctl.models import has_tokenizer
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
@@ -38,6 +48,10 @@ from grpoctl.rundir import RunDir
 log = logging.getLogger(__name__)
 
 MANIFEST_KINDS = ("modelfile", "manifest")
+
+
+class SystemPromptRefused(UsageError):
+    """The training system prompt cannot go into a Modelfile as it is; ``no_system`` leaves it out."""
 
 
 @dataclass
@@ -50,7 +64,7 @@ class ManifestOptions:
     quant: str | None = None  # GGUF type the plain ``Modelfile`` uses
     served_model_name: str | None = None
     hub_repo: str | None = None  # serve the merged model from the Hub instead of the local folder
-    gpu_memory_utilization: float = 0.90
+    gpu_memory_utilization: float = 0.90  # bounds: VllmPlan, with the flags' names
     # None = derived from the run (see _parallelism): the GPUs it trained on, one full replica per GPU
     tensor_parallel_size: int | None = None
     data_parallel_size: int | None = None
@@ -60,6 +74,9 @@ class ManifestOptions:
     # Modelfile TEMPLATE: "auto" (what Ollama >= 0.30 renders faithfully), "go" (the translated Go template,
     # for Ollama < 0.30), "native" (never; the GGUF's chat template)
     ollama_template: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -182,10 +199,13 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     if system:
         try:
             quote_value(system, "the system prompt")
-        except UsageError:
+        except UsageError as err:
             if not plan.go_faithful:
-                raise
-            template, system = _bake_system(ctx, fmt, system), None
+                raise SystemPromptRefused(str(err)) from None
+            try:
+                template, system = _bake_system(ctx, fmt, system), None
+            except VerificationError as baked:
+                raise SystemPromptRefused(str(baked)) from None
             section.update(system_in_template=True, template_written=True)
     gguf_out = ctx.out_dir / "gguf"
     base = ctx.artifacts.provenance.base_model
@@ -212,9 +232,28 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
             files[gguf_out / "Modelfile"] = text
         if len(by_quant) > 1:
             files[gguf_out / f"Modelfile.{quant}"] = text
+    hub = _hub_files(template if template is not None else plan.go_template if plan.go_faithful else None,
+                     system, {"stop": stops, **params})
+    files.update({gguf_out / name: text for name, text in hub.items()})
+    if "template" not in hub:
+        ctx.notes.append("no checked Go template: `ollama run hf.co/...` uses the template the Hub picks from the "
+                         "GGUF's metadata")
     section.update(written=True, default_quant=default, quants=sorted(by_quant), system=bool(system),
-                   parameters=params, license=license_)
+                   parameters=params, license=license_, hub_files=sorted(hub))
     return files, OllamaSection(**section)
+
+
+def _hub_files(template: str | None, system: str | None, parameters: dict[str, Any]) -> dict[str, str]:
+    """The files the Hub hands to ``ollama run hf.co/OWNER/REPO``, at the GGUF repo's root (the Hub's Ollama docs:
+    ``template``, a Go template; ``system``; ``params``, JSON): the Modelfile's TEMPLATE (else the checked Go
+    template), SYSTEM and PARAMETERs. Ollama reads the first two as the file's bytes (server/images.go GetModel),
+    so nothing is added to them, and ``params`` into api.Options (``FromMap``: JSON numbers, ``stop`` a list)."""
+    out = {"params": json.dumps(parameters, indent=2, ensure_ascii=False) + "\n"}
+    if template is not None:
+        out["template"] = template
+    if system:
+        out["system"] = system
+    return out
 
 
 # --- vLLM ---------------------------------------------------------------------------------------------
@@ -399,6 +438,7 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
     export_dir = Path(export_dir).absolute()
     out_dir = Path(options.output_dir).absolute() if options.output_dir else export_dir
     Artifacts.load(export_dir)  # "run `grpoctl export` first" before anything else
+    check_writable(out_dir)
     with output_lock(export_dir, what="manifests"), disk_full_is_one_line(out_dir):
         if not out_dir.resolve().is_relative_to(export_dir.resolve()):
             return render_manifests(export_dir, run=run, tokenizer_dir=tokenizer_dir, options=options)
@@ -457,7 +497,7 @@ def render_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_d
     written: list[Path] = []
     for path, text in files.items():
         with staged_file(path) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
             if path.suffix == ".sh":
                 tmp.chmod(0o755)
         written.append(path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from grpoctl.argtypes import checked
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, FileEntry, find_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
 from grpoctl.fsutil import DISK_FULL, disk_full_error, human_bytes
@@ -299,7 +300,8 @@ def _offline() -> bool:
 
 
 # --- the push ---------------------------------------------------------------------------------------
-def push(source: Path, repo: str, *, what: list[str] | None = None, private: bool = False,
+@checked
+def push(source: Path, repo: str, *, what: list[str] | str | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
          names: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False) -> PushReport:
     """Publish an export (``RUN`` or ``RUN/export``) to the Hub, one repo per artifact family.

@@ -152,6 +152,12 @@ def _usage(kind: str, ctx: CardContext, entries: list[FileEntry]) -> list[str]:
                   'print(llm.create_chat_completion(messages=[{"role": "user", "content": "What is 12 * 7?"}])'
                   '["choices"][0]["message"]["content"])',
                   "```", ""]
+        names = {Path(e.path).name for e in entries if e.kind == "manifest"}
+        hub_files = [n for n in ("template", "system", "params") if n in names]
+        if hub_files:
+            lines += [f"`ollama run hf.co/...` reads {', '.join(f'`{n}`' for n in hub_files)} from this repo: the "
+                      "training run's chat template (as a Go template checked against the model's own), system "
+                      "prompt and sampling settings, the same as the `Modelfile`'s.", ""]
         if any(e.kind == "modelfile" for e in entries):
             lines += ["The `Modelfile` here carries the chat template, stop tokens and sampling settings of the "
                       "training run; after downloading the GGUF next to it: `ollama create my-model -f Modelfile`.",

@@ -7,7 +7,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from grpoctl.argtypes import Range, check_fields
 from grpoctl.errors import ServeError, UsageError
 from grpoctl.procs import termination_as_interrupt
 from grpoctl.serve import llamacpp, ollama
@@ -30,14 +32,14 @@ class ServeOptions:
     engine: str = "llamacpp"
     quant: str | None = None
     host: str | None = None
-    port: int = 8080
-    ctx: int | None = None
+    port: Annotated[int, Range(0, 65535)] = 8080  # 0: a free port
+    ctx: Annotated[int, Range(1)] | None = None
     smoke: bool = False
     detach: bool = False
     name: str | None = None
     prompt: str = DEFAULT_PROBE
-    max_tokens: int = DEFAULT_SMOKE_MAX_TOKENS
-    ready_timeout: float | None = None  # None: the engine's DEFAULT_READY_TIMEOUT
+    max_tokens: Annotated[int, Range(1)] = DEFAULT_SMOKE_MAX_TOKENS
+    ready_timeout: Annotated[float, Range(0)] | None = None  # None: the engine's DEFAULT_READY_TIMEOUT
     modelfile: Path | None = None
     vllm_mode: str | None = None  # vllm: merged | merged-4bit | lora (default: the first the manifests wrote)
     parity: bool = False  # vllm: measure the served model against export's PEFT reference
@@ -45,6 +47,9 @@ class ServeOptions:
     @property
     def timeout(self) -> float:
         return self.ready_timeout if self.ready_timeout is not None else DEFAULT_READY_TIMEOUT.get(self.engine, 120.0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def context_size(target: ServeTarget, info: GGUFInfo, requested: int | None) -> int:
@@ -94,7 +99,12 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         echo(f"warning: {target.gguf.name} has no chat template; llama.cpp falls back to its Llama-2 format")
     server = llamacpp.LlamaCppServer(gguf=target.gguf, host=host, port=port, n_ctx=n_ctx, alias=name,
                                      use_gguf_template=bool(info.chat_template))
-    echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
+    server.claim()  # a port another server holds is refused before anything is announced
+    try:
+        echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
+    except BaseException:
+        server.release()
+        raise
     with termination_as_interrupt():
         server.start(detached=opts.detach)
         try:
@@ -136,15 +146,19 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
     host = opts.host or "127.0.0.1"
     port = llamacpp.free_port(host) if opts.port == 0 else opts.port
     server = vllm.server_for(target, host, port)
+    server.claim()  # a port another server holds is refused before anything is announced or computed
     ref = None
-    if opts.parity:
-        # before vLLM takes its share of the GPU: the reference needs the memory only while it runs
-        from grpoctl.serve import vllm_parity
+    try:
+        if opts.parity:
+            # before vLLM takes its share of the GPU: the reference needs the memory only while it runs
+            from grpoctl.serve import vllm_parity
 
-        llamacpp.check_port_free(host, port)
-        echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
-        ref = vllm_parity.reference_for(target)
-    echo(f"starting vLLM server ({target.mode}, model {target.served_model_name!r}) on {server.base_url}")
+            echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
+            ref = vllm_parity.reference_for(target)
+        echo(f"starting vLLM server ({target.mode}, model {target.served_model_name!r}) on {server.base_url}")
+    except BaseException:
+        server.release()
+        raise
     with termination_as_interrupt():
         server.start(detached=opts.detach)
         try:

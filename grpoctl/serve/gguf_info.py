@@ -36,6 +36,9 @@ _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?
 _STRING, _ARRAY = 8, 9
 # Arrays kept in full; every other array is skipped (vocabularies and merges are large).
 _KEEP_ARRAYS = {"tokenizer.ggml.tokens"}
+# Arrays within arrays: llama.cpp's own reader (ggml gguf.cpp) accepts none; a few levels are read here, a deeper
+# nesting is a corrupt or hostile file, not recursion without bound.
+MAX_ARRAY_DEPTH = 8
 
 
 class _Header:
@@ -61,20 +64,24 @@ class _Header:
         self.pos += n
         return bytes(raw).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, keep: bool):
+    def value(self, vtype: int, keep: bool, depth: int = 0):
         if vtype in _SCALAR_FORMATS:
             return self.take(_SCALAR_FORMATS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ValueError(f"its metadata nests arrays more than {MAX_ARRAY_DEPTH} levels deep")
             etype, count = self.take("I"), self.take("Q")
+            if count > len(self.buf) - self.pos:  # every element takes at least one byte
+                raise ValueError("an array runs past the end of the file")
             if keep:
-                return [self.value(etype, True) for _ in range(count)]
+                return [self.value(etype, True, depth + 1) for _ in range(count)]
             if etype in _SCALAR_FORMATS:
                 self.pos += count * struct.calcsize(_SCALAR_FORMATS[etype])
             else:
                 for _ in range(count):
-                    self.value(etype, False)
+                    self.value(etype, False, depth + 1)
             return None
         raise ValueError(f"unknown GGUF value type {vtype}")
 

@@ -68,15 +68,33 @@ def port_lock(port: int) -> Path:
 
 
 def claim_port(port: int) -> int:
-    """The fd of this port's lock, for the server to inherit; ServeError when a grpoctl server holds it."""
+    """The fd of this port's lock, for the server to inherit; ServeError when a grpoctl server holds it.
+
+    The lock file keeps the last holder's pid until the new one writes its own, so the claimer writes its pid at
+    once (the server's replaces it once started), and a refused claimer names only a holder that is alive.
+    """
     fd = try_lock(port_lock(port))
     if fd is None:
-        held = lock_owner(port_lock(port))
-        owner = held.get("pid")
-        raise ServeError(f"a grpoctl {held.get('what') or 'server'} already runs on port {port}"
+        owner = _live_owner(port)
+        what = lock_owner(port_lock(port)).get("what")
+        raise ServeError(f"a grpoctl {what if what in ENGINE_LABELS.values() else 'server'} already runs on port {port}"
                          + (f" (pid {owner})" if owner else "")
                          + f"; stop it with `grpoctl serve --stop --port {port}` or pick another --port")
+    write_lock_owner(fd, pid=os.getpid(), what="grpoctl serve")
     return fd
+
+
+def _live_owner(port: int, wait: float = 1.0) -> int | None:
+    """The pid the port's lock file names, once it names a live process (the holder may not have written its own
+    yet); None if it does not within ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        pid = lock_owner(port_lock(port)).get("pid")
+        if isinstance(pid, int) and pid > 0 and alive(pid):
+            return pid
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def port_in_use_by_grpoctl(port: int) -> bool:
@@ -165,6 +183,7 @@ class LlamaCppServer:
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    _lock: int | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -185,11 +204,24 @@ class LlamaCppServer:
             cmd += ["--n_gpu_layers", "-1"]
         return cmd + list(self.extra_args)
 
+    def claim(self) -> None:
+        """Make the port this server's (free, and its lock held) before anything is announced; ``start`` uses the
+        claim, or makes it."""
+        if self._lock is None:
+            check_port_free(self.host, self.port)
+            self._lock = claim_port(self.port)
+
+    def release(self) -> None:
+        """Give up a claim that will not be started."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def start(self, detached: bool = False) -> subprocess.Popen:
         """Spawn the server in a new process group, holding this port's lock; ``detached`` servers outlive
         grpoctl and get a pid file."""
-        check_port_free(self.host, self.port)
-        lock = claim_port(self.port)
+        self.claim()
+        lock, self._lock = self._lock, None
         try:
             if self.log_path is None:
                 self.log_path = log_file(self.port, self.ENGINE)

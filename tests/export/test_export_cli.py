@@ -178,3 +178,33 @@ def test_quiet_export_prints_only_what_was_written(qwen3_run, tmp_path):
     assert lines[-1] == f"manifest: {tmp_path / 'export' / 'artifacts.json'}", result.stdout
     kinds = ("gguf:q8_0", "lora", "manifest", "modelfile", "report")  # the "KIND  N files  SIZE" summary
     assert [line for line in lines[:-1] if not line.startswith(kinds)] == [], result.stdout
+
+
+def test_system_prompt_no_modelfile_can_carry_skips_the_manifests_and_the_printed_command_writes_them(
+        tiny_qwen3, tmp_path):
+    """The export's own artifacts land; the manifests step says so and prints the `grpoctl manifests` command
+    (a manifests flag, --no-system) that writes them, and that command runs as printed."""
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import make_run
+
+    run = make_run(tmp_path / "run", tiny_qwen3)
+    meta = json.loads((run / "run.json").read_text())
+    meta["config"]["data"]["system_prompt"] = 'say """\nthen "quote"'  # no Modelfile quoting carries both
+    (run / "run.json").write_text(json.dumps(meta))
+    out = tmp_path / "my export"
+    result = _run(run, "-o", out, "--gguf", "f16")
+    assert result.exit_code == 0, result.output
+    assert (out / "artifacts.json").is_file() and list((out / "gguf").glob("*-F16.gguf"))
+    assert not (out / "gguf" / "Modelfile").exists()
+    note = next(ln for ln in result.output.splitlines() if ln.startswith("note: no Modelfile or vLLM manifests"))
+    command = note.split("`")[-2]
+    assert command == f"grpoctl manifests {shlex.quote(str(out))} --no-system"
+    argv = shlex.split(command)
+    proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    modelfile = (out / "gguf" / "Modelfile").read_text()
+    assert "SYSTEM" not in modelfile and "FROM ./" in modelfile

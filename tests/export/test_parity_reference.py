@@ -119,3 +119,16 @@ def wrong_scale_adapter(variant, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     (out / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
     return out
+
+
+def test_a_100kb_system_prompt_keeps_the_probes_and_llama_cpps_context_small(tiny_qwen3):
+    """The probes carry the prompt's start only (the report says so), so parity does not run llama.cpp at a
+    100k-token context."""
+    from grpoctl.export import gguf as gg
+
+    huge = "Follow every rule below.\n" + "Rule: show your work, then write #### N.\n" * 2500  # ~100 KB
+    ref = parity.prepare_reference(tiny_qwen3, None, tiny_qwen3, huge, gg.end_of_turn_ids(tiny_qwen3))
+    assert huge.startswith(ref.system_prompt) and len(ref.system_prompt) < 1000
+    assert len(ref.prompt_ids) < 1024  # what sizes llama.cpp's context in measure()
+    probes = parity.report(ref, {})["probes"]
+    assert probes["system_prompt_cut"] == f"the first {len(ref.system_prompt)} of {len(huge)} characters"

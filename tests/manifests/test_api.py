@@ -43,7 +43,8 @@ def test_qwen3_style_run_gets_modelfiles_and_vllm_manifests(qwen3_export, go_ren
     run, export = qwen3_export
     written = write_manifests(export, run=RunDir(run))
     names = sorted(p.relative_to(export).as_posix() for p in written.files)
-    assert names == ["gguf/Modelfile", "gguf/Modelfile.Q4_K_M", "gguf/Modelfile.Q8_0", "vllm/docker-compose-lora.yml",
+    assert names == ["gguf/Modelfile", "gguf/Modelfile.Q4_K_M", "gguf/Modelfile.Q8_0", "gguf/params", "gguf/system",
+                     "vllm/docker-compose-lora.yml",
                      "vllm/docker-compose.yml", "vllm/k8s-lora.yaml", "vllm/k8s.yaml", "vllm/serve-lora.sh",
                      "vllm/serve.sh"]
     mf = _modelfile(export / "gguf" / "Modelfile")

@@ -269,3 +269,27 @@ def test_protocol_no_xet_huggingface_hub_itself_skips_unchanged_files(hub_env):
     assert again.oid == first.oid
     assert len(hub_env.state.commits_to("alice/raw")) == 1
     assert len(hub_env.state.lfs_puts) == puts
+
+
+def test_protocol_no_xet_gguf_repo_gets_the_ollama_template_system_and_params_at_its_root(hub_env, tmp_path,
+                                                                                            tiny_qwen3):
+    """`ollama run hf.co/alice/tiny-GGUF` reads `template`, `system` and `params` at the repo's root (the Hub's
+    Ollama docs): push puts there the files the manifests wrote, which say what the Modelfile says."""
+    from grpoctl.manifests.api import ManifestOptions, write_manifests
+    from grpoctl.rundir import RunDir
+    from tests.manifests.conftest import TEMPLATES, write_export, write_run
+    from tests.manifests.test_hub_ollama_files import hub_files_departures
+
+    run = write_run(tmp_path / "run", tiny_qwen3, reasoning=False, system_prompt="Think, then answer.")
+    export = write_export(run)
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=TEMPLATES / "smollm2.jinja"))
+    assert hub_files_departures(export / "gguf") == []
+    res = _push(str(run), "--repo", "alice/tiny", "--what", "gguf")
+    assert res.exit_code == 0, res.output
+    remote = _remote_files(hub_env, "alice/tiny-GGUF")
+    for name in ("template", "system", "params"):
+        local = (export / "gguf" / name).read_bytes()
+        assert remote[name] == (len(local), hashlib.sha256(local).hexdigest()), name
+    state = hub_env.state
+    card = state.content(state.head_files("alice/tiny-GGUF")["README.md"]).decode()
+    assert "reads `template`, `system`, `params` from this repo" in card

@@ -65,6 +65,29 @@ def test_truncated_gguf_is_not_loadable(tmp_path, smol_gguf):
     assert "is truncated" in line and "re-run `grpoctl export`" in line
 
 
+def _nested_arrays_gguf(path, depth: int):
+    """A GGUF header whose one metadata value is an array of an array of ... ``depth`` levels deep."""
+    import struct
+
+    key = b"general.nested"
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    data += struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 4, 0)
+    path.write_bytes(data + bytes(-len(data) % 32))  # the (empty) tensor data starts 32-byte aligned
+    return path
+
+
+def test_gguf_nesting_arrays_deeply_is_one_line_not_a_recursion_error(tmp_path):
+    path = _nested_arrays_gguf(tmp_path / "deep.gguf", 100_000)
+    line = one_line_error(run_cli(path, "--port", free_port()), 11)
+    assert "nests arrays more than 8 levels deep" in line and "RecursionError" not in line
+
+
+def test_gguf_nesting_arrays_a_few_levels_is_read(tmp_path):
+    from grpoctl.serve.gguf_info import read_gguf_info
+
+    assert read_gguf_info(_nested_arrays_gguf(tmp_path / "two.gguf", 2)).architecture == "unknown"
+
+
 def test_not_a_gguf(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_text("not a model")
@@ -146,3 +169,68 @@ def test_server_that_never_answers_times_out_with_its_log_tail_and_is_stopped(tm
     with pytest.raises(ServeError, match=r"did not answer .* within 1s .*raise --timeout.*loading tensors 1/2"):
         server.wait_ready(timeout=1)
     assert server.proc.poll() is not None  # stopped, not left behind
+
+
+def _hold_port_lock(port: int, pid_in_file: int | None):
+    """Another process holding ``port``'s lock, having written ``pid_in_file`` into it (None: nothing yet)."""
+    import json
+    import subprocess
+    import sys
+
+    from grpoctl.serve.llamacpp import port_lock
+
+    path = port_lock(port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"pid": pid_in_file}) if pid_in_file else ""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    if text:
+        path.write_text(text)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.parametrize("case", ["stale pid", "live pid"])
+def test_refused_claim_names_only_a_live_owner(tmp_path, monkeypatch, case):
+    import subprocess
+
+    from grpoctl.errors import ServeError
+    from grpoctl.serve.llamacpp import claim_port
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    port = free_port()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # the previous server on this port, long stopped: its pid is still in the lock file
+    holder = _hold_port_lock(port, dead.pid)
+    try:
+        if case == "live pid":  # the holder has written its own pid, as a claimer does
+            from grpoctl.serve.llamacpp import port_lock
+
+            port_lock(port).write_text(f'{{"pid": {holder.pid}}}')
+        with pytest.raises(ServeError) as info:
+            claim_port(port)
+    finally:
+        holder.kill()
+        holder.wait()
+    message = str(info.value)
+    assert f"pid {dead.pid}" not in message
+    assert (f"(pid {holder.pid})" in message) == (case == "live pid")
+
+
+def test_a_port_another_server_holds_is_refused_before_starting_is_printed(tmp_path, monkeypatch):
+    from grpoctl.errors import ServeError
+    from grpoctl.serve.api import ServeOptions, serve
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    port = free_port()
+    gguf = _nested_arrays_gguf(tmp_path / "m.gguf", 1)
+    holder = _hold_port_lock(port, None)
+    lines: list[str] = []
+    try:
+        with pytest.raises(ServeError, match="already runs on port"):
+            serve(ServeOptions(source=gguf, port=port, detach=True), echo=lines.append)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not any("starting" in ln for ln in lines), lines

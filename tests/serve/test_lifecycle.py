@@ -4,6 +4,7 @@ leaving no llama.cpp process and no pid file behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,11 @@ def test_two_detached_servers_on_one_port_one_wins_and_stop_stops_it(smol_run, e
         last = loser.strip().splitlines()[-1]
         assert last.startswith("grpoctl: ") and "Traceback" not in loser, loser
         assert f"port {port}" in last and f"grpoctl serve --stop --port {port}" in last, last
+        assert "starting llama.cpp server" not in loser  # refused before anything was announced
         pid = int((state / f"llamacpp-{port}.pid").read_text())
+        winner = both[[p.returncode for p in both].index(0)].pid
+        named = re.search(r"\(pid (\d+)\)", last)
+        assert named is None or int(named.group(1)) in (pid, winner), last  # the owner then, never a stopped one
         assert server_pids(port) == [pid]  # the pid file names the process that owns the port
         log = (state / f"llamacpp-{port}.log").read_text()
         assert "address already in use" not in log.lower()  # the loser never started a server into this log
