@@ -56,6 +56,13 @@ class OutputBusyError(GrpoctlError, BlockingIOError):
     exit_code = 14
 
 
+class RunBusyError(GrpoctlError, BlockingIOError):
+    """A training process holds the run right now (``grpoctl train``, ``--resume`` included): its adapter may be
+    replaced at any moment, so an export of it would not know which adapter it holds."""
+
+    exit_code = 15
+
+
 class DependencyError(GrpoctlError, ImportError):
     """An optional engine (unsloth, vLLM, bitsandbytes, a GPU, the GGUF converter) is missing."""
 
