@@ -195,8 +195,9 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     comments = ["Ollama Modelfile written by grpoctl from the model's own chat template and training settings.",
                 "Create the model: ollama create <name> -f <this file>"]
     if template is None:
+        native = plan.prompt is None or plan.prompt.mode == "native"
         comments.append("No TEMPLATE: Ollama 0.30 and later render the chat template embedded in the GGUF "
-                        "(llama.cpp's Jinja engine).")
+                        "(llama.cpp's Jinja engine)." if native else f"No TEMPLATE: {plan.prompt.story()}.")
         if plan.go_faithful:
             comments.append("For Ollama before 0.30: grpoctl manifests RUN --ollama-template go")
     else:
