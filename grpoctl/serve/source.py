@@ -19,6 +19,7 @@ from grpoctl.errors import InputNotFoundError, ServeError, UsageError
 from grpoctl.export.quantize import canonical_type, default_type, parse_types
 from grpoctl.fsutil import sha256_file
 from grpoctl.rundir import RunDir
+from grpoctl.serve.common import RecordedAnswer
 
 
 @dataclass
@@ -56,6 +57,19 @@ class ServeTarget:
     @property
     def reasoning_markers(self) -> tuple[str, str] | None:
         return self.run.reasoning_markers if self.run is not None else None
+
+    @property
+    def recorded_answer(self) -> RecordedAnswer | None:
+        """The greedy answer the export's parity check recorded for this file, to hold the served one to."""
+        from grpoctl.export.parity import DEFAULT_SYSTEM_PROMPT, GREEDY_QUESTION, GREEDY_TOKENS
+
+        parity = self.artifacts.parity if self.artifacts is not None else None
+        measured = parity.files.get(self.gguf.name) if parity is not None else None
+        if measured is None:
+            return None
+        system = parity.probes.get("system_prompt") if isinstance(parity.probes, dict) else None
+        return RecordedAnswer(system_prompt=system if isinstance(system, str) else DEFAULT_SYSTEM_PROMPT,
+                              question=GREEDY_QUESTION, answer=measured.answer, max_tokens=GREEDY_TOKENS)
 
     def verify_digest(self) -> str:
         """sha256 of the GGUF, checked against artifacts.json so a file changed since export is caught."""
