@@ -43,7 +43,7 @@ from typing import Any
 
 from grpoctl import __version__
 from grpoctl.errors import DataError, InputNotFoundError
-from grpoctl.fsutil import sha256_file, staged_file
+from grpoctl.fsutil import final_of, sha256_file, staged_file
 from grpoctl.jsonfiles import from_json, read_json, to_json
 from grpoctl.rundir import ADAPTER_WEIGHTS, BaseModelRef, RunDir, adapter_sha256
 
@@ -101,6 +101,7 @@ class Provenance:
 
     source: str | None = None  # the run directory or adapter folder, as named
     run: str | None = None  # the run's absolute path, when exported from a run
+    run_step: int | None = None  # the run's training step when exported (summary.json), to tell it trained further
     base_model: BaseModelRef | None = None
     adapter: AdapterRecord | None = None
     grpoctl_version: str = __version__
@@ -462,15 +463,45 @@ class Artifacts:
         current = adapter_sha256(adapter_dir)
         if current == recorded.sha256:
             return None
-        steps = run.summary().get("steps") if run is not None else None
-        return (f"the export in {self.root} is stale: {adapter_dir} changed after it was exported (artifacts.json "
-                f"records adapter sha256 {recorded.sha256[:12]}, the adapter now has {current[:12]}"
-                f"{f'; the run is at step {steps}' if steps else ''}), so it holds an older model than the run; "
-                f"re-export with `{self.reexport_command(run.root if run is not None else adapter_dir)}`")
+        return (f"the export in {self.root} is stale: {self._what_changed(adapter_dir, run)} (artifacts.json "
+                f"records adapter sha256 {recorded.sha256[:12]}, the adapter now has {current[:12]}), so it holds an "
+                f"older model than the run; re-export with `{self.reexport_command()}`")
 
-    def reexport_command(self, source: Path) -> str:
+    def _what_changed(self, adapter_dir: Path, run: RunDir | None) -> str:
+        steps = run.summary().get("steps") if run is not None else None
+        then = self.provenance.run_step
+        if isinstance(steps, int) and isinstance(then, int) and steps > then:
+            return f"the run was trained further after this export (step {then} then, step {steps} now: --resume)"
+        if run is not None and run.summary().get("resumed_from"):
+            at = f" (now at step {steps})" if isinstance(steps, int) else ""
+            return f"the run was trained further with --resume after this export{at}"
+        return f"{adapter_dir} changed after it was exported"
+
+    def command_source(self) -> tuple[str, list[str]]:
+        """What ``grpoctl export`` is given to write into this export again: the run directory, or the adapter
+        folder with ``--base`` naming the recorded base (so it is taken for the same base, and added to)."""
+        if (run := self.run) is not None:
+            return str(run.root), []
+        adapter = self.provenance.adapter
+        source = adapter.path if adapter is not None and adapter.path else (self.provenance.source or ".")
+        base = self.provenance.base_model
+        return source, (["--base", base.id] if base is not None and base.id else [])
+
+    def export_command(self, *flags: str, force: bool = False) -> str:
+        """A ``grpoctl export`` line that writes ``flags`` into this export where it is (``-o`` unless it is
+        the run's default folder), quoted for a POSIX shell, that runs as printed."""
+        import shlex
+
+        source, base = self.command_source()
+        parts = ["grpoctl", "export", source, *base, *flags]
+        root = final_of(self.root)  # written from the staged export: the folder it becomes
+        if root.resolve() != (Path(source) / "export").resolve():
+            parts += ["-o", str(root)]
+        return " ".join(shlex.quote(p) for p in parts + (["--force"] if force else []))
+
+    def reexport_command(self) -> str:
         """The ``grpoctl export`` line that rebuilds what this export holds, where it is."""
-        parts = ["grpoctl", "export", str(source)]
+        parts: list[str] = []
         if quants := sorted(self.ggufs()):
             parts += ["--gguf", ",".join(quants)]
         if (matrix := self.imatrix) is not None:  # the quants marked imatrix are rebuilt with the same kind of matrix
@@ -486,9 +517,7 @@ class Artifacts:
             parts += ["--merged", "16bit"]
         if self.by_kind("lora"):
             parts.append("--lora")
-        if self.root.resolve() != (Path(source) / "export").resolve():
-            parts += ["-o", str(self.root)]
-        return " ".join(parts + ["--force"])
+        return self.export_command(*parts, force=True)
 
 
 def find_export(source: Path) -> Artifacts:

@@ -63,6 +63,13 @@ class OutputNotWritableError(GrpoctlError, PermissionError):
     exit_code = 15
 
 
+class RunBusyError(GrpoctlError, BlockingIOError):
+    """A training process holds the run right now (``grpoctl train``, ``--resume`` included): its adapter may be
+    replaced at any moment, so an export of it would not know which adapter it holds."""
+
+    exit_code = 16
+
+
 class DependencyError(GrpoctlError, ImportError):
     """An optional engine (unsloth, vLLM, bitsandbytes, a GPU, the GGUF converter) is missing."""
 

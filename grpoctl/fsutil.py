@@ -174,10 +174,11 @@ def _new_stage(final: Path) -> Path:
     return tmp
 
 
-def staged_for(stage: Path) -> Path:
-    """The output a staging folder becomes (its ``.F.partial-*`` name read back), for messages that name it."""
-    m = re.fullmatch(r"\.(.+)\.partial-\d+-[^/]*", stage.name)
-    return stage.with_name(m.group(1)) if m else stage
+def final_of(path: Path) -> Path:
+    """The output a staging folder becomes (``.F.partial-<pid>-*`` -> ``F``); any other path as it is. What a
+    stage writes about its own location (a command to run later) names the final output."""
+    m = re.fullmatch(r"\.(.+)\.partial-\d+-[^/]*", Path(path).name)
+    return Path(path).with_name(m.group(1)) if m else Path(path)
 
 
 def _owner_pid(name: str) -> int | None:

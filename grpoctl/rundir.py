@@ -15,17 +15,25 @@
       export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
 
 Stages never import a later stage; they meet only here and in ``artifacts.json`` (``grpoctl.artifacts``).
+
+A training process holds the run (an flock on ``.RUN.lock`` beside it, :func:`training_hold`) from its first
+check to its summary; an export takes the same lock for the moment it copies the adapter
+(:func:`snapshot_hold`) and refuses a run that is being trained, so it never reads an adapter that
+training is replacing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpoctl.errors import DataError, InputNotFoundError, UsageError
-from grpoctl.fsutil import sha256_file
+from grpoctl.errors import DataError, InputNotFoundError, OutputBusyError, RunBusyError, UsageError
+from grpoctl.fsutil import lock_owner, lock_path, output_lock, sha256_file
 from grpoctl.jsonfiles import check_types, read_json
 
 if TYPE_CHECKING:
@@ -64,6 +72,52 @@ def adapter_sha256(adapter_dir: Path) -> str:
     """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
     ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
     return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
+
+
+TRAINING = "train"  # what the training process writes into the run's lock file
+SNAPSHOT = "export: copying the adapter"
+
+
+@contextlib.contextmanager
+def training_hold(root: Path) -> Iterator[None]:
+    """Held by ``grpoctl train`` for the whole run. A second training of the same run fails at once
+    (OutputBusyError); an export copying the adapter holds it for a moment only, so training waits for that."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(output_lock(root, what=TRAINING))
+        except OutputBusyError:
+            if _holder(root) != SNAPSHOT:
+                raise
+            held.enter_context(output_lock(root, what=TRAINING, wait=True))
+        yield
+
+
+def _holder(root: Path) -> str | None:
+    """What holds the run's lock, by its own account; a holder writes that just after taking the lock."""
+    for _ in range(20):
+        if what := lock_owner(lock_path(root)).get("what"):
+            return what
+        time.sleep(0.05)
+    return None
+
+
+@contextlib.contextmanager
+def snapshot_hold(root: Path) -> Iterator[None]:
+    """Hold the run while an export copies its adapter, so that it copies one adapter, never half of the old one
+    and half of the new; RunBusyError while a training process holds the run (another export copying it is
+    waited for: a moment)."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(output_lock(root, what=SNAPSHOT))
+        except OutputBusyError:
+            if _holder(root) != SNAPSHOT:
+                owner = lock_owner(lock_path(root))
+                pid = f", pid {owner['pid']}" if owner.get("pid") else ""
+                raise RunBusyError(f"{root} is being trained right now (grpoctl {owner.get('what', TRAINING)}{pid}), "
+                                   "so its adapter may be replaced mid-export; export it once training has "
+                                   "finished") from None
+            held.enter_context(output_lock(root, what=SNAPSHOT, wait=True))
+        yield
 
 
 class RunDir:

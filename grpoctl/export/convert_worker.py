@@ -60,19 +60,23 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, plan: Any, direct_f16: 
 
     state: dict[str, Any] = {"merged": 0, "missing": []}
     original = model_base.index_tensors
-    # The merge of the next adapted tensors (B @ A, the float32 sum, the rounding to the base dtype) runs
-    # on a second thread while the writer converts and writes the current one (torch and numpy release
-    # the GIL); at most PREFETCH merged tensors are held at once.
+    # The merge of the next adapted tensors (B @ A, the float32 sum, the rounding to the base dtype, and for
+    # an f16 file the narrowing to f16) runs on a second thread while the writer converts and writes the
+    # current one (torch and numpy release the GIL); at most PREFETCH merged tensors are held at once.
     pool = ThreadPoolExecutor(max_workers=1)
     order: list[str] = []
     pending: dict[str, Any] = {}
     base_loaders: dict[str, Any] = {}
 
+    narrowed: set[str] = set()  # merged tensors written as f16 from bf16: narrowed here, off the writer's thread
+
     def merge(key: str):
         try:
-            return plan.merged(key, lazy_cls.to_eager(base_loaders[key]()))
+            t = plan.merged(key, lazy_cls.to_eager(base_loaders[key]()))
         except GrpoctlError as e:
             raise _Fail("adapter", str(e)) from None
+        # the same rounding the writer would do next (bf16 -> f16 once), done here while it writes the last one
+        return t.to(torch.float16) if key in narrowed and t.dtype == torch.bfloat16 else t
 
     def merged(key: str):
         i = order.index(key) if key in order else len(order)
@@ -92,7 +96,8 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, plan: Any, direct_f16: 
             base = gen()
             if isinstance(base, lazy_cls):
                 # a lazy node: the merge runs when the writer asks for this tensor's bytes, not before
-                return lazy_cls(meta=base._meta, args=(), func=lambda: merged(key))
+                meta = base._meta.to(torch.float16) if key in narrowed else base._meta
+                return lazy_cls(meta=meta, args=(), func=lambda: merged(key))
             return merged(key)
         return load
 
@@ -129,6 +134,8 @@ def _install_fused_merge(model_base: Any, lazy_cls: Any, plan: Any, direct_f16: 
                 if name.endswith(DIRECT_F16_SUFFIXES):
                     tensors[name] = f16_loader(tensors[name])
                     state["direct_f16"] = state.get("direct_f16", 0) + 1
+                    if name in keys:
+                        narrowed.add(keys[name])
         # the writer streams tensors in this (insertion) order; prefetch follows it
         order[:] = [keys[name] for name in tensors if name in keys]
         return tensors

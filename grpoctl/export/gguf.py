@@ -103,6 +103,9 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             "a bar per pass)")
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
                                        eot_ids, plan=ref_plan)
+        if ref.reused:
+            say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
+                "adapter and probes")
         files: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import ConversionError, InputNotFoundError, UsageError
+from grpoctl.export import reference_cache
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer."
 ENV_FLOORS = "GRPOCTL_PARITY_FLOORS"
@@ -612,6 +613,7 @@ class ParityReference:
     eot_ids: list[int]
     description: str = "base model in transformers, float32"
     system_prompt_chars: int | None = None  # the full prompt's length, when the probes carry only its start
+    reused: bool = False  # kept from an earlier export of the same base, adapter and probes
 
 
 def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool]:
@@ -622,7 +624,8 @@ def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool
 
 def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path, system_prompt: str | None,
                       eot_ids: list[int], plan: tuple[str, bool] | None = None) -> ParityReference:
-    import torch
+    """The reference on the probes: computed, or kept from an earlier export of the same base, adapter and probes
+    (``grpoctl.export.reference_cache``)."""
     from transformers import AutoTokenizer
 
     from grpoctl.chatprobes import probe_system_prompt
@@ -630,12 +633,33 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
     system_prompt, system_chars = probe_system_prompt(system_prompt or DEFAULT_SYSTEM_PROMPT)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     probes = build_probes(tokenizer, system_prompt)
-    device, stream = plan or reference_plan(model_dir, adapter_dir)
-    model = load_reference(model_dir, adapter_dir, device, stream)
-    ref32 = reference_logprobs(model, probes, device)
     prompt_ids = tokenizer(_render(tokenizer, _conversation(system_prompt, GREEDY_QUESTION), True)
                            if getattr(tokenizer, "chat_template", None) else GREEDY_QUESTION,
                            add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+    device, stream = plan or reference_plan(model_dir, adapter_dir)
+    key = reference_cache.reference_key(model_dir, adapter_dir, tokenizer_dir, [p.ids for p in probes], prompt_ids,
+                                        eot_ids, system_prompt, {"device": device, "stream": stream,
+                                                                 "greedy_tokens": GREEDY_TOKENS})
+    done = reference_cache.load(key)
+    reused = done is not None
+    if done is None:
+        done = _compute_reference(model_dir, adapter_dir, tokenizer, probes, prompt_ids, eot_ids, device, stream)
+        reference_cache.store(key, done)
+    else:
+        done.description += " (kept from an earlier export of the same base, adapter and probes)"
+    return ParityReference(probes=probes, ref32=done.ref32, noise=done.noise, confidence=done.confidence,
+                           answer=done.answer, prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt,
+                           eot_ids=eot_ids, description=done.description, reused=reused,
+                           system_prompt_chars=system_chars)
+
+
+def _compute_reference(model_dir: Path, adapter_dir: Path | None, tokenizer: Any, probes: list[Probe],
+                       prompt_ids: list[int], eot_ids: list[int], device: str,
+                       stream: bool) -> reference_cache.ReferenceResults:
+    import torch
+
+    model = load_reference(model_dir, adapter_dir, device, stream)
+    ref32 = reference_logprobs(model, probes, device)
     answer = greedy_reference(model, tokenizer, prompt_ids, eot_ids, device)
     # last, as it rounds the adapter: the same reference in bf16, for the noise floor. Module.to itself:
     # accelerate guards a dispatched model's own .to against moves, and its weights are not here to move
@@ -649,10 +673,8 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
         import peft
 
         what = f"base + adapter applied by PEFT (peft {peft.__version__}, unmerged) in transformers, {where}"
-    return ParityReference(probes=probes, ref32=ref32, noise={"top1": top1, "kl": kl, "positions": n},
-                           confidence=confidence, answer=answer,
-                           prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt, eot_ids=eot_ids,
-                           description=what, system_prompt_chars=system_chars)
+    return reference_cache.ReferenceResults(ref32=ref32, noise={"top1": top1, "kl": kl, "positions": n},
+                                            confidence=confidence, answer=answer, description=what)
 
 
 def measure(path: Path, type_name: str, ref: ParityReference, floor: Floor) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -200,11 +200,17 @@ def _provenance(src: ExportSource, adapter, report) -> Provenance:
     return Provenance(
         source=str(src.run.root if src.run else src.adapter_dir),
         run=str(src.run.root.resolve()) if src.run else None,
+        run_step=_run_step(src.run),
         base_model=identify(src.base),
         adapter=AdapterRecord(path=str(src.adapter_dir), sha256=report.adapter_sha256, r=adapter.r,
                               lora_alpha=adapter.alpha, use_rslora=bool(cfg.get("use_rslora")),
                               use_dora=adapter.use_dora, target_modules=cfg.get("target_modules"),
                               modules_to_save=cfg.get("modules_to_save"), peft_version=cfg.get("peft_version")))
+
+
+def _run_step(run: RunDir | None) -> int | None:
+    steps = run.summary().get("steps") if run is not None else None
+    return steps if isinstance(steps, int) else None
 
 
 class Finisher(Protocol):
@@ -340,11 +346,14 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
             say(f"removed {path} ({size / 2**20:.1f} MiB), left by an export that was killed")
         existing = None if options.verify_only else _existing_export(out, options.force)
         with scratch_dir("export") as scratch:
+            named = src
+            src = _snapshot(src, Path(scratch) / "adapter-snapshot")
             adapter = open_adapter(src.adapter_dir, allow_pickle=options.allow_pickle,
                                    scratch=Path(scratch) / "adapter")
             weights = ModelWeights(Path(src.base.path), allow_pickle=options.allow_pickle)
             check_not_quantized(weights.config(), weights.dir)
             report = verify_adapter(adapter, weights, base_id=src.base.id, strict=options.strict)
+            report.adapter = str(named.adapter_dir)
             say(report.table())
             if options.verify_only:
                 with staged_file(out / VERIFY_FILE) as tmp:
@@ -369,14 +378,59 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
             replace = options.force or (out.is_dir() and any(out.iterdir()))
             with (updated_dir(out) if existing is not None else staged_dir(out, force=replace)) as stage:
                 artifacts = Artifacts.load(stage) if existing is not None else Artifacts(root=stage)
-                artifacts.provenance = _provenance(src, adapter, report)
+                artifacts.provenance = _provenance(named, adapter, report)
                 _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
                              reuse=stage / "merged" if reuse else None, say=say, imatrix=imatrix)
+                _check_snapshot(adapter, report.adapter_sha256, named, say)
                 artifacts.save()
                 if then is not None:
                     then.write(stage, src, say)
     say(f"export complete: {out}")
     return Artifacts.load(out)
+
+
+def _snapshot(src: ExportSource, into: Path) -> ExportSource:
+    """``src`` reading a private copy of its adapter folder (and of its tokenizer, when that is the adapter
+    folder): the adapter is hashed, verified, merged, converted and used as the parity reference from the same
+    bytes even while training replaces the original. A run is copied under its lock (RunBusyError while a
+    training process holds it)."""
+    from grpoctl.export.merge import TEMPLATE_DIR
+    from grpoctl.rundir import snapshot_hold
+
+    def copy() -> Path:
+        # the files of the adapter folder (weights, config, tokenizer, chat templates), not its subfolders
+        # (an adapter folder may be a trainer checkpoint)
+        into.mkdir()
+        for f in Path(src.adapter_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, into / f.name)
+            elif f.name == TEMPLATE_DIR and f.is_dir():
+                shutil.copytree(f, into / f.name)
+        return into
+
+    if src.run is not None:
+        with snapshot_hold(src.run.root):
+            copy()
+    else:
+        copy()
+    tokenizer = into if src.tokenizer_dir is not None and Path(src.tokenizer_dir) == Path(src.adapter_dir) \
+        else src.tokenizer_dir
+    return replace(src, adapter_dir=into, tokenizer_dir=tokenizer)
+
+
+def _check_snapshot(adapter, sha256: str, named: ExportSource, say: Callable[[str], None]) -> None:
+    """At the end: every part was made from the adapter hashed at the start (the copy is unchanged), and a note
+    when the original changed meanwhile (trained further), since the export holds the adapter as it was."""
+    from grpoctl.errors import VerificationError
+    from grpoctl.rundir import adapter_sha256
+
+    if adapter_sha256(adapter.path) != sha256:
+        raise VerificationError(f"the copy of the adapter this export read ({adapter.path}) changed during the "
+                                "export; nothing was kept, run it again")
+    original = Path(named.adapter_dir)
+    if (original / ADAPTER_WEIGHTS).is_file() and adapter_sha256(original) != sha256:
+        say(f"note: {original} changed while this export ran (trained further?); the export holds the adapter as it "
+            f"was when the export started (sha256 {sha256[:12]}), and serve/push will call it stale")
 
 
 def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
@@ -395,7 +449,7 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
     merged16 = reuse
     if parts.merged == "16bit" or (parts.merged == "4bit" and reuse is None):
         merged16 = stage / ("merged" if parts.merged == "16bit" else ".merged-16bit")
-        say(f"merging {src.adapter_dir} into {src.base.id} -> {merged16.name}/")
+        say(f"merging the adapter into {src.base.id} -> {merged16.name}/")
         result = merge_16bit(weights.dir, adapter, merged16, dtype=options.dtype,
                              tokenizer_dir=src.tokenizer_dir, allow_pickle=options.allow_pickle,
                              progress=options.progress, weights=weights)

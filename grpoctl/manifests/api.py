@@ -178,7 +178,8 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
 
     by_quant = {q.upper(): f for q, f in ctx.artifacts.ggufs().items()}
     if not by_quant:
-        ctx.notes.append("no GGUF in the export: no Modelfile written (export with --gguf q4_k_m)")
+        ctx.notes.append("no GGUF in the export: no Modelfile written; add one with "
+                         f"`{ctx.artifacts.export_command('--gguf', 'q4_k_m')}`")
         return {}, OllamaSection(written=False)
     from grpoctl.export.quantize import canonical_type, default_type
 
@@ -214,8 +215,9 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
     comments = ["Ollama Modelfile written by grpoctl from the model's own chat template and training settings.",
                 "Create the model: ollama create <name> -f <this file>"]
     if template is None:
+        native = plan.prompt is None or plan.prompt.mode == "native"
         comments.append("No TEMPLATE: Ollama 0.30 and later render the chat template embedded in the GGUF "
-                        "(llama.cpp's Jinja engine).")
+                        "(llama.cpp's Jinja engine)." if native else f"No TEMPLATE: {plan.prompt.story()}.")
         if plan.go_faithful:
             comments.append("For Ollama before 0.30: grpoctl manifests RUN --ollama-template go")
     else:
@@ -399,7 +401,9 @@ def _vllm_files(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> tuple[
 
     plans = _plans(ctx, tok, tokenizer_has_template)
     if not plans:
-        ctx.notes.append("no merged model or LoRA adapter in the export: no vLLM manifests written")
+        ctx.notes.append("no merged model or LoRA adapter in the export: no vLLM manifests written; add the adapter "
+                         f"for vLLM's --enable-lora with `{ctx.artifacts.export_command('--lora')}` (the manifests "
+                         "are written again with it)")
         return {}, VllmSection(written=False)
     vdir = ctx.out_dir / "vllm"
     files: dict[Path, str] = {}

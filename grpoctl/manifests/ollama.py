@@ -125,6 +125,16 @@ class OllamaPrompt:
         return (f"Ollama's registry template {self.registry.name!r} (attached by `ollama create`: the chat template "
                 f"is {self.registry.distance} edits from it), not the model's chat template")
 
+    def story(self) -> str:
+        """What Ollama 0.30 and later render prompts with, and how to change it where that is not the model's
+        chat template: the one account both the Modelfile's comment and the printed note give (routes.go
+        ``shouldUseGoTemplate``: OLLAMA_GO_TEMPLATE=0 turns the Go template off, so the GGUF's renders)."""
+        said = f"Ollama 0.30 and later render prompts with {self.describe()}"
+        if self.mode == "registry":
+            said += ("; started with OLLAMA_GO_TEMPLATE=0, Ollama renders the GGUF's own chat template with "
+                     "llama.cpp instead")
+        return said
+
 
 def ollama_prompt(chat_template: str, template_capabilities: tuple[str, ...] | None) -> OllamaPrompt:
     """Predict, from Ollama's source, what renders prompts on Ollama >= 0.30 (OLLAMA_GO_TEMPLATE unset) for a
@@ -204,6 +214,7 @@ class TemplatePlan:
     go_faithful: bool = False  # the Go check passed on every probe conversation
     section: dict[str, Any] = field(default_factory=dict)  # artifacts.json manifests.ollama
     notes: list[str] = field(default_factory=list)
+    prompt: OllamaPrompt | None = None  # what Ollama >= 0.30 renders prompts with, given this TEMPLATE
 
 
 def _template_capabilities(fmt: Any) -> tuple[str, ...]:
@@ -319,10 +330,10 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         sec["llama_cpp_departures"] = departures
         plan.notes.append("Ollama >= 0.30 renders the chat template with llama.cpp, which differs from "
                           "transformers here: " + "; ".join(departures))
+    plan.prompt = new
     if new.mode == "registry":
         why = refusal or "--ollama-template native was asked for"
-        plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()} ({why}); start Ollama with "
-                          "OLLAMA_GO_TEMPLATE=0 so it renders the GGUF's chat template itself")
+        plan.notes.append(f"{new.story()} (no TEMPLATE written: {why})")
     elif new_faithful is False and not departures:
         plan.notes.append(f"Ollama >= 0.30 renders prompts with {new.describe()}, not checked to equal the chat "
                           f"template: {refusal}")

@@ -115,7 +115,7 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         if opts.smoke:
             try:
                 result = llamacpp.smoke_chat(server, target.system_prompt, opts.prompt, opts.max_tokens,
-                                             target.reasoning_markers)
+                                             target.reasoning_markers, target.recorded_answer)
             except ServeError as e:
                 echo(f"smoke: FAILED ({e})")
                 return 1
@@ -284,7 +284,7 @@ def _serve_ollama(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, name:
     if opts.smoke:
         try:
             result = ollama.smoke_chat(name, opts.prompt, opts.max_tokens, opts.host, reg.system,
-                                       target.reasoning_markers)
+                                       target.reasoning_markers, target.recorded_answer)
         except ServeError as e:
             echo(f"smoke: FAILED ({e})")
             return 1

@@ -38,7 +38,7 @@ from typing import ClassVar
 from grpoctl.errors import ServeError
 from grpoctl.fsutil import cache_dir, lock_owner, staged_file, try_lock, write_lock_owner
 from grpoctl.procs import alive, parent_death_signal, stop_process_group
-from grpoctl.serve.common import SmokeResult, chat_messages
+from grpoctl.serve.common import RecordedAnswer, SmokeResult, chat_messages
 
 # The chat handler llama-cpp-python registers for the GGUF's tokenizer.chat_template.
 GGUF_TEMPLATE_FORMAT = "chat_template.default"
@@ -309,9 +309,10 @@ def _gpu_offload() -> bool:
 
 # --- talking to it ---------------------------------------------------------------------------------
 def chat_completion(base_url: str, messages: list[dict], model: str | None = None, max_tokens: int = 256,
-                    temperature: float = 0.0, timeout: float = 300.0) -> dict:
-    """One non-streaming OpenAI-style chat completion; returns the parsed response."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+                    temperature: float = 0.0, timeout: float = 300.0, **sampling: float) -> dict:
+    """One non-streaming OpenAI-style chat completion; returns the parsed response. ``sampling``: more of
+    llama_cpp.server's request fields (top_k, repeat_penalty)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, **sampling}
     if model:
         body["model"] = model
     req = urllib.request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
@@ -327,14 +328,22 @@ def chat_completion(base_url: str, messages: list[dict], model: str | None = Non
 
 
 def smoke_chat(server: LlamaCppServer, system_prompt: str | None, question: str, max_tokens: int,
-               reasoning_markers: tuple[str, str] | None = None) -> SmokeResult:
+               reasoning_markers: tuple[str, str] | None = None, recorded: RecordedAnswer | None = None) -> SmokeResult:
+    """The probe chat (shown), and with ``recorded`` the export's parity question asked greedily, whose answer
+    must be the one the export recorded for this file."""
     resp = chat_completion(server.base_url, chat_messages(system_prompt, question), model=server.alias,
                            max_tokens=max_tokens)
     choice = (resp.get("choices") or [{}])[0]
     answer = (choice.get("message") or {}).get("content") or ""
+    greedy = None
+    if recorded is not None:
+        # as parity's llama.cpp side decodes it: the most likely token each step, no repeat penalty
+        again = chat_completion(server.base_url, chat_messages(recorded.system_prompt, recorded.question),
+                                model=server.alias, max_tokens=recorded.max_tokens, top_k=1, repeat_penalty=1.0)
+        greedy = ((again.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
     return SmokeResult(engine="llama.cpp", model=server.alias or server.gguf.name, system_prompt=system_prompt,
                        question=question, answer=answer, finish_reason=choice.get("finish_reason"),
-                       reasoning_markers=reasoning_markers)
+                       reasoning_markers=reasoning_markers, recorded=recorded, greedy=greedy)
 
 
 def curl_example(base_url: str, model: str | None, system_prompt: str | None, question: str) -> str:

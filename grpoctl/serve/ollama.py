@@ -26,7 +26,7 @@ from typing import Any
 
 from grpoctl.errors import ServeError, UsageError
 from grpoctl.manifests.modelfile import Modelfile, read_modelfile
-from grpoctl.serve.common import SmokeResult, chat_messages
+from grpoctl.serve.common import RecordedAnswer, SmokeResult, chat_messages
 from grpoctl.serve.gguf_info import GGUFInfo
 from grpoctl.serve.source import ServeTarget
 
@@ -295,15 +295,23 @@ def register(reg: Registration, digest: str, host: str | None = None,
 
 def smoke_chat(name: str, question: str, max_tokens: int, host: str | None = None,
                system_prompt: str | None = None, reasoning_markers: tuple[str, str] | None = None,
-               ) -> SmokeResult:
+               recorded: RecordedAnswer | None = None) -> SmokeResult:
     """One chat through ``/api/chat``. The system prompt registered with the model applies by itself;
-    ``system_prompt`` here is only what the report shows."""
+    ``system_prompt`` here is only what the report shows. With ``recorded``, the export's parity question is
+    asked greedily too (its system prompt sent as a message, which replaces the registered one), and its answer
+    must be the one the export recorded for the file."""
     from ollama import ResponseError
 
     client = _client(host)
+    greedy = None
     try:
         resp = client.chat(model=name, messages=chat_messages(None, question), stream=False,
                            options={"num_predict": max_tokens, "temperature": 0.0})
+        if recorded is not None:
+            again = client.chat(model=name, messages=chat_messages(recorded.system_prompt, recorded.question),
+                                stream=False, options={"num_predict": recorded.max_tokens, "temperature": 0.0,
+                                                       "top_k": 1, "repeat_penalty": 1.0})
+            greedy = again.message.content or ""
     except ResponseError as e:
         raise ServeError(f"Ollama chat with {name} failed: {e.error} (HTTP {e.status_code})") from None
     except ConnectionError as e:
@@ -312,7 +320,7 @@ def smoke_chat(name: str, question: str, max_tokens: int, host: str | None = Non
         client.close()
     return SmokeResult(engine="ollama", model=name, system_prompt=system_prompt, question=question,
                        answer=resp.message.content or "", finish_reason=resp.done_reason,
-                       reasoning_markers=reasoning_markers)
+                       reasoning_markers=reasoning_markers, recorded=recorded, greedy=greedy)
 
 
 def usage_hint(name: str, host: str | None, question: str) -> str:

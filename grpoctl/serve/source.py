@@ -10,14 +10,16 @@ and the sampling settings, so the served model is prompted the way it was traine
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
 from grpoctl.errors import InputNotFoundError, ServeError, UsageError
-from grpoctl.export.quantize import canonical_type, default_type
+from grpoctl.export.quantize import canonical_type, default_type, parse_types
 from grpoctl.fsutil import sha256_file
 from grpoctl.rundir import RunDir
+from grpoctl.serve.common import RecordedAnswer
 
 
 @dataclass
@@ -56,6 +58,19 @@ class ServeTarget:
     def reasoning_markers(self) -> tuple[str, str] | None:
         return self.run.reasoning_markers if self.run is not None else None
 
+    @property
+    def recorded_answer(self) -> RecordedAnswer | None:
+        """The greedy answer the export's parity check recorded for this file, to hold the served one to."""
+        from grpoctl.export.parity import DEFAULT_SYSTEM_PROMPT, GREEDY_QUESTION, GREEDY_TOKENS
+
+        parity = self.artifacts.parity if self.artifacts is not None else None
+        measured = parity.files.get(self.gguf.name) if parity is not None else None
+        if measured is None:
+            return None
+        system = parity.probes.get("system_prompt") if isinstance(parity.probes, dict) else None
+        return RecordedAnswer(system_prompt=system if isinstance(system, str) else DEFAULT_SYSTEM_PROMPT,
+                              question=GREEDY_QUESTION, answer=measured.answer, max_tokens=GREEDY_TOKENS)
+
     def verify_digest(self) -> str:
         """sha256 of the GGUF, checked against artifacts.json so a file changed since export is caught."""
         digest = sha256_file(self.gguf, progress=True)
@@ -68,13 +83,15 @@ class ServeTarget:
 def _from_export(export_dir: Path, quant: str | None) -> ServeTarget:
     artifacts = Artifacts.load(export_dir)
     by_quant = artifacts.ggufs()
+    if quant is not None:
+        quant = parse_types(quant)[0]  # a name export would refuse is refused here, before it is suggested
     if not by_quant:
-        raise InputNotFoundError(f"{export_dir} holds no GGUF export; run `grpoctl export "
-                                 f"{artifacts.run.root if artifacts.run else export_dir} --gguf q4_k_m`")
-    if quant is not None and canonical_type(quant) not in by_quant:
-        raise InputNotFoundError(f"quantization {canonical_type(quant)} was not exported to {export_dir}; "
-                                 f"exported: {', '.join(sorted(by_quant))} (add it with `grpoctl export ... --gguf "
-                                 f"{canonical_type(quant)}`)")
+        raise InputNotFoundError(f"{export_dir} holds no GGUF file; add one with "
+                                 f"`{artifacts.export_command('--gguf', quant or 'q4_k_m')}`")
+    if quant is not None and quant not in by_quant:
+        add = artifacts.export_command("--gguf", quant)
+        raise InputNotFoundError(f"quantization {quant} was not exported to {export_dir}; exported: "
+                                 f"{', '.join(sorted(by_quant))} (add it with `{add}`)")
     chosen = canonical_type(quant) if quant is not None else default_type(by_quant)
     entry = by_quant[chosen]
     path = export_dir / entry.path
@@ -111,7 +128,8 @@ def resolve_target(source: Path, quant: str | None = None) -> ServeTarget:
     if RunDir.is_run(source):
         run = RunDir(source)
         if not (run.export_dir / ARTIFACTS_FILE).is_file():
-            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export {source} --gguf q4_k_m`")
+            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export {shlex.quote(str(source))} "
+                                     f"--gguf {parse_types(quant)[0] if quant else 'q4_k_m'}`")
         return _from_export(run.export_dir, quant)
     if (source / ARTIFACTS_FILE).is_file():
         return _from_export(source, quant)

@@ -22,7 +22,16 @@ from grpoctl import __version__
 from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
-from grpoctl.rundir import ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_FILE, SAMPLES_FILE, SUMMARY_FILE, RunDir
+from grpoctl.rundir import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    RunDir,
+    training_hold,
+)
 from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
 
@@ -96,8 +105,17 @@ def _warmup_kwargs(ratio: float) -> dict[str, float]:
 
 
 def train(cfg: TrainConfig) -> RunDir:
-    """Train a LoRA adapter with GRPO as ``cfg`` says and return the finished run directory."""
+    """Train a LoRA adapter with GRPO as ``cfg`` says and return the finished run directory.
+
+    The process that writes the run (this one, or the launcher of distributed workers) holds it for the whole
+    run (``grpoctl.rundir.training_hold``): an export refuses it meanwhile, a second training of it fails."""
     cfg.validate()
+    writes_run = is_main_process() and os.environ.get(distributed.LAUNCHED_ENV) != "1"
+    with training_hold(Path(cfg.output_dir)) if writes_run else contextlib.nullcontext():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> RunDir:
     # transformers 5 renames (gradient_checkpointing -> activation_checkpointing) warn on every step of TRL
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     if cfg.distributed.num_processes > 1 and "LOCAL_RANK" not in os.environ:

@@ -298,6 +298,26 @@ def test_gemma2_gets_ollamas_registry_template_whatever_the_modelfile_says(tmp_p
     assert any("OLLAMA_GO_TEMPLATE=0" in n and "trims" in n for n in section.notes)
 
 
+def test_the_modelfile_comment_and_the_printed_note_tell_one_story_about_ollama_0_30(tmp_path, tiny_qwen3,
+                                                                                   go_renderer):
+    """Where `ollama create` attaches a registry template (Gemma 2's), the Modelfile's comment may not say that
+    Ollama renders the GGUF's template: both say the registry template renders, unless OLLAMA_GO_TEMPLATE=0."""
+    run = write_run(tmp_path / "run", tiny_qwen3, reasoning=False)
+    export = write_export(run, lora=False)
+    write_manifests(export, run=RunDir(run), options=ManifestOptions(chat_template=TEMPLATES / "gemma-2.jinja"))
+    section = Artifacts.load(export).manifests
+    story = ("Ollama 0.30 and later render prompts with Ollama's registry template 'gemma-instruct' (attached by "
+             "`ollama create`")
+    text = (export / "gguf" / "Modelfile").read_text()
+    comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+    assert story in comment and "OLLAMA_GO_TEMPLATE=0" in comment
+    assert "render the chat template embedded in the GGUF" not in comment
+    note = next(n for n in section.notes if "registry template" in n)
+    assert note.startswith(story) and "OLLAMA_GO_TEMPLATE=0" in note
+    tail = "; started with OLLAMA_GO_TEMPLATE=0, Ollama renders the GGUF's own chat template with llama.cpp instead"
+    assert tail in comment and tail in note
+
+
 def test_standalone_export_without_run(tmp_path, tiny_qwen3, go_renderer):
     import shutil
 
