@@ -172,6 +172,7 @@ class TaskResult:
     significant_drop: bool  # the whole interval below zero
     passed: bool  # False only when the task gate is on and the drop is significant
     examples: list[str]  # the first answers
+    seconds: float | None = None  # what answering and scoring cost
 
 
 @dataclass
@@ -179,6 +180,7 @@ class TaskReference:
     mean_reward: float
     rewards: dict[str, float]
     examples: list[str]
+    seconds: float | None = None
 
 
 @dataclass
