@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import DataError, UsageError
+from grpoctl.errors import ConfigError, DataError, UsageError
 from grpoctl.rundir import RunDir
 
 CPU_PROMPTS = 8  # greedy answers on 2 CPU cores: each prompt costs one pass per answer token on every side
@@ -119,7 +119,11 @@ def load_task_set(request: TaskRequest, run: RunDir | None, tokenizer_dir: Path,
         markers, prefilled = (found.start, found.end), found.prefilled_start
         functions, weights, language = RewardsConfig().functions, {}, RewardsConfig().language
         max_new, note = CPU_MAX_NEW_TOKENS, None
-    funcs, out_weights = build_rewards(functions, weights, RewardContext(markers[0], markers[1], prefilled, language))
+    try:
+        funcs, out_weights = build_rewards(functions, weights,
+                                           RewardContext(markers[0], markers[1], prefilled, language))
+    except ConfigError as err:  # a plugin of the run that does not import here: the export does not need it
+        return f"the run's rewards cannot be loaded here: {err}"
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
     return TaskSet(prompts=[r["prompt"] for r in rows], columns=columns, source=source, funcs=funcs,
                    weights=out_weights, max_new_tokens=max_new, budget_note=note)
@@ -168,20 +172,20 @@ def reference_answers(model: Any, tokenizer: Any, task: TaskSet, eot_ids: list[i
     return answers
 
 
-def gguf_answers(path: Path, task: TaskSet, threads: int | None = None) -> list[str]:
+def gguf_answers(path: Path, task: TaskSet, threads: int | None = None) -> list[str] | None:
     """Greedy answers of one GGUF in llama.cpp: llama-cpp-python's chat completion with the chat template the
     file carries (``chat_template.default``: the handler llama-cpp-python builds from the file's template, BOS/EOS
-    texts and EOS id, never a built-in format it might guess), ending where the file's vocabulary ends a turn."""
+    texts and EOS id, never a built-in format it might guess), ending where the file's vocabulary ends a turn.
+    None when the file carries no chat template."""
     import llama_cpp
 
-    from grpoctl.errors import ConversionError
     from grpoctl.export.quantize import default_threads
 
     llm = llama_cpp.Llama(str(path), n_ctx=_context(task), n_batch=512, verbose=False, use_mmap=True,
                           n_threads=threads or default_threads(), chat_format="chat_template.default")
     try:
         if not llm.metadata.get("tokenizer.chat_template"):
-            raise ConversionError(f"{path.name} carries no chat template, so llama.cpp cannot answer a chat")
+            return None
         answers = []
         with _bar(len(task.prompts) * task.max_new_tokens, f"task parity: {path.name}") as bar:
             for messages in task.prompts:
@@ -295,7 +299,10 @@ class TaskParity:
             start = time.perf_counter()
             self.tokenizer = tokenizer
             self.ref_answers = reference_answers(model, tokenizer, self.task, eot_ids, device)
-            self.ref_scores = score(self.task, self.ref_answers, tokenizer)
+            try:
+                self.ref_scores = score(self.task, self.ref_answers, tokenizer)
+            except Exception as err:  # a plugin's own failure: the export does not depend on task parity
+                self.task, self.skipped = None, f"a reward function failed on the answers: {type(err).__name__}: {err}"
             self.ref_seconds = round(time.perf_counter() - start, 2)
 
         return answer
@@ -309,6 +316,9 @@ class TaskParity:
                 f"(file {i}/{len(paths)}, up to {self.task.max_new_tokens} tokens each)")
             start = time.perf_counter()
             answers = gguf_answers(path, self.task)
+            if answers is None:  # the tokenizer checks fail this file already and say why
+                say(f"task parity: {name} carries no chat template, so llama.cpp cannot answer a chat; not measured")
+                continue
             record = compare(self.task, self.ref_answers, self.ref_scores, answers,
                              score(self.task, answers, self.tokenizer), self.request.gate)
             record["seconds"] = round(time.perf_counter() - start, 2)
