@@ -173,12 +173,12 @@ def _why(f: dict[str, Any]) -> str:
         bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
-    task = f.get("task")
-    if task and not task["passed"]:
+    fl, task = f["floor"], f.get("task")
+    below = (fl["top1"] is not None and f["top1"] < fl["top1"]) or (fl["kl"] is not None and f["kl"] > fl["kl"])
+    if task and not task["passed"] and not below:
         d = task["difference"]
         return (f"task parity: mean reward {task['mean_reward']:.3f}, {d['mean']:+.3f} against the reference "
                 f"(95% interval {d['low']:+.3f} to {d['high']:+.3f})")
-    fl = f["floor"]
     return (f"top-1 {f['top1'] * 100:.1f}%" + (f" vs >= {fl['top1'] * 100:.1f}%" if fl["top1"] is not None else "")
             + f", mean KL {f['kl']:.4f}" + (f" vs <= {fl['kl']:g}" if fl["kl"] is not None else ""))
 
