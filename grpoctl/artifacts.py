@@ -19,7 +19,8 @@ Each section is a dataclass below, written by one stage and read by the later on
     verify       export      the adapter verification summary
     merged       export      the merged weights: dtype, tensor counts, shards
     parity       export      every GGUF measured against base + adapter applied by PEFT (and each importance-matrix
-                             quant against the plain quant of its type)
+                             quant against the plain quant of its type; task parity: held-out answers scored by
+                             the run's rewards)
     imatrix      export      the importance matrix: where it came from, its calibration text, the types it made
     manifests    manifests   what the Modelfiles and vLLM manifests say, and notes
     served_parity  serve     a running vLLM server measured against the same PEFT reference (``--parity``)
@@ -149,6 +150,56 @@ class MergedSection:
 class ParityFloor:
     top1: float | None  # None: top-1 not gated (the reference too flat for argmax agreement to mean anything)
     kl: float | None
+    # default: the type's starting point; noise: lowered to the rounding noise this run measured; given: the user's
+    basis: str | None = None
+
+
+@dataclass
+class RewardDifference:
+    """File minus reference in weighted reward, per prompt: the mean and its bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass
+class TaskResult:
+    """One GGUF's answers to the held-out prompts, scored with the run's rewards (``grpoctl.export.taskparity``)."""
+
+    mean_reward: float  # weighted as in training
+    rewards: dict[str, float]  # each reward's mean
+    agreement: float  # share of answers identical to the reference's
+    difference: RewardDifference
+    significant_drop: bool  # the whole interval below zero
+    passed: bool  # False only when the task gate is on and the drop is significant
+    examples: list[str]  # the first answers
+    seconds: float | None = None  # what answering and scoring cost
+
+
+@dataclass
+class TaskReference:
+    mean_reward: float
+    rewards: dict[str, float]
+    examples: list[str]
+    seconds: float | None = None
+
+
+@dataclass
+class TaskSection:
+    """How task parity ran, and the reference's scores; ``skipped`` says why it did not run."""
+
+    skipped: str | None = None
+    source: str | None = None  # the run's held-out prompts, or the --eval-data file
+    prompts: int | None = None
+    max_new_tokens: int | None = None
+    max_new_tokens_note: str | None = None
+    weights: dict[str, float] | None = None  # reward name -> weight, as in training
+    level: float | None = None
+    resamples: int | None = None
+    gate: bool | None = None
+    reference: TaskReference | None = None
+    questions: list[str] | None = None
 
 
 @dataclass
@@ -164,6 +215,7 @@ class ParityResult:
     tokenizer: dict[str, Any]  # one-BOS, same ids, end-of-turn, template checks
     answer: str  # the GGUF's greedy answer to the probe question
     kl_p99: float | None = None  # the 99th percentile of the per-position KL: the tail a mean hides
+    task: TaskResult | None = None  # task parity, when it ran
 
 
 @dataclass
@@ -225,6 +277,7 @@ class ParitySection:
     files: dict[str, ParityResult]
     passed: bool
     imatrix: ImatrixComparison | None = None
+    task: TaskSection | None = None
 
 
 @dataclass

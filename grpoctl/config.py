@@ -73,6 +73,9 @@ class DataConfig:
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None (or "") = no system message
     length_quantile: float = 0.9  # drop prompts longer than this quantile of token length
     max_samples: int | None = None
+    # prompts kept out of training (at most a tenth of the rows) and written to RUN/held_out.jsonl: export's task
+    # parity answers them with the trained model and with each GGUF, so it measures on prompts training never saw
+    held_out: int = 16
     reasoning_start: str = "<think>"  # used only when the tokenizer has no reasoning tokens of its own
     reasoning_end: str = "</think>"
 

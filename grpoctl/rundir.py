@@ -49,6 +49,7 @@ REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
+HELD_OUT_FILE = "held_out.jsonl"  # prompts training never saw (grpoctl.train.data.hold_out)
 EXPORT_DIR = "export"
 _BASE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "path": (str,), "revision": (str,)}
 
@@ -155,6 +156,10 @@ class RunDir:
     @property
     def checkpoints_dir(self) -> Path:
         return self.root / CHECKPOINTS_DIR
+
+    @property
+    def held_out_file(self) -> Path:
+        return self.root / HELD_OUT_FILE
 
     @property
     def export_dir(self) -> Path:

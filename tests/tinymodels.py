@@ -38,10 +38,14 @@ def _corpus() -> list[str]:
     return [r["question"] + "\n" + r["answer"] for r in rows] + extra * 20
 
 
-def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True):
+BOS = "<bos>"
+
+
+def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True, bos: bool = False):
     """The fixture tokenizer, saved to ``out``; ``chat_template=False``: without a chat template, as many base
-    (not instruct) models ship."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    (not instruct) models ship; ``bos``: a BOS token that the tokenizer adds to text itself and the chat template
+    writes too (Gemma, Llama 3): a server that tokenizes the rendered prompt with the BOS added must not send two."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
@@ -50,32 +54,42 @@ def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + ([BOS] if bos else []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+    if bos:
+        bos_id = tok.token_to_id(BOS)
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS if bos else None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None)
     if chat_template:
-        fast.chat_template = CHAT_TEMPLATE
+        fast.chat_template = ("{{- bos_token }}" if bos else "") + CHAT_TEMPLATE
     fast.save_pretrained(out)
+    if bos:  # as Gemma's and Llama 3's tokenizer_config.json say it; llama.cpp's converter reads it from here
+        config_file = Path(out) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["add_bos_token"] = True
+        config_file.write_text(json.dumps(config, indent=2))
     return fast
 
 
 def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool = False,
-                     chat_template: bool = True) -> Path:
+                     chat_template: bool = True, bos: bool = False) -> Path:
     """Write a tiny random ``arch`` (llama | qwen2 | qwen3) model with the fixture tokenizer to ``out``;
     ``tied``: lm_head shares the input embedding (tie_word_embeddings, no lm_head.weight saved);
-    ``chat_template=False``: its tokenizer has none (a base model)."""
+    ``chat_template=False``: its tokenizer has none (a base model); ``bos``: the tokenizer adds a BOS and the
+    chat template writes it (``build_tokenizer``)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, chat_template=chat_template)
+    tok = build_tokenizer(out, chat_template=chat_template, bos=bos)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=0.1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                  pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=tied)
+                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=tied)
     if arch == "llama":
         config = LlamaConfig(**common, rms_norm_eps=1e-5)
     elif arch == "qwen2":

@@ -30,10 +30,13 @@ from grpoctl.export import parity
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.export.taskparity import TaskParity, TaskRequest
+from grpoctl.export.taskparity import format_rows as format_task_rows
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.jsonfiles import from_json, to_json
 from grpoctl.models import TOKENIZER_FILES, has_tokenizer
 from grpoctl.procs import run_child
+from grpoctl.rundir import RunDir
 
 PARITY_FILE = "parity.json"
 # where progress lines and the parity table go: the export's one output channel (silent under --quiet)
@@ -54,6 +57,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
                 floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
+                refused_report: Path | None = None, task: TaskRequest | None = None, run: RunDir | None = None,
                 say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
@@ -61,10 +65,14 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
 
+    ``task``: task parity's options (``grpoctl.export.taskparity``; None: its defaults) on ``run``'s held-out
+    prompts and rewards: after the KL parity each file answers them and is scored with the run's rewards.
+
     ``merged_dir``, when the merged 16-bit folder was written anyway, is converted instead of merging
     again. The parity reference is always the base plus the adapter applied by PEFT (never grpoctl's merge,
     nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
-    files are not kept; parity.json says why).
+    files are not kept; parity.json says why, and a copy goes to ``refused_report`` when given: where the report
+    outlives an ``out_dir`` that the refusal removes, as a staged export's).
     """
     types = parse_types(",".join(types))
     check_types(types, with_matrix=imatrix is not None)
@@ -101,8 +109,9 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         how = "weights streamed layer by layer" if ref_plan[1] else "in memory"
         say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")
+        tasks = TaskParity.prepare(task, run, view, streamed=ref_plan[1], device=ref_plan[0])
         ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids, plan=ref_plan)
+                                       eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
         if ref.reused:
             say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
                 "adapter and probes")
@@ -111,9 +120,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             fname = gguf_filename(name, t)
             say(f"parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)")
             files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
+        if tasks is not None:
+            tasks.measure(files, {gguf_filename(name, t): built[t] for t in types}, say)
         rep = parity.report(ref, files)
+        if tasks is not None:
+            rep["task"] = tasks.section()
         rep["conversion"] = built.get("_info", {})
-        say(parity.format_table(rep))
+        say("\n".join([parity.format_table(rep), *format_task_rows(rep)]))
         if plan is not None:
             comparison = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
                                       lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
@@ -147,8 +160,11 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
 
     failed = [n for n, f in files.items() if not f["passed"]]
     if failed and parity_gate:
+        kept_at = out_dir / PARITY_FILE
+        if refused_report is not None:
+            kept_at = parity.write_report(rep, Path(refused_report))
         raise ParityError(f"{', '.join(failed)} below the parity floor ({_why(files[failed[0]])}); see "
-                          f"{out_dir / PARITY_FILE}; pass --no-parity-gate to keep such files anyway")
+                          f"{kept_at}; pass --no-parity-gate to keep such files anyway")
     return [p for p, _ in written]
 
 
@@ -160,9 +176,14 @@ def _why(f: dict[str, Any]) -> str:
         bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
-    fl = f["floor"]
+    fl, task = f["floor"], f.get("task")
+    below = (fl["top1"] is not None and f["top1"] < fl["top1"]) or (fl["kl"] is not None and f["kl"] > fl["kl"])
+    if task and not task["passed"] and not below:
+        d = task["difference"]
+        return (f"task parity: mean reward {task['mean_reward']:.3f}, {d['mean']:+.3f} against the reference "
+                f"(95% interval {d['low']:+.3f} to {d['high']:+.3f})")
     return (f"top-1 {f['top1'] * 100:.1f}%" + (f" vs >= {fl['top1'] * 100:.1f}%" if fl["top1"] is not None else "")
-            + f", mean KL {f['kl']:.4f}" + (f" vs <= {fl['kl']}" if fl["kl"] is not None else ""))
+            + f", mean KL {f['kl']:.4f}" + (f" vs <= {fl['kl']:g}" if fl["kl"] is not None else ""))
 
 
 # --- conversion ----------------------------------------------------------------------------------

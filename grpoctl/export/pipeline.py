@@ -45,6 +45,7 @@ from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, RunDir
 
 if TYPE_CHECKING:
     from grpoctl.export.imatrix import ImatrixRequest
+    from grpoctl.export.taskparity import TaskRequest
 
 MERGED_KINDS = ("16bit", "4bit")
 DTYPES = ("auto", "bf16", "fp16")
@@ -69,6 +70,15 @@ class ExportOptions:
     progress: bool = True
     imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
     calibration: Path | None = None  # text to compute the matrix over instead of the run's data
+    # task parity (grpoctl.export.taskparity): held-out prompts instead of the run's, how many (0: none), gate
+    eval_data: Path | None = None
+    task_prompts: int | None = None
+    task_gate: bool = False
+
+    def task(self) -> TaskRequest:
+        from grpoctl.export.taskparity import TaskRequest
+
+        return TaskRequest(eval_data=self.eval_data, prompts=self.task_prompts, gate=self.task_gate)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -186,6 +196,10 @@ def _validate(options: ExportOptions) -> list[str]:
         if not types:
             raise UsageError("--imatrix and --calibration apply to GGUF quants; add --gguf TYPES")
         check_types(types, with_matrix=bool(options.imatrix or options.calibration))
+    if types:
+        options.task().check()
+    elif options.eval_data or options.task_gate:
+        raise UsageError("--eval-data and --task-gate apply to GGUF files; add --gguf TYPES")
     if options.merged == "4bit" and not options.verify_only:
         from grpoctl.export.merge4bit import check_nf4_available
 
@@ -380,11 +394,13 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 artifacts = Artifacts.load(stage) if existing is not None else Artifacts(root=stage)
                 artifacts.provenance = _provenance(named, adapter, report)
                 _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
-                             reuse=stage / "merged" if reuse else None, say=say, imatrix=imatrix)
+                             reuse=stage / "merged" if reuse else None, say=say, imatrix=imatrix,
+                             refused_report=refused_report(out))
                 _check_snapshot(adapter, report.adapter_sha256, named, say)
                 artifacts.save()
                 if then is not None:
                     then.write(stage, src, say)
+    refused_report(out).unlink(missing_ok=True)  # an earlier refusal's report no longer describes this export
     say(f"export complete: {out}")
     return Artifacts.load(out)
 
@@ -433,9 +449,15 @@ def _check_snapshot(adapter, sha256: str, named: ExportSource, say: Callable[[st
             f"was when the export started (sha256 {sha256[:12]}), and serve/push will call it stale")
 
 
+def refused_report(out: Path) -> Path:
+    """Where the parity report of a refused export is kept: beside the output folder, as the staged folder it was
+    written into is removed with the refusal (and a finished export in ``out`` is left as it was)."""
+    return out.parent / f"{out.name}.refused-parity.json"
+
+
 def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
                  report, options: ExportOptions, reuse: Path | None, say: Callable[[str], None],
-                 imatrix: ImatrixRequest | None = None) -> None:
+                 imatrix: ImatrixRequest | None = None, refused_report: Path | None = None) -> None:
     """Write ``parts`` into ``stage`` and record them; ``reuse`` is a merged 16-bit folder already there."""
     from grpoctl.export.merge import merge_16bit, write_lora
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
@@ -481,7 +503,8 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
 
         export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
                     artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
-                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix, say=say)
+                    parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix,
+                    refused_report=refused_report, task=options.task(), run=src.run, say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

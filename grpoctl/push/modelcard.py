@@ -74,8 +74,14 @@ def _parity_text(rec: ParityResult | None) -> str:
         return "—"
     floor = [f"top-1 >= {rec.floor.top1 * 100:.1f}%"] if rec.floor.top1 is not None else []
     floor += [f"KL <= {rec.floor.kl:g}"] if rec.floor.kl is not None else []
+    task = ""
+    if rec.task is not None:
+        d = rec.task.difference
+        task = (f"; task reward {rec.task.mean_reward:.3g} ({d.mean:+.3g} vs. the reference, 95% interval "
+                f"{d.low:+.3g} to {d.high:+.3g}{', a significant drop' if rec.task.significant_drop else ''}), "
+                f"{rec.task.agreement * 100:.0f}% of answers identical")
     return (f"top-1 {rec.top1 * 100:.1f}%, mean KL {rec.kl:.4g}" + (f" (floor {', '.join(floor)})" if floor else "")
-            + (", passed" if rec.passed else ", FAILED"))
+            + task + (", passed" if rec.passed else ", FAILED"))
 
 
 # --- sections ------------------------------------------------------------------------------------------
@@ -294,6 +300,16 @@ def _parity_notes(ctx: CardContext) -> list[str]:
         lines.append("- top-1 is not gated: the reference is too flat on these probes for argmax agreement to mean "
                      "anything; KL is")
     lines.append(f"- greedy answer of the reference: {parity.reference_answer!r}")
+    task = parity.task
+    if task is not None and task.skipped:
+        lines.append(f"- task parity not measured: {task.skipped}")
+    elif task is not None and task.reference is not None:
+        weights = ", ".join(f"`{n}`" + (f" x{w:g}" if w != 1 else "") for n, w in (task.weights or {}).items())
+        lines.append(f"- task parity: {task.prompts} prompts from {task.source}, answered greedily (up to "
+                     f"{task.max_new_tokens} tokens) by {reference} and by each file in llama.cpp with the file's own "
+                     f"chat template, scored with the run's rewards ({weights}); the reference's mean reward is "
+                     f"{task.reference.mean_reward:.3g}. The difference is paired per prompt, with a bootstrap "
+                     f"{(task.level or 0.95) * 100:.0f}% interval")
     return lines + [""]
 
 

@@ -277,3 +277,30 @@ def _render_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if isinstance(out, dict) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return list(out)
+
+
+HELD_OUT_SEED = 3407
+
+
+def hold_out(dataset: Any, count: int) -> tuple[Any, Any]:
+    """(rows to train on, rows kept out of training): ``count`` rows at most and never more than a tenth of them,
+    chosen by a fixed seed so that a resumed run holds out the same ones."""
+    import numpy as np
+
+    n = min(max(count, 0), len(dataset) // 10)
+    if n == 0:
+        return dataset, dataset.select([])
+    held = sorted(np.random.default_rng(HELD_OUT_SEED).choice(len(dataset), n, replace=False).tolist())
+    chosen = set(held)
+    return dataset.select([i for i in range(len(dataset)) if i not in chosen]), dataset.select(held)
+
+
+def write_held_out(dataset: Any, path: Path) -> None:
+    """The held-out rows as JSON lines (``prompt`` messages, ``answer`` and every other column), as
+    ``grpoctl export`` reads them back for task parity."""
+    import json
+
+    from grpoctl.fsutil import staged_file
+
+    with staged_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dataset))

@@ -25,6 +25,7 @@ from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
 from grpoctl.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
+    HELD_OUT_FILE,
     METRICS_FILE,
     RUN_FILE,
     SAMPLES_FILE,
@@ -151,7 +152,14 @@ def _train(cfg: TrainConfig) -> RunDir:
     from transformers import AutoTokenizer
 
     from grpoctl.models import resolve_base_model
-    from grpoctl.train.data import find_reasoning_markers, load_source, prepare, use_chat_template
+    from grpoctl.train.data import (
+        find_reasoning_markers,
+        hold_out,
+        load_source,
+        prepare,
+        use_chat_template,
+        write_held_out,
+    )
 
     base = resolve_base_model(cfg.model.name, cfg.model.revision)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
@@ -161,6 +169,7 @@ def _train(cfg: TrainConfig) -> RunDir:
     markers = find_reasoning_markers(tokenizer, cfg.data.reasoning_start, cfg.data.reasoning_end)
     data = prepare(load_source(cfg.data.dataset, cfg.data.subset, cfg.data.split), tokenizer, cfg.data,
                    cfg.model.max_seq_length, cfg.trainer.max_prompt_length, cfg.trainer.max_completion_length)
+    data.dataset, held_out = hold_out(data.dataset, cfg.data.held_out)
     ctx = RewardContext(markers.start, markers.end, markers.prefilled_start, cfg.rewards.language)
     reward_funcs, reward_weights = build_rewards(cfg.rewards.functions, cfg.rewards.weights, ctx)
     optim, optim_note = backends.pick_optimizer(cfg.trainer.optim)
@@ -175,7 +184,8 @@ def _train(cfg: TrainConfig) -> RunDir:
             f"{cfg.trainer.max_steps})", flush=True)
     say(f"grpoctl: data {data.rows_kept}/{data.rows_total} prompts kept (<= {data.length_cutoff} tokens, "
         f"quantile {cfg.data.length_quantile}); max_prompt_length {data.max_prompt_length}, "
-        f"max_completion_length {data.max_completion_length}", flush=True)
+        f"max_completion_length {data.max_completion_length}"
+        f"{f'; {len(held_out)} held out of training for task parity' if len(held_out) else ''}", flush=True)
     say(f"grpoctl: reasoning markers {markers.start!r}/{markers.end!r} from the {markers.source}"
         f"{' (opening marker pre-filled by the chat template)' if markers.prefilled_start else ''}", flush=True)
     if optim_note:
@@ -213,7 +223,7 @@ def _train(cfg: TrainConfig) -> RunDir:
                    + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
                    + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
         "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
-                       "length_cutoff": data.length_cutoff},
+                       "length_cutoff": data.length_cutoff, "rows_held_out": len(held_out)},
         "reward_weights": dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
         "libraries": _library_versions(),
         "python": sys.version.split()[0],
@@ -223,6 +233,8 @@ def _train(cfg: TrainConfig) -> RunDir:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / RUN_FILE, meta)
+        if len(held_out):
+            write_held_out(held_out, out / HELD_OUT_FILE)
 
     # the vLLM server of trainer.vllm_mode=server runs from before the trainer connects to it until training ends
     servers = contextlib.ExitStack()

@@ -29,9 +29,11 @@ def gguf_stand_in(monkeypatch):
         return parsed
 
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
-                    llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None, say=print):
+                    llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None, refused_report=None,
+                    task=None, run=None, say=print):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt, imatrix=imatrix,
+                          refused_report=refused_report, task=task, run=run,
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
         f = out_dir / f"{name}-{types_[0].upper()}.gguf"
@@ -60,6 +62,33 @@ def test_gguf_only_export_uses_the_fused_path_and_lands_in_the_manifest(gguf_sta
     assert call["adapter_dir"] == qwen3_run / "adapter"
     assert [f.kind for f in manifest.by_kind("gguf")] == ["gguf:q8_0"]
     assert not (manifest.root / "merged").exists()
+    # a refusal's report goes beside the export, out of the staged folder the refusal removes
+    assert call["refused_report"] == tmp_path / "export.refused-parity.json"
+    assert call["run"].root == qwen3_run and call["task"].gate is False and call["task"].eval_data is None
+
+
+def test_task_parity_options_reach_the_gguf_stage(gguf_stand_in, qwen3_run, tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "What is 2 + 2?", "answer": "#### 4"}\n')
+    export(qwen3_run, ExportOptions(gguf="q8_0", output_dir=tmp_path / "export", progress=False, eval_data=held,
+                                    task_prompts=3, task_gate=True))
+    (call,) = gguf_stand_in
+    assert (call["task"].eval_data, call["task"].prompts, call["task"].gate) == (held, 3, True)
+
+
+def test_task_parity_options_without_gguf_or_with_a_missing_file_fail_before_any_work(gguf_stand_in, qwen3_run,
+                                                                                     tmp_path):
+    from grpoctl.errors import InputNotFoundError
+
+    with pytest.raises(UsageError, match="add --gguf"):
+        export(qwen3_run, ExportOptions(lora=True, task_gate=True, output_dir=tmp_path / "e1", progress=False))
+    with pytest.raises(InputNotFoundError, match="--eval-data"):
+        export(qwen3_run, ExportOptions(gguf="q8_0", eval_data=tmp_path / "nope.jsonl", output_dir=tmp_path / "e2",
+                                        progress=False))
+    with pytest.raises(UsageError, match="--task-gate needs"):
+        export(qwen3_run, ExportOptions(gguf="q8_0", task_prompts=0, task_gate=True, output_dir=tmp_path / "e3",
+                                        progress=False))
+    assert not gguf_stand_in
 
 
 def test_gguf_with_merged_16bit_reuses_the_merged_folder(gguf_stand_in, qwen3_run, tmp_path):

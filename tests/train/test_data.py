@@ -100,3 +100,20 @@ def test_what_looks_like_a_local_path(spec, local, tmp_path, monkeypatch):
         (tmp_path / "data").mkdir()
         local = True
     assert looks_like_local_path(spec) is local
+
+
+def test_held_out_prompts_are_a_fixed_tenth_at_most_and_never_trained_on(tiny_qwen3, tmp_path):
+    from grpoctl.train.data import hold_out, write_held_out
+
+    p = prepare(load_source(None), AutoTokenizer.from_pretrained(tiny_qwen3), DataConfig(), max_seq_length=1024)
+    train, held = hold_out(p.dataset, DataConfig().held_out)
+    assert len(held) == 16 and len(train) + len(held) == p.rows_kept
+    questions = {r["prompt"][-1]["content"] for r in held}
+    assert not questions & {r["prompt"][-1]["content"] for r in train}
+    again, _ = hold_out(p.dataset, 16)  # a resumed run holds out the same prompts
+    assert again["answer"] == train["answer"]
+    few, none = hold_out(p.dataset.select(range(9)), 16)  # never more than a tenth: 9 rows keep all 9
+    assert len(few) == 9 and len(none) == 0
+    write_held_out(held, tmp_path / "held_out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "held_out.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == held["answer"] and rows[0]["prompt"][0]["role"] == "system"
