@@ -2,7 +2,7 @@
 type on the held-out probes, and the search timed against the plain quantizations, on the SmolLM2 demo run.
 
     python bench/recipe_bench.py [--work /tmp/grpoctl-recipe-bench] [--run RUN] [--types q4_k_m,q3_k_m]
-                                 [--completions sampled|solutions] [--bands 8] [--positions 1024]
+                                 [--completions sampled|solutions] [--bands 8] [--positions 512]
 
 The run is `grpoctl train --config examples/demo.toml` into the work folder once (or ``--run``). Then, as
 `grpoctl export --gguf TYPES --imatrix auto --quant-recipe search` does it:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -156,8 +157,9 @@ def main() -> None:
     ap.add_argument("--types", default="q4_k_m,q3_k_m")
     ap.add_argument("--completions", choices=("sampled", "solutions"), default="sampled")
     ap.add_argument("--bands", type=int, default=8)
-    ap.add_argument("--positions", type=int, default=1024)
+    ap.add_argument("--positions", type=int, default=512)
     args = ap.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the grpoctl command sets it (bench/cpu_threads.md)
     sys.path.insert(0, str(ROOT))
     from grpoctl.export.quantize import parse_types
     from grpoctl.llamacpp_tools import find_tools

@@ -42,7 +42,7 @@ RECIPE_SUFFIX = ".recipe.txt"
 Say = Callable[[str], None]
 # the two type ladders, cheapest first (ggml type names as llama-quantize spells them)
 K_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # rows a multiple of 256 wide
-BLOCK32_LADDER = ("q4_0", "iq4_nl", "q5_0", "q8_0")  # other rows a multiple of 32 wide
+BLOCK32_LADDER = ("q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0")  # other rows a multiple of 32 wide
 _MAX_LOGPROB_FLOATS = 64 * 2**20  # the reference's log-probabilities kept in memory: 256 MiB of float32
 
 
@@ -61,7 +61,7 @@ def check_request(method: str | None, with_calibration_text: bool) -> None:
 class RecipeRequest:
     method: str = SEARCH
     bands: int = 8  # layers are searched in at most this many bands of consecutive layers
-    positions: int = 1024  # calibration tokens the KL is measured on
+    positions: int = 512  # calibration tokens the KL is measured on (one chunk of llama-imatrix's size)
 
 
 # --- the tensors of a file ------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def ladder(tensor: Tensor) -> list[str]:
         steps = list(BLOCK32_LADDER)
     else:
         return []
-    if tensor.type not in steps:  # e.g. q5_1 or q6_k: placed by its bits per weight
+    if tensor.type not in steps:  # e.g. q4_1: placed by its bits per weight
         at = next((i for i, s in enumerate(steps) if _bpw(s) >= _bpw(tensor.type)), len(steps))
         steps.insert(at, tensor.type)
     return steps

@@ -33,13 +33,13 @@ def test_rows_not_a_multiple_of_256_step_through_32_wide_block_types_only():
     """SmolLM2's 576-wide rows cannot hold a K-quant (llama.cpp falls back to Q5_0 for Q4_K): their ladder is the
     32-wide types, so every step the recipe takes is a type the file really gets."""
     narrow, wide = _tensor("blk.0.attn_q.weight", "q5_0"), _tensor("blk.0.ffn_down.weight", "q4_k", row=1536)
-    assert rc.ladder(narrow) == ["q4_0", "iq4_nl", "q5_0", "q8_0"]
-    assert (rc.step(narrow, 1), rc.step(narrow, -1)) == ("q8_0", "iq4_nl")
+    assert rc.ladder(narrow) == ["q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0"]
+    assert (rc.step(narrow, 1), rc.step(narrow, -1)) == ("q5_1", "iq4_nl")
     assert (rc.step(wide, 1), rc.step(wide, -1)) == ("q5_k", "q3_k")
     assert rc.step(_tensor("blk.0.attn_v.weight", "q8_0"), 1) is None
     assert rc.ladder(_tensor("blk.0.attn_norm.weight", "f32", rows=1)) == []
     # a type off the ladder is placed by its bits per weight
-    assert rc.ladder(_tensor("x", "q5_1")) == ["q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0"]
+    assert rc.ladder(_tensor("x", "q4_1")) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]
 
 
 def test_groups_are_embedding_head_and_attention_and_mlp_of_bands_of_layers():
@@ -176,6 +176,28 @@ def test_the_recipe_file_rebuilds_the_same_file_through_llama_quantize(tiny_sear
                     str(tiny_search["bf16"]), str(out), "Q4_K_M", "2"], cwd=matrix.parent, check=True,
                    capture_output=True)
     assert sha256_file(out) == sha256_file(found.path)
+
+
+def test_a_spliced_variant_is_the_file_llama_quantize_writes_for_its_recipe(tiny_search, tmp_path):
+    """The search measures a group moved by splicing its tensors from a quant with every group moved into the
+    importance-matrix quant; that is only sound if the result is what llama-quantize writes for the recipe with
+    that one group moved. Checked byte for byte, for a group of each direction."""
+    bf16, matrix, imx = tiny_search["bf16"], tiny_search["matrix"], tiny_search["imatrix"]
+    tensors, _ = rc.read_tensors(imx)
+    base = {t.name: t.type for t in tensors if rc._quantized(t.type)}
+    layer = [g for g in rc.groups(tensors, bands=2) if g.name.startswith("blk.")][0]
+    for direction in (1, -1):
+        every = dict(base)
+        for g in rc.groups(tensors, bands=2):
+            every.update(g.types(direction) or {})
+        donor = tmp_path / f"every-{direction}.gguf"
+        rc.quantize_recipe(bf16, donor, "q4_k_m", matrix, rc.write_recipe(tmp_path / f"every-{direction}.txt", every))
+        spliced, direct = tmp_path / f"spliced-{direction}.gguf", tmp_path / f"direct-{direction}.gguf"
+        rc.splice(imx, donor, {t.name for t in layer.tensors}, spliced)
+        rc.quantize_recipe(bf16, direct, "q4_k_m", matrix,
+                           rc.write_recipe(tmp_path / f"one-{direction}.txt", {**base, **layer.types(direction)}))
+        assert sha256_file(spliced) == sha256_file(direct), direction
+        assert sha256_file(spliced) != sha256_file(imx)
 
 
 def test_a_recipe_that_claims_a_type_the_file_does_not_have_fails_the_check(tiny_search, tmp_path):
