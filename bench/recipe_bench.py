@@ -73,6 +73,9 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
         Path({str(cal)!r} + ".json").write_text(json.dumps(info))
         """), results)
     tokens = json.loads(Path(str(cal) + ".json").read_text())["tokens"]
+    from grpoctl.llamacpp_tools import find_tools
+
+    find_tools(build=True)  # llama-imatrix and llama-quantize, built once (not timed)
     step(f"llama-imatrix ({tokens} tokens)", _code(common, f"""
         im.compute_matrix(Path({str(inter)!r}), Path({str(cal)!r}), out / "bench-imatrix.gguf", {tokens})
         """), results)
@@ -162,9 +165,7 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the grpoctl command sets it (bench/cpu_threads.md)
     sys.path.insert(0, str(ROOT))
     from grpoctl.export.quantize import parse_types
-    from grpoctl.llamacpp_tools import find_tools
 
-    find_tools(build=True)
     args.work.mkdir(parents=True, exist_ok=True)
     result = bench(args.run or demo_run(args.work), args.work, parse_types(args.types), args.completions,
                    args.bands, args.positions)
