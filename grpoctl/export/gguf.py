@@ -137,11 +137,18 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             say(format_comparison(comparison, ref.noise["positions"]))
             if searched:
                 for t, found in searched.items():
+                    fname = gguf_filename(name, t)
+                    mine = files[fname] if found.record.shipped else probe(found.path, t)
+                    if found.record.shipped and not recipes.confirm_held_out(
+                            found.record, mine["kl"], matrix_files[fname]["kl"]):
+                        built[t] = built.pop(f"imatrix:{t}")  # the importance-matrix quant ships after all
+                        files[fname] = rep["files"][fname] = parity.measure(
+                            built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
+                        say(f"quant recipe {TYPES[t].label}: not shipped, {found.record.reason}")
                     shipped = found.record.shipped
                     rows = [recipes.row("imatrix", built[f"imatrix:{t}"] if shipped else built[t],
-                                        matrix_files[gguf_filename(name, t)], not shipped),
-                            recipes.row("searched", found.path, files[gguf_filename(name, t)] if shipped
-                                        else probe(found.path, t), shipped)]
+                                        matrix_files[fname], not shipped),
+                            recipes.row("searched", found.path, mine, shipped)]
                     if f"plain:{t}" in built:
                         rows.insert(0, recipes.row("plain", built[f"plain:{t}"], probe(built[f"plain:{t}"], t), False))
                     found.record.rows = rows

@@ -470,6 +470,18 @@ def allocate(moves: list[_Move], base_kl: float, room: int) -> tuple[dict[str, _
     return chosen, kl
 
 
+def confirm_held_out(record: RecipeType, searched_kl: float, matrix_kl: float) -> bool:
+    """The last word on shipping: the searched file must also beat the importance-matrix quant on the held-out
+    probes (mean KL). The search chose on the calibration text only; a file better there and worse on text it
+    never saw has fitted that text, and the importance-matrix quant ships instead. Returns ``record.shipped``."""
+    if record.shipped and searched_kl >= matrix_kl:
+        record.shipped = False
+        record.reason = (f"on the held-out probes its mean KL {searched_kl:.5f} is not below the importance-matrix "
+                         f"quant's {matrix_kl:.5f} (calibration KL {record.calibration_kl:.5f} vs "
+                         f"{record.base_calibration_kl:.5f})")
+    return record.shipped
+
+
 def _r(x: float | None) -> float | None:
     return round(x, 6) if x is not None else None
 
