@@ -180,7 +180,7 @@ def eval_(run: Path, samples: int, max_new_tokens: int | None, seed: int, datase
 @click.option("--quant-recipe", metavar="search", help="Search per-tensor types for each quantized GGUF type on the "
               "calibration text: groups of tensors one type step higher or lower, measured by KL, within the type's "
               "size; ships the searched file and its llama-quantize --tensor-type-file recipe when it beats the "
-              "importance-matrix quant there. Needs --imatrix auto or --calibration.")
+              "importance-matrix quant there and on the held-out probes. Needs --imatrix auto or --calibration.")
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path),
               help="Export folder. Default: RUN/export, or ADAPTER-export beside an adapter folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")

@@ -11,8 +11,10 @@
     that cost the least KL per byte saved, while the trade pays and the tensor bytes stay within the budget
       -> <name>-<QUANT>.recipe.txt: one PATTERN=TYPE line per tensor (llama-quantize --tensor-type-file)
       -> the file made from it, checked tensor by tensor against the recipe, shipped as <name>-<QUANT>.gguf
-         when its calibration KL is lower than the importance-matrix quant's and it is no larger than the
-         plain or the importance-matrix quant of the type
+         when its calibration KL is lower than the importance-matrix quant's, it is no larger than the
+         plain or the importance-matrix quant of the type, and its KL on the held-out parity probes is
+         lower too (``confirm_held_out``: the probes never steer the search, they refuse a file that fitted
+         the calibration text)
 
 Every step of a group is one step on the ladder of each of its tensors: the K-quants for rows that are a
 multiple of 256 wide, the 32-wide block types otherwise (llama.cpp would fall back to those anyway, so the
