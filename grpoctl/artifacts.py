@@ -7,7 +7,8 @@
       merged-4bit/       bitsandbytes nf4 model
       lora/              cleaned adapter for ``--enable-lora`` serving
       gguf/              <Name>-<QUANT>.gguf files, Modelfile(s), parity.json (+ <Name>-imatrix.gguf and
-                         <Name>-calibration.txt when quantized with an importance matrix)
+                         <Name>-calibration.txt when quantized with an importance matrix, and
+                         <Name>-<QUANT>.recipe.txt for a file made from a searched recipe)
       vllm/              serve.sh, docker-compose.yml, k8s.yaml
 
 Each section is a dataclass below, written by one stage and read by the later ones through these types:
