@@ -113,7 +113,9 @@ def build_adapter(model: Path, dest: Path, r: int = 32) -> Path:
 
 def step(label: str, code: str, results: list[dict]) -> dict:
     """Run ``code`` in a fresh Python; record wall seconds and peak RSS (MiB) of it and its children."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    # the checkout first; a PYTHONPATH given to the bench stays behind it (a sitecustomize for the machine, say)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}
     # the step's chatter goes to a file: a pipe nobody reads until the end would block the step when full
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()

@@ -7,21 +7,24 @@
       merged-4bit/       bitsandbytes nf4 model
       lora/              cleaned adapter for ``--enable-lora`` serving
       gguf/              <Name>-<QUANT>.gguf files, Modelfile(s), parity.json (+ <Name>-imatrix.gguf and
-                         <Name>-calibration.txt when quantized with an importance matrix)
+                         <Name>-calibration.txt when quantized with an importance matrix, and
+                         <Name>-<QUANT>.recipe.txt for a file made from a searched recipe)
       vllm/              serve.sh, docker-compose.yml, k8s.yaml (+ parity-<mode>.json from ``serve --parity``)
 
 Each section is a dataclass below, written by one stage and read by the later ones through these types:
 
     provenance   export      the run, the base model (id, revision, Hub id, license), the adapter, versions
     files        every stage each file: path relative to the export, kind (``merged``, ``merged-4bit``,
-                             ``lora``, ``gguf:<type>``, ``imatrix``, ``calibration``, ``modelfile``, ``manifest``,
-                             ``report``), size, sha256; a GGUF made with an importance matrix names it
+                             ``lora``, ``gguf:<type>``, ``imatrix``, ``calibration``, ``recipe``, ``modelfile``,
+                             ``manifest``, ``report``), size, sha256; a GGUF made with an importance matrix or a
+                             searched recipe names it
     verify       export      the adapter verification summary
     merged       export      the merged weights: dtype, tensor counts, shards
     parity       export      every GGUF measured against base + adapter applied by PEFT (and each importance-matrix
                              quant against the plain quant of its type; task parity: held-out answers scored by
                              the run's rewards)
     imatrix      export      the importance matrix: where it came from, its calibration text, the types it made
+    quant_recipe export      per-tensor types searched on the calibration text: groups, recipe files, the table
     manifests    manifests   what the Modelfiles and vLLM manifests say, and notes
     served_parity  serve     a running vLLM server measured against the same PEFT reference (``--parity``)
 
@@ -74,6 +77,7 @@ class FileEntry:
     sha256: str
     extra: dict[str, Any] = field(default_factory=dict)
     imatrix: str | None = None  # a GGUF quantized with an importance matrix: that matrix's file name (beside it)
+    recipe: str | None = None  # a GGUF quantized with a searched per-tensor recipe: the recipe's file name (beside it)
 
     @property
     def quant(self) -> str | None:
@@ -337,6 +341,65 @@ class ImatrixSection:
 
 
 @dataclass
+class RecipeGroup:
+    """One tensor group of a searched recipe: what moving it one step on its type ladder did to the calibration KL."""
+
+    name: str  # token_embd | output | blk.<first>-<last>.attn | blk.<first>-<last>.ffn
+    tensors: int
+    bytes: int  # its tensors' bytes in the importance-matrix quant
+    chosen: str  # base | higher | lower
+    higher_bytes: int | None = None  # None: no higher type on its ladder
+    higher_kl: float | None = None  # mean KL on the calibration text with only this group one step higher
+    lower_bytes: int | None = None
+    lower_kl: float | None = None
+
+
+@dataclass
+class QuantRow:
+    """One file of a type in the per-type comparison: its size and parity on the held-out probes."""
+
+    variant: str  # plain | imatrix | searched
+    bytes: int
+    top1: float
+    kl: float
+    kl_p99: float | None = None
+    shipped: bool = False  # the file exported as this type
+    columns: dict[str, float] = field(default_factory=dict)  # further measures of the same file, by column name
+
+
+@dataclass
+class RecipeType:
+    """The searched recipe of one GGUF type: how it was found, the file it made, and the comparison."""
+
+    recipe: str  # the recipe's file name beside the GGUF files (llama-quantize --tensor-type-file)
+    sha256: str
+    shipped: bool  # the searched file is the exported file of this type (else the importance-matrix quant is)
+    reason: str  # why it is or is not shipped
+    budget_bytes: int  # no larger than this: the smaller of the plain and importance-matrix quants
+    bytes: int  # the searched file's size
+    calibration_kl: float  # mean KL on the calibration positions, the searched file
+    base_calibration_kl: float  # the same for the importance-matrix quant it started from
+    predicted_kl: float  # what the per-group measurements summed to
+    tensor_types: dict[str, int]  # tensor types of the searched file, and how many of each
+    changed: int  # tensors whose type differs from the importance-matrix quant
+    groups: list[RecipeGroup]
+    variants: int  # files measured by the search, one group moved in each
+    seconds: float
+    rows: list[QuantRow] = field(default_factory=list)
+
+
+@dataclass
+class QuantRecipeSection:
+    """Written by export (``grpoctl.export.recipe``): per-tensor types searched on the calibration text."""
+
+    method: str  # what the search did, in words
+    calibration: str  # the calibration text's file name
+    positions: int  # calibration positions the KL is measured on
+    reference: str  # the 16-bit GGUF every KL is measured against
+    types: dict[str, RecipeType]
+
+
+@dataclass
 class OllamaSection:
     """Written by manifests: the Modelfile's chat format and what each Ollama version renders it with."""
 
@@ -407,6 +470,7 @@ class _Stored:
     merged: MergedSection | None = None
     parity: ParitySection | None = None
     imatrix: ImatrixSection | None = None
+    quant_recipe: QuantRecipeSection | None = None
     manifests: ManifestsSection | None = None
     served_parity: dict[str, ServedParityRecord] | None = None  # keyed engine:mode (``vllm:merged``)
 
@@ -422,6 +486,7 @@ class Artifacts:
     merged: MergedSection | None = None
     parity: ParitySection | None = None
     imatrix: ImatrixSection | None = None
+    quant_recipe: QuantRecipeSection | None = None
     manifests: ManifestsSection | None = None
     served_parity: dict[str, ServedParityRecord] | None = None  # keyed engine:mode (``vllm:merged``)
     created: str = field(default_factory=_now)
@@ -441,23 +506,27 @@ class Artifacts:
                             f"{SCHEMA_VERSION} only: re-export with `grpoctl export ... --force`")
         stored = from_json(_Stored, data, path)
         return cls(root=Path(root), provenance=stored.provenance, files=stored.files, verify=stored.verify,
-                   merged=stored.merged, parity=stored.parity, imatrix=stored.imatrix, manifests=stored.manifests,
+                   merged=stored.merged, parity=stored.parity, imatrix=stored.imatrix,
+                   quant_recipe=stored.quant_recipe, manifests=stored.manifests,
                    served_parity=stored.served_parity, created=stored.created)
 
     def save(self) -> Path:
         stored = _Stored(schema=SCHEMA_VERSION, grpoctl_version=__version__, created=self.created,
                          provenance=self.provenance, files=sorted(self.files, key=lambda f: f.path),
                          verify=self.verify, merged=self.merged, parity=self.parity, imatrix=self.imatrix,
-                         manifests=self.manifests, served_parity=self.served_parity)
+                         quant_recipe=self.quant_recipe, manifests=self.manifests,
+                         served_parity=self.served_parity)
         final = self.root / ARTIFACTS_FILE
         with staged_file(final) as tmp:
             tmp.write_text(json.dumps(to_json(stored), indent=2) + "\n")
         return final
 
     # files ---------------------------------------------------------------------------------------------
-    def add_file(self, path: Path | str, kind: str, *, imatrix: str | None = None, **extra: Any) -> FileEntry:
+    def add_file(self, path: Path | str, kind: str, *, imatrix: str | None = None, recipe: str | None = None,
+                 **extra: Any) -> FileEntry:
         """Record (or refresh) one file; ``path`` may be absolute, relative to the export root, or relative to the
-        working directory (as long as it lies inside the export root). ``imatrix``: the matrix a GGUF was made with."""
+        working directory (as long as it lies inside the export root). ``imatrix``: the matrix a GGUF was made with;
+        ``recipe``: its per-tensor recipe."""
         p = Path(path)
         if p.is_absolute():
             abs_path = p
@@ -467,7 +536,7 @@ class Artifacts:
             abs_path = p.absolute()
         rel = abs_path.resolve().relative_to(self.root.resolve()).as_posix()
         entry = FileEntry(path=rel, kind=kind, size=abs_path.stat().st_size, sha256=sha256_file(abs_path),
-                          extra=extra, imatrix=imatrix)
+                          extra=extra, imatrix=imatrix, recipe=recipe)
         self.files = [f for f in self.files if f.path != rel] + [entry]
         return entry
 
@@ -564,6 +633,8 @@ class Artifacts:
                 parts += ["--calibration", matrix.calibration.given]
             else:
                 parts += ["--imatrix", "auto"]
+        if any(f.recipe for f in self.by_kind("gguf")):
+            parts += ["--quant-recipe", "search"]
         if self.by_kind("merged-4bit"):
             parts += ["--merged", "4bit"]
         elif self.by_kind("merged"):

@@ -212,6 +212,10 @@ def report(run: Path, output: Path | None, export_dir: Path | None) -> None:
               help="Task parity: how many held-out prompts (default 8 on a CPU, 32 on a GPU; 0: no task parity).")
 @click.option("--task-gate", is_flag=True, help="Fail a GGUF whose task reward drops significantly (the whole 95% "
               "interval of the paired difference below zero).")
+@click.option("--quant-recipe", metavar="search", help="Search per-tensor types for each quantized GGUF type on the "
+              "calibration text: groups of tensors one type step higher or lower, measured by KL, within the type's "
+              "size; ships the searched file and its llama-quantize --tensor-type-file recipe when it beats the "
+              "importance-matrix quant there and on the held-out probes. Needs --imatrix auto or --calibration.")
 @click.option("--output-dir", "-o", type=click.Path(path_type=Path),
               help="Export folder. Default: RUN/export, or ADAPTER-export beside an adapter folder.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
@@ -225,8 +229,8 @@ def report(run: Path, output: Path | None, export_dir: Path | None) -> None:
               "(same as `grpoctl push EXPORT --repo OWNER/NAME`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or tables.")
 def export(source: Path, base: str | None, merged: str | None, dtype: str, lora: bool, gguf: str | None,
-           imatrix: str | None, calibration: Path | None, eval_data: Path | None, task_prompts: int | None,
-           task_gate: bool, output_dir: Path | None, force: bool, verify_only: bool,
+           imatrix: str | None, calibration: Path | None, quant_recipe: str | None, eval_data: Path | None,
+           task_prompts: int | None, task_gate: bool, output_dir: Path | None, force: bool, verify_only: bool,
            strict: bool, allow_pickle: bool, llama_cpp_dir: Path | None, no_parity_gate: bool, no_manifests: bool,
            push_repo: str | None, quiet: bool) -> None:
     """Verify, merge and convert a trained adapter (run directory or adapter folder).
@@ -246,8 +250,9 @@ def export(source: Path, base: str | None, merged: str | None, dtype: str, lora:
     options = ExportOptions(base=base, merged=merged, dtype=dtype, lora=lora, gguf=[gguf] if gguf else [],
                             output_dir=output_dir, force=force, verify_only=verify_only, strict=strict,
                             allow_pickle=allow_pickle, llama_cpp_dir=llama_cpp_dir, parity_gate=not no_parity_gate,
-                            progress=not quiet, imatrix=imatrix, calibration=calibration, eval_data=eval_data,
-                            task_prompts=task_prompts, task_gate=task_gate)
+                            progress=not quiet, imatrix=imatrix, calibration=calibration,
+                            quant_recipe=quant_recipe, eval_data=eval_data, task_prompts=task_prompts,
+                            task_gate=task_gate)
     manifest = run_export(source, options, manifests=not no_manifests, log=None if quiet else click.echo)
     kinds: dict[str, list] = {}
     for entry in manifest.files:

@@ -30,6 +30,7 @@ from grpoctl.export import parity
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.export.recipe import RecipeRequest
 from grpoctl.export.taskparity import TaskParity, TaskRequest
 from grpoctl.export.taskparity import format_rows as format_task_rows
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
@@ -58,12 +59,14 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 parity_gate: bool = True, system_prompt: str | None = None,
                 floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
                 refused_report: Path | None = None, task: TaskRequest | None = None, run: RunDir | None = None,
-                say: Say = print) -> list[Path]:
+                recipe: RecipeRequest | None = None, say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
 
     ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
+    ``recipe``: also search per-tensor types for each of those types (``grpoctl.export.recipe``); a searched
+    file that beats the importance-matrix quant on the calibration text ships in its place, with its recipe.
 
     ``task``: task parity's options (``grpoctl.export.taskparity``; None: its defaults) on ``run``'s held-out
     prompts and rewards: after the KL parity each file answers them and is scored with the run's rewards.
@@ -76,6 +79,10 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     """
     types = parse_types(",".join(types))
     check_types(types, with_matrix=imatrix is not None)
+    if recipe is not None:
+        from grpoctl.export import recipe as recipes
+
+        recipes.check_request(recipe.method, imatrix is not None and imatrix.matrix is None)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if merged_dir is not None:
         source, adapter = Path(merged_dir), None
@@ -98,8 +105,16 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             if imatrix is not None else None
         built = convert_all(converter, view, adapter, work, types, name=name, say=say,
                             metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None),
-                            imatrix=plan)
+                            imatrix=plan, keep_intermediate=recipe is not None)
         eot_ids = built["_info"]["eot_token_ids"]
+        searched: dict[str, Any] = {}
+        if recipe is not None and plan is not None:
+            calib, searched = recipes.search_types(built, plan, types, work / "recipe", name, recipe, say=say)
+            for t, found in searched.items():
+                if found.record.shipped:  # the importance-matrix quant becomes a measured comparison, like plain
+                    built[f"imatrix:{t}"], built[t] = built[t], found.path
+            if built["_intermediate"] not in [built.get(t) for t in types]:
+                built["_intermediate"].unlink(missing_ok=True)
 
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
             parity.open_gguf(built[t], 64).close()
@@ -128,10 +143,35 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         rep["conversion"] = built.get("_info", {})
         say("\n".join([parity.format_table(rep), *format_task_rows(rep)]))
         if plan is not None:
-            comparison = plan.compare(built, files, {t: gguf_filename(name, t) for t in types},
-                                      lambda path, t: parity.measure(path, t, ref, parity.FALLBACK_FLOOR))
+            def probe(path: Path, t: str) -> dict[str, Any]:
+                return parity.measure(path, t, ref, parity.FALLBACK_FLOOR)
+
+            matrix_files = {**files, **{gguf_filename(name, t): probe(built[f"imatrix:{t}"], t)
+                                        for t in types if f"imatrix:{t}" in built}}
+            comparison = plan.compare(built, matrix_files, {t: gguf_filename(name, t) for t in types}, probe)
             rep["imatrix"] = to_json(comparison)
             say(format_comparison(comparison, ref.noise["positions"]))
+            if searched:
+                for t, found in searched.items():
+                    fname = gguf_filename(name, t)
+                    mine = files[fname] if found.record.shipped else probe(found.path, t)
+                    if found.record.shipped and not recipes.confirm_held_out(
+                            found.record, mine["kl"], matrix_files[fname]["kl"]):
+                        built[t] = built.pop(f"imatrix:{t}")  # the importance-matrix quant ships after all
+                        files[fname] = rep["files"][fname] = parity.measure(
+                            built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
+                        say(f"quant recipe {TYPES[t].label}: not shipped, {found.record.reason}")
+                    shipped = found.record.shipped
+                    rows = [recipes.row("imatrix", built[f"imatrix:{t}"] if shipped else built[t],
+                                        matrix_files[fname], not shipped),
+                            recipes.row("searched", found.path, mine, shipped)]
+                    if f"plain:{t}" in built:
+                        rows.insert(0, recipes.row("plain", built[f"plain:{t}"], probe(built[f"plain:{t}"], t), False))
+                    found.record.rows = rows
+                recipe_section = recipes.section({t: f.record for t, f in searched.items()}, calib,
+                                                 plan.calibration_record.file, gguf_filename(
+                                                     name, built["_info"]["intermediate"]), recipe)
+                say(recipes.format_table(recipe_section, ref.noise["positions"]))
         elif artifacts.parity is not None and artifacts.parity.imatrix is not None:
             rep["imatrix"] = to_json(artifacts.parity.imatrix)  # the kept matrix quants' comparison stays with them
         rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
@@ -147,13 +187,32 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             written.append((final, t))
         if plan is not None:  # the matrix and its calibration text go with the files made from them
             plan.publish(out_dir, artifacts, [t for _, t in written])
+        recipe_files = {}
+        for t, found in searched.items():  # a recipe goes with the file made from it
+            if found.record.shipped and any(t == w for _, w in written):
+                final = out_dir / found.recipe.name
+                os.replace(found.recipe, final)
+                found.record.sha256 = artifacts.add_file(final, "recipe").sha256
+                recipe_files[t] = final.name
     parity.write_report(rep, out_dir / PARITY_FILE)
 
     artifacts.files = [f for f in artifacts.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
         artifacts.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"],
-                           imatrix=plan.matrix_name if plan is not None and t in plan.quants else None)
+                           imatrix=plan.matrix_name if plan is not None and t in plan.quants else None,
+                           recipe=recipe_files.get(t))
+    artifacts.files = [f for f in artifacts.files if not (f.kind == "recipe" and not any(
+        g.recipe == Path(f.path).name for g in artifacts.by_kind("gguf")))]  # a recipe whose file was remade
+    kept_recipes = {t: r for t, r in (artifacts.quant_recipe.types if artifacts.quant_recipe else {}).items()
+                    if t not in types}
+    if searched:
+        artifacts.quant_recipe = recipe_section
+        artifacts.quant_recipe.types = {**kept_recipes, **artifacts.quant_recipe.types}
+    elif artifacts.quant_recipe is not None:
+        artifacts.quant_recipe.types = kept_recipes
+        if not kept_recipes:
+            artifacts.quant_recipe = None
     artifacts.add_file(out_dir / PARITY_FILE, "report")
     artifacts.parity = from_json(ParitySection, {k: v for k, v in rep.items() if k != "conversion"},
                                  out_dir / PARITY_FILE, "")
@@ -190,9 +249,10 @@ def _why(f: dict[str, Any]) -> str:
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
                 metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
-                imatrix: Imatrix | None = None, say: Say = print) -> dict[str, Any]:
+                imatrix: Imatrix | None = None, keep_intermediate: bool = False, say: Say = print) -> dict[str, Any]:
     """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``). With ``imatrix``, the
-    types that read a matrix are made with it, and their plain quants (``plain:<type>``) beside for comparison."""
+    types that read a matrix are made with it, and their plain quants (``plain:<type>``) beside for comparison.
+    ``keep_intermediate``: the 16-bit intermediate stays (``_intermediate``) for the caller to remove."""
     direct = [t for t in types if TYPES[t].source == "convert"]
     rest = [t for t in types if TYPES[t].source != "convert"]
     built: dict[str, Any] = {}
@@ -229,7 +289,9 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
         built[t] = dst
         if with_matrix and (plain := imatrix.plain(inter, t, threads)) is not None:
             built[f"plain:{t}"] = plain  # measured beside it, never shipped
-    if not keep:
+    if keep or keep_intermediate:
+        built["_intermediate"] = inter
+    else:
         inter.unlink(missing_ok=True)
     info["intermediate"] = intermediate_type
     built["_info"] = info

@@ -7,6 +7,7 @@
       lora     --lora: the cleaned adapter                   -> lora/
       gguf     --gguf TYPES (grpoctl.export.gguf)            -> gguf/
                --imatrix auto|FILE (grpoctl.export.imatrix)  -> gguf/<name>-imatrix.gguf (+ -calibration.txt)
+               --quant-recipe search (grpoctl.export.recipe)  -> gguf/<name>-<QUANT>.recipe.txt
       artifacts.json: every file with kind, size, sha256; provenance; the verify result
 
 The export folder is built as a hidden sibling and renamed into place at the end, so a failure, a
@@ -70,6 +71,7 @@ class ExportOptions:
     progress: bool = True
     imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
     calibration: Path | None = None  # text to compute the matrix over instead of the run's data
+    quant_recipe: str | None = None  # "search": per-tensor types searched on the calibration text (export.recipe)
     # task parity (grpoctl.export.taskparity): held-out prompts instead of the run's, how many (0: none), gate
     eval_data: Path | None = None
     task_prompts: int | None = None
@@ -200,11 +202,25 @@ def _validate(options: ExportOptions) -> list[str]:
         options.task().check()
     elif options.eval_data or options.task_gate:
         raise UsageError("--eval-data and --task-gate apply to GGUF files; add --gguf TYPES")
+    if options.quant_recipe is not None:
+        from grpoctl.export.recipe import check_request as check_recipe
+
+        if not types:
+            raise UsageError("--quant-recipe applies to GGUF quants; add --gguf TYPES")
+        check_recipe(options.quant_recipe, options.imatrix == "auto" or options.calibration is not None)
     if options.merged == "4bit" and not options.verify_only:
         from grpoctl.export.merge4bit import check_nf4_available
 
         check_nf4_available()
     return types
+
+
+def _recipe_request(options: ExportOptions):
+    if options.quant_recipe is None:
+        return None
+    from grpoctl.export.recipe import RecipeRequest
+
+    return RecipeRequest(method=options.quant_recipe)
 
 
 def _provenance(src: ExportSource, adapter, report) -> Provenance:
@@ -504,7 +520,8 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
         export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
                     artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
                     parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix,
-                    refused_report=refused_report, task=options.task(), run=src.run, say=say)
+                    refused_report=refused_report, task=options.task(), run=src.run,
+                    recipe=_recipe_request(options), say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

@@ -132,7 +132,8 @@ def _files_table(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: 
             parity = ctx.artifacts.parity
             rec = parity.files.get(Path(e.path).name) if parity and e.quant else None
             par = _parity_text(rec) if e.quant else "—"
-            quant = (e.quant or "—").upper() + (" (imatrix)" if e.imatrix else "")
+            quant = (e.quant or "—").upper() + (" (imatrix)" if e.imatrix else "") + \
+                (" (searched recipe)" if e.recipe else "")
             lines.append(f"| `{name}` | {quant} | {human_bytes(e.size)} | {e.size} | `{e.sha256}` | {par} |")
         else:
             lines.append(f"| `{name}` | {human_bytes(e.size)} | {e.size} | `{e.sha256}` |")
@@ -346,6 +347,31 @@ def _imatrix_notes(ctx: CardContext) -> list[str]:
     return lines + [""]
 
 
+def _quant_recipe_notes(ctx: CardContext) -> list[str]:
+    """The searched per-tensor recipes: how they were found and the plain / imatrix / searched table."""
+    section = ctx.artifacts.quant_recipe
+    if section is None or not section.types:
+        return []
+    lines = ["## Per-tensor recipe", "",
+             f"Tensor types were searched on the calibration text `{section.calibration}` ({section.positions} "
+             f"positions, never the parity probes): {section.method}. A searched file ships only when its KL on "
+             "that text is below the importance-matrix quant's and it is no larger than the plain and "
+             "importance-matrix quants of its type. Rebuild one with "
+             "`llama-quantize --imatrix MATRIX --tensor-type-file RECIPE F16.gguf OUT.gguf TYPE`.", "",
+             "| Quant | File | Size | mean KL | p99 KL | top-1 |", "|---|---|---|---|---|---|"]
+    for t, rec in section.types.items():
+        for r in rec.rows:
+            name = f"**{r.variant}** (shipped)" if r.shipped else r.variant
+            p99 = f"{r.kl_p99:.4f}" if r.kl_p99 is not None else "—"
+            lines.append(f"| {t.upper()} | {name} | {human_bytes(r.bytes)} | {r.kl:.4f} | {p99} | "
+                         f"{r.top1 * 100:.1f}% |")
+    lines += ["", "Measured on the parity probes, as above. Recipes:", ""]
+    for t, rec in section.types.items():
+        what = f"`{rec.recipe}`" if rec.shipped else "not shipped"
+        lines.append(f"- {t.upper()}: {what}, {rec.changed} tensors changed; {rec.reason}")
+    return lines + [""]
+
+
 def _related(kind: str, ctx: CardContext) -> list[str]:
     others = [(k, r) for k, r in ctx.repos.items() if k != kind]
     if not others:
@@ -379,6 +405,7 @@ def render_card(kind: str, ctx: CardContext, entries: list[FileEntry], prefix: s
     if kind == "gguf":
         body += _parity_notes(ctx)
         body += _imatrix_notes(ctx)
+        body += _quant_recipe_notes(ctx)
     body += _usage(kind, ctx, entries)
     body += _recipe(ctx, reward_plot)
     body += _verification(ctx)

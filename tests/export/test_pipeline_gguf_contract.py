@@ -30,10 +30,10 @@ def gguf_stand_in(monkeypatch):
 
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
                     llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None, refused_report=None,
-                    task=None, run=None, say=print):
+                    task=None, run=None, recipe=None, say=print):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt, imatrix=imatrix,
-                          refused_report=refused_report, task=task, run=run,
+                          refused_report=refused_report, task=task, run=run, recipe=recipe,
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
         f = out_dir / f"{name}-{types_[0].upper()}.gguf"
@@ -106,3 +106,16 @@ def test_imatrix_auto_hands_the_run_to_the_gguf_stage(gguf_stand_in, qwen3_run, 
     request = call["imatrix"]
     assert request.matrix is None and request.calibration is None and request.run.root == qwen3_run
     assert gguf_stand_in[0]["types"] == ["q4_k_m"]
+    assert call["recipe"] is None
+
+
+def test_quant_recipe_search_hands_a_recipe_request_to_the_gguf_stage(gguf_stand_in, qwen3_run, tmp_path,
+                                                                      monkeypatch):
+    from grpoctl.export import imatrix
+    from grpoctl.export.recipe import RecipeRequest
+
+    monkeypatch.setattr(imatrix, "check_request", lambda request: None)
+    export(qwen3_run, ExportOptions(gguf=["q4_k_m"], imatrix="auto", quant_recipe="search",
+                                    output_dir=tmp_path / "export", progress=False))
+    (call,) = gguf_stand_in
+    assert call["recipe"] == RecipeRequest(method="search") and call["imatrix"] is not None

@@ -1,0 +1,567 @@
+"""A per-tensor quant recipe searched for the run: which tensor groups deserve more bits, and which can spare some.
+
+    the importance-matrix quant of a type (its tensor types: the starting mix)
+    + the 16-bit GGUF intermediate's next-token distributions on the calibration text (never the probes)
+    for each tensor group (token embedding, output head, attention and MLP of each band of layers):
+        the mix with only that group one step higher, then one step lower on its type ladder, and its KL
+        on the calibration text (llama.cpp); its tensors come from two llama-quantize --imatrix
+        --tensor-type-file runs (every group higher / every group lower), spliced into the
+        importance-matrix quant by gguf-py
+    greedy allocation: upgrade the group with the most KL saved per byte, paid for by downgrading the groups
+    that cost the least KL per byte saved, while the trade pays and the tensor bytes stay within the budget
+      -> <name>-<QUANT>.recipe.txt: one PATTERN=TYPE line per tensor (llama-quantize --tensor-type-file)
+      -> the file made from it, checked tensor by tensor against the recipe, shipped as <name>-<QUANT>.gguf
+         when its calibration KL is lower than the importance-matrix quant's, it is no larger than the
+         plain or the importance-matrix quant of the type, and its KL on the held-out parity probes is
+         lower too (``confirm_held_out``: the probes never steer the search, they refuse a file that fitted
+         the calibration text)
+
+Every step of a group is one step on the ladder of each of its tensors: the K-quants for rows that are a
+multiple of 256 wide, the 32-wide block types otherwise (llama.cpp would fall back to those anyway, so the
+types written are exactly the recipe's). Layers are banded (``RecipeRequest.bands`` bands) so that a search
+costs a bounded amount on a small CPU: three llama-quantize runs per type (every group higher, every group
+lower, the recipe found) and at most ``2 x (2 x bands + 2)`` llama.cpp passes over ``positions``
+calibration tokens, one per group and direction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grpoctl.artifacts import QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
+from grpoctl.errors import ConversionError, UsageError
+from grpoctl.export.quantize import TYPES, default_threads
+
+SEARCH = "search"
+METHODS = (SEARCH,)
+RECIPE_SUFFIX = ".recipe.txt"
+Say = Callable[[str], None]
+# the two type ladders, cheapest first (ggml type names as llama-quantize spells them)
+K_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # rows a multiple of 256 wide
+BLOCK32_LADDER = ("q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0")  # other rows a multiple of 32 wide
+_MAX_LOGPROB_FLOATS = 64 * 2**20  # the reference's log-probabilities kept in memory: 256 MiB of float32
+
+
+def check_request(method: str | None, with_calibration_text: bool) -> None:
+    """Before any work: a known method, and the calibration text it measures on."""
+    if method is None:
+        return
+    if method not in METHODS:
+        raise UsageError(f"--quant-recipe {method} is not one of {', '.join(METHODS)}")
+    if not with_calibration_text:
+        raise UsageError("--quant-recipe search measures each tensor group on the importance matrix's calibration "
+                         "text: add --imatrix auto (the run's data) or --calibration FILE")
+
+
+@dataclass(frozen=True)
+class RecipeRequest:
+    method: str = SEARCH
+    bands: int = 8  # layers are searched in at most this many bands of consecutive layers
+    positions: int = 512  # calibration tokens the KL is measured on (one chunk of llama-imatrix's size)
+
+
+# --- the tensors of a file ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    elements: int
+    row: int  # elements per row (ne0): what a type's block size must divide
+    type: str  # ggml type name, lower case
+
+    def bytes(self, type_name: str | None = None, alignment: int = 32) -> int:
+        """Bytes of the tensor's data at ``type_name`` (default its own), padded as GGUF aligns tensor data."""
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[_ggml(type_name or self.type)]
+        return -(-(self.elements // block * size) // alignment) * alignment
+
+
+def _ggml(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name.upper()]
+
+
+def read_tensors(path: Path) -> tuple[list[Tensor], int]:
+    """The tensors of a GGUF (name, shape, type), read by llama.cpp's gguf-py, and the file's data alignment."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tensors = [Tensor(name=t.name, elements=int(t.n_elements), row=int(t.shape[0]), type=t.tensor_type.name.lower())
+               for t in reader.tensors]
+    return tensors, int(reader.alignment)
+
+
+def _bpw(type_name: str) -> float:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[_ggml(type_name)]
+    return size * 8 / block
+
+
+def ladder(tensor: Tensor) -> list[str]:
+    """The types a tensor may step through, cheapest first, its own among them; empty for a tensor that is not
+    quantized (norms, 16-bit leftovers) or whose rows fit no block."""
+    if not _quantized(tensor.type):
+        return []
+    if tensor.row % 256 == 0:
+        steps = list(K_LADDER)
+    elif tensor.row % 32 == 0:
+        steps = list(BLOCK32_LADDER)
+    else:
+        return []
+    if tensor.type not in steps:  # e.g. q4_1: placed by its bits per weight
+        at = next((i for i, s in enumerate(steps) if _bpw(s) >= _bpw(tensor.type)), len(steps))
+        steps.insert(at, tensor.type)
+    return steps
+
+
+def _quantized(type_name: str) -> bool:
+    return type_name not in ("f32", "f16", "bf16", "f64", "i8", "i16", "i32", "i64")
+
+
+def step(tensor: Tensor, direction: int) -> str | None:
+    """The type one step higher (+1) or lower (-1) on the tensor's ladder; None at either end."""
+    steps = ladder(tensor)
+    if not steps:
+        return None
+    at = steps.index(tensor.type) + direction
+    return steps[at] if 0 <= at < len(steps) else None
+
+
+# --- groups ---------------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.(attn|ffn)_")
+
+
+@dataclass
+class Group:
+    name: str
+    tensors: list[Tensor]
+
+    def types(self, direction: int) -> dict[str, str] | None:
+        """Each tensor's type one step that way; None when no tensor of the group can move."""
+        moved = {t.name: step(t, direction) or t.type for t in self.tensors}
+        return moved if any(moved[t.name] != t.type for t in self.tensors) else None
+
+
+def groups(tensors: list[Tensor], bands: int) -> list[Group]:
+    """Token embedding, output head, and attention / MLP of each band of consecutive layers (at most ``bands``)."""
+    layers = sorted({int(m.group(1)) for t in tensors if (m := _BLOCK.match(t.name))})
+    per_band = max(1, math.ceil(len(layers) / max(1, bands)))
+    found: dict[str, Group] = {}
+    for t in tensors:
+        if not ladder(t):
+            continue
+        if m := _BLOCK.match(t.name):
+            i = layers.index(int(m.group(1))) // per_band
+            first, last = layers[i * per_band], layers[min((i + 1) * per_band, len(layers)) - 1]
+            band = f"{first}" if first == last else f"{first}-{last}"
+            name = f"blk.{band}.{m.group(2)}"
+        elif t.name.startswith("token_embd"):
+            name = "token_embd"
+        elif t.name.startswith("output"):
+            name = "output"
+        else:
+            continue
+        found.setdefault(name, Group(name, [])).tensors.append(t)
+    return list(found.values())
+
+
+# --- the recipe file ------------------------------------------------------------------------------------
+
+def recipe_lines(types: dict[str, str]) -> list[str]:
+    """``PATTERN=TYPE`` lines for llama-quantize's --tensor-type-file: one anchored pattern per tensor, so that
+    every quantized tensor's type is the recipe's and none is left to the type's default mix."""
+    return [f"^{re.escape(name)}$={t}" for name, t in types.items()]
+
+
+def write_recipe(path: Path, types: dict[str, str]) -> Path:
+    # llama-quantize reads the file as whitespace-separated PATTERN=TYPE words: no comments, no blanks inside
+    path.write_text("\n".join(recipe_lines(types)) + "\n", encoding="utf-8")
+    return path
+
+
+def read_recipe(path: Path) -> list[tuple[str, str]]:
+    """(pattern, type) pairs as llama-quantize reads them: whitespace-separated words, split at the first '='."""
+    out = []
+    for word in Path(path).read_text(encoding="utf-8").split():
+        pattern, sep, type_name = word.partition("=")
+        if not sep or not pattern or not type_name:
+            raise ConversionError(f"{Path(path).name}: {word!r} is not PATTERN=TYPE")
+        out.append((pattern.lower(), type_name.lower()))
+    return out
+
+
+def check_file(gguf_path: Path, recipe: Path) -> None:
+    """The file has every type its recipe claims: each tensor the recipe names (the first pattern that matches,
+    as llama.cpp applies them) has that type in the file, read by gguf-py; every pattern names a tensor."""
+    rules = [(re.compile(p), p, t) for p, t in read_recipe(recipe)]
+    tensors, _ = read_tensors(gguf_path)
+    used: set[str] = set()
+    wrong: list[str] = []
+    for tensor in tensors:
+        for rx, pattern, type_name in rules:
+            if rx.search(tensor.name):
+                used.add(pattern)
+                if tensor.type != type_name:
+                    wrong.append(f"{tensor.name} is {tensor.type}, the recipe says {type_name}")
+                break
+    unused = [p for _, p, _ in rules if p not in used]
+    if wrong or unused:
+        what = wrong[0] if wrong else f"the pattern {unused[0]} names no tensor of the file"
+        more = len(wrong) + len(unused) - 1
+        raise ConversionError(f"{gguf_path.name} does not follow its recipe {recipe.name}: {what}"
+                              + (f" (and {more} more)" if more else ""))
+
+
+def quantize_recipe(src: Path, dst: Path, type_name: str, matrix: Path, recipe: Path,
+                    threads: int | None = None) -> None:
+    """llama-quantize --imatrix MATRIX --tensor-type-file RECIPE SRC DST TYPE, run in the matrix's folder so the
+    file records the matrix by its name (as ``grpoctl.export.imatrix.quantize_with_matrix`` does)."""
+    from grpoctl.export.imatrix import _last_error, run_tool
+    from grpoctl.llamacpp_tools import tool
+
+    cmd = [str(tool("llama-quantize")), "--imatrix", matrix.name, "--tensor-type-file", str(recipe.resolve()),
+           str(src.resolve()), str(dst.resolve()), TYPES[type_name].label, str(threads or default_threads())]
+    rc, lines = run_tool(cmd, matrix.parent)
+    if rc != 0 or not dst.is_file():
+        dst.unlink(missing_ok=True)
+        raise ConversionError(f"llama-quantize failed to make {TYPES[type_name].label} from the recipe "
+                              f"{recipe.name} (exit {rc}): {_last_error(lines)}")
+
+
+def splice(base: Path, donor: Path, names: set[str], dst: Path) -> None:
+    """``base`` with the tensors ``names`` (type and data) taken from ``donor``, another quant of the same model;
+    written by llama.cpp's gguf-py, metadata copied as gguf-py's own gguf_new_metadata copies it."""
+    import gguf
+
+    reader, other = gguf.GGUFReader(base), gguf.GGUFReader(donor)
+    theirs = {t.name: t for t in other.tensors}
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
+        writer.data_alignment = int(align.contents())
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        kind = f.types[0]
+        writer.add_key_value(f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY
+                             else None)
+    tensors = [theirs[t.name] if t.name in names else t for t in reader.tensors]
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+
+
+# --- KL on the calibration text -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Figures:
+    kl: float
+    kl_p99: float
+    top1: float
+
+
+class CalibrationKL:
+    """Next-token distributions of the 16-bit GGUF on the calibration text (llama.cpp), and any file's KL to them.
+
+    The text is cut into chunks of ``n_ctx`` tokens, each evaluated from an empty context (as llama-imatrix and
+    llama-perplexity do); at most ``positions`` tokens, fewer for a vocabulary whose log-probabilities would not
+    fit ``_MAX_LOGPROB_FLOATS``."""
+
+    def __init__(self, reference: Path, text: str, positions: int, n_ctx: int = 512) -> None:
+        from grpoctl.export.parity import open_gguf
+
+        llm = open_gguf(reference, n_ctx)
+        try:
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            limit = min(positions, len(ids), max(n_ctx, _MAX_LOGPROB_FLOATS // llm.n_vocab()))
+            self.chunks = [ids[i:i + n_ctx] for i in range(0, limit, n_ctx)]
+            self.chunks = [c for c in self.chunks if len(c) >= 2]
+            self.n_ctx = n_ctx
+            self.reference = self._logprobs(llm)
+        finally:
+            llm.close()
+        self.positions = sum(len(c) for c in self.chunks)
+
+    def _logprobs(self, llm: Any) -> list[Any]:
+        import numpy as np
+
+        out = []
+        for chunk in self.chunks:
+            llm.reset()
+            llm.eval(chunk)
+            scores = np.array(llm.scores[: len(chunk)], dtype=np.float32)
+            scores -= scores.max(-1, keepdims=True)
+            out.append(scores - np.log(np.exp(scores).sum(-1, keepdims=True)))
+        return out
+
+    def measure(self, path: Path) -> Figures:
+        import numpy as np
+
+        from grpoctl.export.parity import open_gguf
+
+        llm = open_gguf(path, self.n_ctx)
+        try:
+            test = self._logprobs(llm)
+        finally:
+            llm.close()
+        kls = np.concatenate([np.clip((np.exp(r) * (r - t)).sum(-1), 0, None) for r, t in zip(self.reference, test,
+                                                                                                 strict=True)])
+        agree = sum(int((r.argmax(-1) == t.argmax(-1)).sum()) for r, t in zip(self.reference, test, strict=True))
+        return Figures(kl=float(kls.mean()), kl_p99=float(np.quantile(kls, 0.99)), top1=agree / len(kls))
+
+
+# --- the search -----------------------------------------------------------------------------------------
+
+@dataclass
+class _Move:
+    group: Group
+    direction: int  # +1 higher, -1 lower
+    types: dict[str, str]
+    delta_bytes: int  # bytes added (negative: saved)
+    kl: float | None = None
+
+
+@dataclass
+class SearchResult:
+    """What the search found for one type; ``path`` is the searched file in the work folder."""
+
+    record: RecipeType
+    path: Path
+    recipe: Path
+
+
+def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, calib: CalibrationKL, work: Path,
+           name: str, budget: int, request: RecipeRequest, threads: int | None = None,
+           say: Say = print) -> SearchResult:
+    """Search the per-tensor types of ``type_name`` starting from ``base_file`` (its importance-matrix quant);
+    returns the searched file, its recipe and the record. ``budget``: the file may not be larger."""
+    start = time.monotonic()
+    label = TYPES[type_name].label
+    tensors, alignment = read_tensors(base_file)
+    base_types = {t.name: t.type for t in tensors if _quantized(t.type)}
+    tensor_bytes = sum(t.bytes(alignment=alignment) for t in tensors)
+    overhead = base_file.stat().st_size - tensor_bytes  # metadata: the same in every file made with the matrix
+    room = budget - overhead - tensor_bytes  # bytes the recipe may add (negative: it must save them first)
+    found = groups(tensors, request.bands)
+    moves: list[_Move] = []
+    for g in found:
+        for direction in (1, -1):
+            if (moved := g.types(direction)) is not None:
+                delta = sum(t.bytes(moved[t.name], alignment) - t.bytes(alignment=alignment) for t in g.tensors)
+                moves.append(_Move(g, direction, moved, delta))
+    base = calib.measure(base_file)
+    say(f"quant recipe {label}: {len(found)} tensor groups, {len(moves)} files to measure on {calib.positions} "
+        f"calibration positions (base mean KL {base.kl:.5f})")
+    work.mkdir(parents=True, exist_ok=True)
+    # every group one step higher in one file and one step lower in another (llama-quantize, the matrix); a
+    # variant is the importance-matrix quant with one group's tensors taken from one of them (per-tensor
+    # quantization depends on nothing but the tensor and its matrix entry: the same bytes llama-quantize writes)
+    donors: dict[int, Path] = {}
+    for direction in (1, -1):
+        if any(m.direction == direction for m in moves):
+            moved = {**base_types, **{k: v for m in moves if m.direction == direction for k, v in m.types.items()}}
+            donors[direction] = work / f"all-{'higher' if direction > 0 else 'lower'}-{type_name}.gguf"
+            quantize_recipe(intermediate, donors[direction], type_name, matrix,
+                            write_recipe(work / f"all-{direction}{RECIPE_SUFFIX}", moved), threads)
+    variant = work / f"variant-{type_name}.gguf"
+    began = time.monotonic()
+    for i, move in enumerate(moves, 1):
+        splice(base_file, donors[move.direction], {t.name for t in move.group.tensors}, variant)
+        move.kl = calib.measure(variant).kl
+        variant.unlink()
+        left = (time.monotonic() - began) / i * (len(moves) - i)
+        say(f"  {i}/{len(moves)} {move.group.name} {'higher' if move.direction > 0 else 'lower'} "
+            f"({move.delta_bytes / 2**10:+.0f} KiB): mean KL {move.kl:.5f}; ETA {_clock(left)}")
+    for donor in donors.values():
+        donor.unlink()
+
+    chosen, predicted = allocate(moves, base.kl, room)
+    final_types = dict(base_types)
+    for move in chosen.values():
+        final_types.update(move.types)
+    recipe = write_recipe(work / f"{name}-{label}{RECIPE_SUFFIX}", final_types)
+    out = work / f"searched-{type_name}.gguf"
+    quantize_recipe(intermediate, out, type_name, matrix, recipe, threads)
+    check_file(out, recipe)
+    mine = calib.measure(out)
+    size = out.stat().st_size
+    if size > budget:
+        shipped, reason = False, f"the searched file is {size - budget} bytes larger than the budget"
+    elif mine.kl >= base.kl:
+        shipped, reason = False, (f"its calibration KL {mine.kl:.5f} is not below the importance-matrix quant's "
+                                  f"{base.kl:.5f}")
+    else:
+        shipped, reason = True, (f"calibration KL {mine.kl:.5f} vs {base.kl:.5f} for the importance-matrix quant, "
+                                 f"{size} bytes within {budget}")
+    written: dict[str, int] = {}
+    for t in final_types.values():
+        written[t] = written.get(t, 0) + 1
+    records = []
+    for g in found:
+        by_dir = {m.direction: m for m in moves if m.group is g}
+        up, down = by_dir.get(1), by_dir.get(-1)
+        pick = chosen.get(g.name)
+        records.append(RecipeGroup(
+            name=g.name, tensors=len(g.tensors), bytes=sum(t.bytes(alignment=alignment) for t in g.tensors),
+            chosen="base" if pick is None else ("higher" if pick.direction > 0 else "lower"),
+            higher_bytes=up.delta_bytes if up else None, higher_kl=_r(up.kl) if up else None,
+            lower_bytes=down.delta_bytes if down else None, lower_kl=_r(down.kl) if down else None))
+    seconds = round(time.monotonic() - start, 1)
+    say(f"quant recipe {label}: {sum(final_types[n] != base_types[n] for n in base_types)} tensors changed, "
+        f"calibration mean KL {mine.kl:.5f} (importance-matrix quant {base.kl:.5f}, predicted {predicted:.5f}), "
+        f"{size / 2**20:.2f} MiB (budget {budget / 2**20:.2f} MiB), {seconds:.0f} s; "
+        f"{'shipped' if shipped else 'not shipped: ' + reason}")
+    record = RecipeType(recipe=recipe.name, sha256="", shipped=shipped, reason=reason, budget_bytes=budget,
+                        bytes=size, calibration_kl=_r(mine.kl), base_calibration_kl=_r(base.kl),
+                        predicted_kl=_r(predicted), tensor_types=dict(sorted(written.items())),
+                        changed=sum(final_types[n] != base_types[n] for n in base_types), groups=records,
+                        variants=len(moves), seconds=seconds)
+    return SearchResult(record=record, path=out, recipe=recipe)
+
+
+def allocate(moves: list[_Move], base_kl: float, room: int) -> tuple[dict[str, _Move], float]:
+    """Greedy: upgrades in order of KL saved per byte, each paid for (when ``room`` does not cover it) by the
+    downgrades that cost the least KL per byte saved; an upgrade is taken only when it saves more KL than its
+    downgrades cost. Downgrades that lower the KL are taken first, for free. Returns {group: move} and the KL
+    the measurements predict, summed as if the groups were independent."""
+    ups = [m for m in moves if m.direction > 0 and m.kl is not None and m.kl < base_kl]
+    downs = [m for m in moves if m.direction < 0 and m.kl is not None and m.delta_bytes < 0]
+    ups.sort(key=lambda m: (base_kl - m.kl) / max(m.delta_bytes, 1), reverse=True)
+    downs.sort(key=lambda m: (m.kl - base_kl) / -m.delta_bytes)
+    chosen: dict[str, _Move] = {}
+    kl = base_kl
+    for d in downs:
+        if d.kl <= base_kl:  # cheaper and no worse on the calibration text
+            chosen[d.group.name] = d
+            room -= d.delta_bytes
+            kl += d.kl - base_kl
+    for u in ups:
+        if u.group.name in chosen:
+            continue
+        pay: list[_Move] = []
+        need = u.delta_bytes - room
+        for d in downs:
+            if need <= 0:
+                break
+            if d.group.name in chosen or d.group is u.group:
+                continue
+            pay.append(d)
+            need += d.delta_bytes
+        cost = sum(d.kl - base_kl for d in pay)
+        if need > 0 or cost >= base_kl - u.kl:
+            continue
+        for m in [u, *pay]:
+            chosen[m.group.name] = m
+            room -= m.delta_bytes
+            kl += m.kl - base_kl
+    return chosen, kl
+
+
+def confirm_held_out(record: RecipeType, searched_kl: float, matrix_kl: float) -> bool:
+    """The last word on shipping: the searched file must also beat the importance-matrix quant on the held-out
+    probes (mean KL). The search chose on the calibration text only; a file better there and worse on text it
+    never saw has fitted that text, and the importance-matrix quant ships instead. Returns ``record.shipped``."""
+    if record.shipped and searched_kl >= matrix_kl:
+        record.shipped = False
+        record.reason = (f"on the held-out probes its mean KL {searched_kl:.5f} is not below the importance-matrix "
+                         f"quant's {matrix_kl:.5f} (calibration KL {record.calibration_kl:.5f} vs "
+                         f"{record.base_calibration_kl:.5f})")
+    return record.shipped
+
+
+def _r(x: float | None) -> float | None:
+    return round(x, 6) if x is not None else None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the per-type table: its header, width and how a row shows it (another measure of the same
+    files adds a column here and its value to ``QuantRow.columns``)."""
+
+    header: str
+    width: int
+    cell: Callable[[QuantRow], str]
+
+
+COLUMNS: list[Column] = [
+    Column("size MiB", 9, lambda r: f"{r.bytes / 2**20:.2f}"),
+    Column("mean KL", 9, lambda r: f"{r.kl:.5f}"),
+    Column("p99 KL", 8, lambda r: f"{r.kl_p99:.4f}" if r.kl_p99 is not None else "-"),
+    Column("top-1", 7, lambda r: f"{r.top1 * 100:.1f}%"),
+]
+
+
+def extra_columns(rows: list[QuantRow]) -> list[Column]:
+    """A column for each further measure the rows carry (``QuantRow.columns``), in the order first seen."""
+    names = list(dict.fromkeys(k for r in rows for k in r.columns))
+    return [Column(k, max(9, len(k)), lambda r, k=k: f"{r.columns[k]:.4g}" if k in r.columns else "-") for k in names]
+
+
+def format_table(section: QuantRecipeSection, probe_positions: int) -> str:
+    """One table per export: every searched type's plain, importance-matrix and searched files on the probes."""
+    rows_all = [r for t in section.types.values() for r in t.rows]
+    cols = COLUMNS + extra_columns(rows_all)
+    lines = [f"quant recipe: plain vs importance matrix vs searched recipe, on the held-out probes "
+             f"({probe_positions} positions; the search saw only {section.positions} positions of "
+             f"{section.calibration})",
+             f"{'type':8} {'file':9}" + "".join(f" {c.header:>{c.width}}" for c in cols) + "  shipped"]
+    for t, rec in section.types.items():
+        for r in rec.rows:
+            lines.append(f"{TYPES[t].label:8} {r.variant:9}" + "".join(f" {c.cell(r):>{c.width}}" for c in cols)
+                         + ("  *" if r.shipped else ""))
+        lines.append(f"{'':8} recipe {rec.recipe}: {rec.changed} tensors changed, {rec.variants} files measured in "
+                     f"{rec.seconds:.0f} s; {'shipped' if rec.shipped else 'not shipped'} ({rec.reason})")
+    return "\n".join(lines)
+
+
+def row(variant: str, path: Path, figures: dict[str, Any], shipped: bool) -> QuantRow:
+    """A table row from parity's figures for one file (``grpoctl.export.parity.measure``)."""
+    return QuantRow(variant=variant, bytes=path.stat().st_size, top1=figures["top1"], kl=figures["kl"],
+                    kl_p99=figures.get("kl_p99"), shipped=shipped)
+
+
+def section(results: dict[str, RecipeType], calib: CalibrationKL, calibration_name: str, reference: str,
+            request: RecipeRequest) -> QuantRecipeSection:
+    return QuantRecipeSection(
+        method=(f"greedy allocation over {request.bands} bands of layers (attention, MLP) + token embedding + "
+                "output head, each measured one type step higher and lower by llama-quantize --tensor-type-file "
+                "with the importance matrix; KL of llama.cpp's next-token distributions against the 16-bit GGUF"),
+        calibration=calibration_name, positions=calib.positions, reference=reference, types=results)
+
+
+
+def search_types(built: dict[str, Any], plan: Any, types: list[str], work: Path, name: str, request: RecipeRequest,
+                 threads: int | None = None, say: Say = print) -> tuple[CalibrationKL, dict[str, SearchResult]]:
+    """The search for every type made with the importance matrix (``plan``: ``grpoctl.export.imatrix.Imatrix``),
+    from ``built`` (``grpoctl.export.gguf.convert_all``'s files, the 16-bit intermediate kept)."""
+    inter = built["_intermediate"]
+    calib = CalibrationKL(inter, plan.calibration.read_text(encoding="utf-8"), request.positions)
+    results: dict[str, SearchResult] = {}
+    for t in types:
+        if t not in plan.quants:
+            continue
+        sizes = [built[t].stat().st_size] + ([built[f"plain:{t}"].stat().st_size] if f"plain:{t}" in built else [])
+        results[t] = search(inter, built[t], t, plan.matrix, calib, work, name, min(sizes), request, threads, say)
+    return calib, results
