@@ -14,6 +14,7 @@ import pytest
 
 from grpoctl.errors import UsageError
 from grpoctl.export.pipeline import ExportOptions, export
+from grpoctl.fsutil import sha256_file
 
 
 @pytest.fixture
@@ -34,6 +35,7 @@ def gguf_stand_in(monkeypatch):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt, imatrix=imatrix,
                           refused_report=refused_report, task=task, run=run, recipe=recipe,
+                          adapter_sha256=sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
         f = out_dir / f"{name}-{types_[0].upper()}.gguf"
@@ -59,7 +61,9 @@ def test_gguf_only_export_uses_the_fused_path_and_lands_in_the_manifest(gguf_sta
     (call,) = gguf_stand_in
     assert call["types"] == ["q8_0"] and call["merged_dir"] is None and call["parity_gate"] is False
     assert call["out_dir"].name == "gguf" and call["system_prompt"] == "You are a careful math tutor."
-    assert call["adapter_dir"] == qwen3_run / "adapter"
+    # export reads its own copy of the adapter (training may replace the run's at any moment): the same bytes
+    assert call["adapter_dir"] != qwen3_run / "adapter"
+    assert call["adapter_sha256"] == sha256_file(qwen3_run / "adapter" / "adapter_model.safetensors")
     assert [f.kind for f in manifest.by_kind("gguf")] == ["gguf:q8_0"]
     assert not (manifest.root / "merged").exists()
     # a refusal's report goes beside the export, out of the staged folder the refusal removes
