@@ -371,8 +371,14 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 artifacts.save()
                 if then is not None:
                     then.write(stage, src, say)
+    done = Artifacts.load(out)
+    if done.parity is not None:
+        from grpoctl.export.parity import unchecked_template_note
+
+        if note := unchecked_template_note(done.parity.files):
+            say(note)
     say(f"export complete: {out}")
-    return Artifacts.load(out)
+    return done
 
 
 def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
