@@ -99,9 +99,21 @@ def cmake_flags(commit: str | None, lib_dir: Path | None = None, version: tuple[
             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",  # offline: no model downloads (LLAMA_CURL: older trees)
             "-DLLAMA_ALL_WARNINGS=OFF",
         ]
+        if _cpu_has_amx():  # ggml's AMX kernels crash on the first quantized matmul (llama.cpp issue 20824)
+            flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     if commit:  # the sdist has no .git work tree: `--version` would say "unknown"
         flags.append(f"-DLLAMA_BUILD_COMMIT={commit[:8]}")
     return flags
+
+
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # -march=native would turn them on
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def shared_lib_dir() -> Path | None:
