@@ -1,12 +1,15 @@
 # Two entry points: `make demo` (train -> export -> chat on the embedded default) and `make test`.
 PY ?= python3
 RUN ?= runs/demo
+# the tested dependency set; on a GPU machine: CONSTRAINTS=constraints/gpu.txt after installing CUDA torch
+CONSTRAINTS ?= constraints/cpu.txt
 
 .PHONY: setup demo test lint
 
+# pip only when pyproject.toml, the constraints or the Python changed, or a pinned package drifted
+# (tools/setup_env.py); the first time also builds llama.cpp's tools
 setup:
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test]'
+	@$(PY) tools/setup_env.py --constraints $(CONSTRAINTS)
 
 demo: setup
 	grpoctl train --config examples/demo.toml --output-dir $(RUN) --force

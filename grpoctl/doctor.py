@@ -75,7 +75,9 @@ def _llama_tools() -> Check:
             return Check("llama.cpp-tools", "warn", note, f"unset {ENV_BIN} to use a build of the matching commit")
         return Check("llama.cpp-tools", "ok", f"{ENV_BIN}={tools.bin_dir}")
     commit = (tools.info.get("llama_cpp_commit") or "unknown")[:8]
-    return Check("llama.cpp-tools", "ok", f"{tools.bin_dir} (llama.cpp {commit}, built for {tools.info.get('cpu')})")
+    on = (f"linked against {tools.info['linked_to']}" if tools.info.get("linked_to")
+          else f"built for {tools.info.get('cpu')}")
+    return Check("llama.cpp-tools", "ok", f"{tools.bin_dir} (llama.cpp {commit}, {on})")
 
 
 def _ollama() -> Check:

@@ -10,20 +10,26 @@ They come from one of, in order:
 
 1. ``$GRPOCTL_LLAMA_CPP_BIN``: a directory of llama.cpp tools the user already built (used as is; a
    llama.cpp commit other than the one inside the installed llama-cpp-python is reported, not refused);
-2. the cache ``<cache_dir>/llama.cpp/llama-cpp-python-<version>-tools/bin/``;
+2. the cache ``<cache_dir>/llama.cpp/llama-cpp-python-<version>-tools[-<lib dir hash>]/bin/``;
 3. on first use, a CMake build of ``vendor/llama.cpp`` from the sdist of the installed llama-cpp-python
    (the same download as the converter's, ``grpoctl.llamacpp_sdist``). Never a git clone.
 
-The build is CPU only, Release, static (the executables depend on no library in the build tree), without
-the web UI, HTTPS or downloads, and compiled for this machine's CPU (``GGML_NATIVE``): a cache copied to
-an older CPU may fail with an illegal instruction, so rebuild there. It runs in a staging folder renamed
-into place when complete, under a lock so that concurrent first uses wait for one build.
-``grpoctl doctor --build-llama-tools`` builds ahead.
+The build is CPU only, Release, without the web UI, HTTPS or downloads. Where the installed llama-cpp-python
+keeps its shared libraries (``llama_cpp/lib``: libllama, libggml*, libmtmd, compiled from the same sdist at
+install), only llama.cpp's ``common`` code and the four tools are compiled, linked against those libraries
+(``grpoctl/data/llama_tools_linked.cmake``): the tools compute with exactly the code llama-cpp-python runs,
+and the build takes a fraction of a full one. The cache of such a build is keyed on that library folder and
+rebuilt when its libraries change. Otherwise (no shared libraries, or the linked build fails) all of
+llama.cpp is compiled, static and for this machine's CPU (``GGML_NATIVE``): a cache copied to an older CPU
+may fail with an illegal instruction, so rebuild there. It runs in a staging folder renamed into place when
+complete, under a lock so that concurrent first uses wait for one build.
+``grpoctl doctor --build-llama-tools`` builds ahead (``make setup`` does, when cmake and a compiler are there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -39,6 +45,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from grpoctl.errors import DependencyError, InputNotFoundError, ToolBuildError, UsageError
@@ -55,22 +62,91 @@ _SKIP = frozenset({"models", "docs", "media", "benches", "examples", "pocs", "te
 _BUILD_TAIL = 25  # log lines quoted in a build failure
 
 
-def cmake_flags(commit: str | None) -> list[str]:
-    """The configure flags, recorded with every build (why each one matters in the comments)."""
-    flags = [
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DBUILD_SHARED_LIBS=OFF",  # the staging folder is renamed: no RPATH may point into it
-        "-DGGML_NATIVE=ON",  # this CPU's instruction set; the cache is per machine
-        "-DGGML_METAL=OFF", "-DGGML_CUDA=OFF", "-DGGML_VULKAN=OFF",  # CPU only (Metal is on by default on macOS)
-        "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
-        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no npm, no web UI download from the Hub
-        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",  # offline: no model downloads (LLAMA_CURL: older trees)
-        "-DLLAMA_ALL_WARNINGS=OFF",
-    ]
+# The libraries llama-cpp-python installs that the tools link against (llama_tools_linked.cmake)
+SHARED_LIBS = ("ggml-base", "ggml-cpu", "ggml", "llama", "mtmd")
+LINKED_CMAKE = Path(__file__).parent / "data" / "llama_tools_linked.cmake"
+
+
+def cmake_flags(commit: str | None, lib_dir: Path | None = None, version: tuple[int, int, int] | None = None
+                ) -> list[str]:
+    """The configure flags, recorded with every build (why each one matters in the comments): of the build
+    linked against the libraries in ``lib_dir`` (``version``: the sdist's llama.cpp version), or of the
+    full static build when ``lib_dir`` is None."""
+    if lib_dir is not None:
+        flags = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            # what is compiled here is glue around the libraries (arguments, JSON, HTTP, chat templates): -O1
+            # compiles it in 0.6x the time of -O3; the computing runs in the package's optimised libraries, and
+            # without -ffast-math the tools' own float loops give the same results at either level
+            "-DCMAKE_C_FLAGS_RELEASE=-O1 -DNDEBUG", "-DCMAKE_CXX_FLAGS_RELEASE=-O1 -DNDEBUG",
+            f"-DGRPOCTL_LIB_DIR={lib_dir}",  # llama-cpp-python's libllama, libggml*, libmtmd
+            "-DBUILD_SHARED_LIBS=OFF",  # common and the tools' own code go into the executables
+            *(f"-DLLAMA_VERSION_{k}={v}" for k, v in zip(("MAJOR", "MINOR", "PATCH"), version or (0, 0, 0),
+                                                           strict=True)),
+            "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no npm, no web UI download from the Hub
+            "-DLLAMA_OPENSSL=OFF",  # offline: no model downloads
+            "-DLLAMA_ALL_WARNINGS=OFF",
+        ]
+    else:
+        flags = [
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=OFF",  # the staging folder is renamed: no RPATH may point into it
+            "-DGGML_NATIVE=ON",  # this CPU's instruction set; the cache is per machine
+            "-DGGML_METAL=OFF", "-DGGML_CUDA=OFF", "-DGGML_VULKAN=OFF",  # CPU only (Metal is on by default on macOS)
+            "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no npm, no web UI download from the Hub
+            "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",  # offline: no model downloads (LLAMA_CURL: older trees)
+            "-DLLAMA_ALL_WARNINGS=OFF",
+        ]
+        if _cpu_has_amx():  # ggml's AMX kernels crash on the first quantized matmul (llama.cpp issue 20824)
+            flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     if commit:  # the sdist has no .git work tree: `--version` would say "unknown"
         flags.append(f"-DLLAMA_BUILD_COMMIT={commit[:8]}")
     return flags
+
+
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # -march=native would turn them on
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def shared_lib_dir() -> Path | None:
+    """The installed llama-cpp-python's ``llama_cpp/lib`` when it holds every library of SHARED_LIBS as a
+    shared library of this platform (.so, .dylib); None otherwise (Windows, a static build, not installed)."""
+    suffix = {"Linux": ".so", "Darwin": ".dylib"}.get(platform.system())
+    if suffix is None:
+        return None
+    try:
+        lib_dir = Path(metadata.distribution(DIST).locate_file("llama_cpp/lib")).resolve()
+    except (metadata.PackageNotFoundError, OSError):
+        return None
+    if all((lib_dir / f"lib{name}{suffix}").is_file() for name in SHARED_LIBS):
+        return lib_dir
+    return None
+
+
+def _lib_files(lib_dir: Path) -> list[Path]:
+    suffix = ".dylib" if platform.system() == "Darwin" else ".so"
+    return [lib_dir / f"lib{name}{suffix}" for name in SHARED_LIBS]
+
+
+def library_signature(lib_dir: Path) -> dict[str, list[int]]:
+    """{file name: [size, mtime in ns]} of the libraries a linked build uses: a reinstall that replaces them
+    (other build flags, another backend) makes the cached tools stale."""
+    out = {}
+    for path in _lib_files(lib_dir):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out[path.name] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,7 +205,12 @@ def find_tools(build: bool = False) -> Tools:
 
 
 def cached_root(version: str | None = None) -> Path:
-    return cache_dir() / "llama.cpp" / f"{DIST}-{version or installed_version()}-tools"
+    """The cache folder of the tools for the installed llama-cpp-python: per version, and per library folder
+    when they are linked against its libraries (two environments of one version keep their own)."""
+    name = f"{DIST}-{version or installed_version()}-tools"
+    if (lib_dir := shared_lib_dir()) is not None:
+        name += "-" + hashlib.sha256(str(lib_dir).encode()).hexdigest()[:10]
+    return cache_dir() / "llama.cpp" / name
 
 
 def build_log(version: str | None = None) -> Path:
@@ -244,6 +325,8 @@ def _cached(root: Path) -> Tools | None:
     except (OSError, ValueError):
         return None
     tools = Tools(bin_dir=root / "bin", source="cache", info=info)
+    if info.get("linked_to") and library_signature(Path(info["linked_to"])) != info.get("libraries"):
+        return None  # the libraries they run on were replaced or removed: build again
     return tools if len(tools.available()) == len(TOOLS) else None
 
 
@@ -320,30 +403,36 @@ def _remove_leftovers(root: Path) -> None:
 
 def _build(root: Path, sdist: Sdist, cmake: str, cxx: str, jobs: int) -> Tools:
     log_path = build_log(sdist.version)
-    flags = cmake_flags(sdist.llama_cpp_commit)
+    lib_dir = shared_lib_dir()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    print(f"grpoctl: building llama.cpp's {', '.join(TOOLS)} from the {DIST}=={sdist.version} sdist "
-          f"(once; CPU only, {jobs} job{'s' * (jobs != 1)}, several minutes) -> {root}", flush=True)
+    what = f"llama.cpp's {', '.join(TOOLS)} from the {DIST}=={sdist.version} sdist"
+    how = f"once; CPU only, {jobs} job{'s' * (jobs != 1)}"
     start = time.monotonic()
     with staged_dir(root, force=True) as stage, open(log_path, "w", buffering=1) as log:
-        src, build = stage / "src", stage / "build"
-        extract_vendored(sdist.path, src, keep=lambda parts: parts[0] not in _SKIP)
-        _run_logged([cmake, "-S", str(src), "-B", str(build), *generator, *flags], log, log_path, "configure")
-        _run_logged([cmake, "--build", str(build), "--config", "Release", "--parallel", str(jobs),
-                     "--target", *TOOLS], log, log_path, "build", progress=_Progress(start))
-        (stage / "bin").mkdir()
-        for name in TOOLS:
-            exe = next((p for p in (build / "bin" / name, build / "bin" / "Release" / name) if p.is_file()), None)
-            if exe is None:
-                raise ToolBuildError(f"the llama.cpp build finished without {name}; see {log_path}")
-            shutil.copy2(exe, stage / "bin" / name)
-        compiler = _cmake_cache(build, "CMAKE_CXX_COMPILER") or cxx
+        flags = None
+        if lib_dir is not None:
+            print(f"grpoctl: building {what}, linked against llama-cpp-python's libraries in {lib_dir} ({how}, "
+                  f"a few minutes) -> {root}", flush=True)
+            try:
+                flags = _compile(stage, sdist, cmake, generator, jobs, log, log_path, lib_dir, start)
+            except ToolBuildError as err:
+                print(f"grpoctl: the tools did not build against llama-cpp-python's libraries "
+                      f"({str(err).splitlines()[0]}); building all of llama.cpp instead", flush=True)
+                for leftover in ("src", "build", "bin"):
+                    shutil.rmtree(stage / leftover, ignore_errors=True)
+                lib_dir = None
+        if flags is None:
+            print(f"grpoctl: building {what} ({how}, several minutes) -> {root}", flush=True)
+            flags = _compile(stage, sdist, cmake, generator, jobs, log, log_path, None, start)
+        compiler = _cmake_cache(stage / "build", "CMAKE_CXX_COMPILER") or cxx
         info = {
             "llama_cpp_python": sdist.version,
             "sdist": sdist.path.name,
             "sdist_sha256": sdist.sha256,
             "llama_cpp_commit": sdist.llama_cpp_commit,
             "tools": list(TOOLS),
+            "linked_to": str(lib_dir) if lib_dir is not None else None,
+            "libraries": library_signature(lib_dir) if lib_dir is not None else None,
             "cmake_flags": flags,
             "generator": "Ninja" if generator else "default",
             "cmake": subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
@@ -354,13 +443,61 @@ def _build(root: Path, sdist: Sdist, cmake: str, cxx: str, jobs: int) -> Tools:
             "jobs": jobs,
             "build_seconds": round(time.monotonic() - start, 1),
         }
-        shutil.rmtree(src)
-        shutil.rmtree(build)
+        shutil.rmtree(stage / "src")
+        shutil.rmtree(stage / "build")
         (stage / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     print(f"grpoctl: llama.cpp's tools built in {_clock(time.monotonic() - start)} -> {root / 'bin'}", flush=True)
     found = _cached(root)
     assert found is not None
     return found
+
+
+def _compile(stage: Path, sdist: Sdist, cmake: str, generator: list[str], jobs: int, log, log_path: Path,
+             lib_dir: Path | None, start: float) -> list[str]:
+    """Extract, configure and build into ``stage`` (src/, build/, bin/ with TOOLS); returns the flags used.
+    With ``lib_dir``, the linked build (llama_tools_linked.cmake), else llama.cpp's own full build."""
+    src, build = stage / "src", stage / "build"
+    if lib_dir is None:
+        extract_vendored(sdist.path, src, keep=lambda parts: parts[0] not in _SKIP)
+        flags = cmake_flags(sdist.llama_cpp_commit)
+    else:
+        extract_vendored(sdist.path, src, keep=_linked_keeps)
+        top = src / "CMakeLists.txt"
+        version = _llama_version(top)
+        top.write_text(LINKED_CMAKE.read_text())
+        flags = cmake_flags(sdist.llama_cpp_commit, lib_dir, version)
+    _run_logged([cmake, "-S", str(src), "-B", str(build), *generator, *flags], log, log_path, "configure")
+    _run_logged([cmake, "--build", str(build), "--config", "Release", "--parallel", str(jobs),
+                 "--target", *TOOLS], log, log_path, "build", progress=_Progress(start))
+    (stage / "bin").mkdir()
+    for name in TOOLS:
+        exe = next((p for p in (build / "bin" / name, build / "bin" / "Release" / name) if p.is_file()), None)
+        if exe is None:
+            raise ToolBuildError(f"the llama.cpp build finished without {name}; see {log_path}")
+        shutil.copy2(exe, stage / "bin" / name)
+    return flags
+
+
+def _linked_keeps(parts: tuple[str, ...]) -> bool:
+    """What the linked build reads: no ggml or libllama sources (the installed libraries are those), only
+    their headers."""
+    if parts[0] in _SKIP:
+        return False
+    if parts[0] == "ggml":
+        return len(parts) < 2 or parts[1] in ("include", "cmake")
+    if parts[0] == "src":
+        return parts[-1].endswith(".h")
+    return True
+
+
+def _llama_version(top_cmake: Path) -> tuple[int, int, int] | None:
+    """llama.cpp's version from its top-level CMakeLists.txt (``set(LLAMA_VERSION_MAJOR 0)`` ...)."""
+    try:
+        text = top_cmake.read_text(errors="replace")
+    except OSError:
+        return None
+    found = [re.search(rf"set\(LLAMA_VERSION_{k}\s+(\d+)\)", text) for k in ("MAJOR", "MINOR", "PATCH")]
+    return tuple(int(m.group(1)) for m in found) if all(found) else None  # type: ignore[return-value]
 
 
 def _run_logged(cmd: list[str], log, log_path: Path, step: str, progress: _Progress | None = None) -> None:

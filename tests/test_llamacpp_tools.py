@@ -7,6 +7,7 @@ import io
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -78,12 +79,68 @@ def test_build_is_recorded_with_its_sdist_flags_and_compiler(llama_tools):
     assert info["llama_cpp_python"] == sd.installed_version() == sdist.version
     assert info["sdist_sha256"] == sha256_file(sdist.path)
     assert info["llama_cpp_commit"] == sdist.llama_cpp_commit and len(sdist.llama_cpp_commit) == 40
-    assert info["cmake_flags"] == lt.cmake_flags(sdist.llama_cpp_commit)
+    lib_dir = lt.shared_lib_dir()
+    if lib_dir is None:
+        assert info["linked_to"] is None and info["cmake_flags"] == lt.cmake_flags(sdist.llama_cpp_commit)
+    else:  # linked against the installed package's libraries, which are recorded to notice a reinstall
+        assert info["linked_to"] == str(lib_dir) and f"-DGRPOCTL_LIB_DIR={lib_dir}" in info["cmake_flags"]
+        assert info["libraries"] == lt.library_signature(lib_dir) and len(info["libraries"]) == len(lt.SHARED_LIBS)
     assert Path(info["compiler_path"]).is_file() and info["compiler"]
     assert lt.built_tools() == {name: llama_tools.bin_dir / name for name in lt.TOOLS}
     # only the executables stay: no source tree or build folder is kept in the cache
     assert sorted(p.name for p in llama_tools.bin_dir.parent.iterdir()) == ["bin", lt.INFO_FILE]
     assert lt.build_log().is_file()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the executables' ELF dependencies with ldd")
+def test_tools_run_on_the_libraries_llama_cpp_python_installed(llama_tools):
+    """No second copy of llama.cpp: each tool loads the libllama and libggml* of the installed package (the
+    code the Python bindings run), found without LD_LIBRARY_PATH."""
+    import llama_cpp
+
+    if llama_tools.source != "cache" or not llama_tools.info.get("linked_to"):
+        pytest.skip("the tools were not built here against llama-cpp-python's libraries")
+    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    assert lt.shared_lib_dir() == lib_dir
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    for name in lt.TOOLS:
+        out = subprocess.run(["ldd", str(llama_tools.bin_dir / name)], capture_output=True, text=True, env=env,
+                             check=True).stdout
+        found = dict(re.findall(r"^\s*(lib(?:llama|ggml[\w-]*|mtmd)\.so[.\d]*) => (\S+)", out, re.M))
+        assert {Path(p).parent for p in found.values()} == {lib_dir}, out
+        assert any(k.startswith("libllama.") for k in found) and "not found" not in out, out
+
+
+def test_linked_tools_are_rebuilt_when_the_package_replaces_its_libraries(empty_cache, tmp_path, monkeypatch):
+    """A reinstall of the same version (other build flags, another backend) replaces the libraries the cached
+    tools run on: the cache no longer counts as built; the same files unchanged still do."""
+    lib_dir = tmp_path / "llama_cpp" / "lib"
+    lib_dir.mkdir(parents=True)
+    for path in lt._lib_files(lib_dir):
+        path.write_bytes(b"\x7fELF stand-in")
+    monkeypatch.setattr(lt, "shared_lib_dir", lambda: lib_dir)
+    root = lt.cached_root()
+    assert root.name.startswith(f"{sd.DIST}-{sd.installed_version()}-tools-")  # per library folder
+    (root / "bin").mkdir(parents=True)
+    for name in lt.TOOLS:
+        (root / "bin" / name).write_text("#!/bin/sh\n")
+    (root / lt.INFO_FILE).write_text(json.dumps({"linked_to": str(lib_dir),
+                                                 "libraries": lt.library_signature(lib_dir)}))
+    assert set(lt.built_tools()) == set(lt.TOOLS)
+    lt._lib_files(lib_dir)[3].write_bytes(b"\x7fELF another build of libllama")
+    assert lt.built_tools() == {}
+    with pytest.raises(DependencyError, match="not built"):
+        lt.find_tools(build=False)
+
+
+def test_another_environment_of_the_same_version_keeps_its_own_tools(empty_cache, tmp_path, monkeypatch):
+    roots = set()
+    for env in ("venv-a", "venv-b"):
+        monkeypatch.setattr(lt, "shared_lib_dir", lambda env=env: tmp_path / env / "llama_cpp" / "lib")
+        roots.add(lt.cached_root())
+    monkeypatch.setattr(lt, "shared_lib_dir", lambda: None)  # no shared libraries: one full build per version
+    roots.add(lt.cached_root())
+    assert len(roots) == 3 and lt.cached_root().name == f"{sd.DIST}-{sd.installed_version()}-tools"
 
 
 @pytest.mark.parametrize("name", ["llama-server", "llama-imatrix", "llama-perplexity"])
@@ -229,7 +286,7 @@ def test_no_network_for_the_sdist_is_one_line(empty_cache):
     assert not lt.cached_root().exists() and lt.built_tools() == {}
 
 
-def test_failed_build_shows_the_log_tail_and_keeps_the_log(empty_cache, monkeypatch):
+def test_failed_build_shows_the_log_tail_and_keeps_the_log(empty_cache, monkeypatch, capsys):
     """A real CMake build of a source tree that does not compile, packed like the llama-cpp-python sdist."""
     version = sd.installed_version()
     folder = empty_cache / "llama.cpp" / "sdist"
@@ -248,6 +305,8 @@ def test_failed_build_shows_the_log_tail_and_keeps_the_log(empty_cache, monkeypa
     monkeypatch.setattr(lt, "TOOLS", ("llama-quantize",))
     with pytest.raises(ToolBuildError) as err:
         lt.build_tools()
+    if lt.shared_lib_dir() is not None:  # the linked build cannot configure a tree without common/: full build
+        assert "building all of llama.cpp instead" in capsys.readouterr().out
     msg = str(err.value)
     assert msg.startswith("llama.cpp's tools failed to build") and str(lt.build_log()) in msg
     assert "undeclared_symbol_xyz" in msg  # the compiler's own words, from the log's last lines

@@ -836,6 +836,17 @@ def template_lines(check: Any) -> list[str]:
     return lines
 
 
+def unchecked_template_note(files: dict[str, Any]) -> str | None:
+    """The summary's note for the GGUFs (``{name: ParityResult}``) whose chat template llama.cpp did not
+    render because its tools are not built: the table's per-file line is easy to miss among passes."""
+    skipped = [name for name, f in files.items()
+               if isinstance(t := f.tokenizer.get("template"), dict) and t.get("skipped")]
+    if not skipped:
+        return None
+    return (f"note: chat template of {', '.join(skipped)} NOT checked against llama.cpp's chat engine (its tools "
+            "are not built): `grpoctl doctor --build-llama-tools` builds them once, then export again with --force")
+
+
 def write_report(rep: dict[str, Any], path: Path) -> Path:
     from grpoctl.fsutil import staged_file
 

@@ -417,8 +417,14 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 if then is not None:
                     then.write(stage, src, say)
     refused_report(out).unlink(missing_ok=True)  # an earlier refusal's report no longer describes this export
+    done = Artifacts.load(out)
+    if done.parity is not None:
+        from grpoctl.export.parity import unchecked_template_note
+
+        if note := unchecked_template_note(done.parity.files):
+            say(note)
     say(f"export complete: {out}")
-    return Artifacts.load(out)
+    return done
 
 
 def _snapshot(src: ExportSource, into: Path) -> ExportSource:

@@ -208,3 +208,36 @@ def test_system_prompt_no_modelfile_can_carry_skips_the_manifests_and_the_printe
     assert proc.returncode == 0, proc.stderr
     modelfile = (out / "gguf" / "Modelfile").read_text()
     assert "SYSTEM" not in modelfile and "FROM ./" in modelfile
+
+
+def test_export_without_llama_tools_says_in_its_summary_that_the_template_was_not_checked(qwen3_run, tmp_path,
+                                                                                          monkeypatch):
+    """The per-file line in the parity table sits among passes; the closing lines say it too, with the fix."""
+    from grpoctl import llamacpp_tools
+
+    monkeypatch.delenv(llamacpp_tools.ENV_BIN, raising=False)
+    monkeypatch.setattr(llamacpp_tools, "cached_root", lambda version=None: tmp_path / "no-tools")
+    out = tmp_path / "export"
+    result = _run(qwen3_run, "-o", out, "--gguf", "q8_0")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    done = lines.index(f"export complete: {out}")  # then the list of what was written
+    note = lines[done - 1]
+    assert note.startswith("note: chat template of ") and "-Q8_0.gguf NOT checked" in note, result.stdout
+    assert "grpoctl doctor --build-llama-tools" in note and "--force" in note
+    rep = json.loads((out / "gguf" / "parity.json").read_text())
+    assert all("not built" in f["tokenizer"]["template"]["skipped"] for f in rep["files"].values())
+
+
+def test_no_template_note_when_every_template_was_checked_or_is_absent():
+    from grpoctl.artifacts import ParityFloor, ParityResult
+    from grpoctl.export.parity import unchecked_template_note
+
+    def result(template):
+        return ParityResult(type="q8_0", top1=1.0, kl=0.0, positions=10, floor=ParityFloor(top1=0.9, kl=0.1),
+                            passed=True, tokenizer={"template": template}, answer="")
+
+    checked = {"passed": True, "departures": [], "engine_departures": []}
+    assert unchecked_template_note({"a.gguf": result(checked), "b.gguf": result("missing from the GGUF")}) is None
+    note = unchecked_template_note({"a.gguf": result(checked), "b.gguf": result({"passed": None, "skipped": "x"})})
+    assert note is not None and "of b.gguf NOT checked" in note and "a.gguf" not in note
