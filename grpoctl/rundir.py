@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grpoctl.errors import DataError, InputNotFoundError, OutputBusyError, RunBusyError, UsageError
+from grpoctl.errors import DataError, InputNotFoundError, OutputBusyError, RunBusyError
 from grpoctl.fsutil import lock_owner, lock_path, output_lock, sha256_file
 from grpoctl.jsonfiles import check_types, read_json
 
@@ -185,7 +185,7 @@ class RunDir:
     def base_model(self) -> BaseModelRef:
         b = self.meta.get("base_model") or {}
         if "path" not in b:
-            raise UsageError(f"{self.root / RUN_FILE} does not record the base model path")
+            raise DataError(f"{self.root / RUN_FILE} does not record the base model path")
         check_types(b, _BASE_TYPES, self.root / RUN_FILE, where="base_model.")
         return BaseModelRef(id=b.get("id", b["path"]), path=b["path"], revision=b.get("revision"))
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.errors import ConversionError, InputNotFoundError, UsageError
+from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
 from grpoctl.export import reference_cache
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer."
@@ -203,7 +203,7 @@ def _checkpoint(model_dir: Path) -> dict[str, Path]:
 
     single = model_dir / "model.safetensors"
     if not single.is_file():
-        raise UsageError(f"{model_dir} holds no safetensors weights (model.safetensors or its index)")
+        raise DataError(f"{model_dir} holds no safetensors weights (model.safetensors or its index)")
     with safe_open(str(single), framework="pt") as f:
         return dict.fromkeys(f.keys(), single)
 
@@ -276,8 +276,8 @@ def load_reference(model_dir: Path, adapter_dir: Path | None, device: str = "cpu
 
 
 def _mismatch(model_dir: Path, bad: list[str]) -> None:
-    raise UsageError(f"transformers cannot load {model_dir} as saved ({len(bad)} weights missing or of the "
-                     f"wrong shape, first: {bad[0]}); the model folder's config does not match its weights")
+    raise DataError(f"transformers cannot load {model_dir} as saved ({len(bad)} weights missing or of the "
+                    f"wrong shape, first: {bad[0]}); the model folder's config does not match its weights")
 
 
 def _streamed_base(model_dir: Path):
@@ -347,7 +347,7 @@ def _dispatch(model: Any, model_dir: Path, device: str) -> None:
         if _placeholder(p) or p.device.type == "meta":
             key = _checkpoint_key(name, files, config)
             if key is None:
-                raise UsageError(f"the parity reference has no weight for {name} in {model_dir}")
+                raise DataError(f"the parity reference has no weight for {name} in {model_dir}")
             index[name] = {"safetensors_file": str(files[key]), "weight_name": key}
         else:  # the adapter's own weights, and base layers PEFT saved whole (modules_to_save)
             resident[name] = p.detach().to("cpu")
@@ -394,12 +394,12 @@ def _peft(model: Any, adapter_dir: Path):
                                                                                    requires_grad=False)
         result = set_peft_model_state_dict(model, weights, adapter_name="default")
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise UsageError(f"PEFT cannot load the adapter {adapter_dir} onto the base for the parity reference "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DataError(f"PEFT cannot load the adapter {adapter_dir} onto the base for the parity reference "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     missing = [k for k in result.missing_keys if ".default" in k]
     if missing:  # PEFT would run part of the adapter only: that is not the trained model
-        raise UsageError(f"PEFT cannot load all of the adapter {adapter_dir} for the parity reference: "
-                         f"{len(missing)} adapter weights missing, first: {missing[0]}")
+        raise DataError(f"PEFT cannot load all of the adapter {adapter_dir} for the parity reference: "
+                        f"{len(missing)} adapter weights missing, first: {missing[0]}")
     return model
 
 

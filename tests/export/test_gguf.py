@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from grpoctl.artifacts import Artifacts
-from grpoctl.errors import ConversionError, DiskFullError, ParityError, UsageError
+from grpoctl.errors import ConversionError, DataError, DiskFullError, ParityError, UsageError
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
@@ -355,5 +355,6 @@ def test_export_fails_when_llama_cpp_cannot_load_the_result(tiny_models, tmp_pat
         gg.export_gguf(model, None, out, ["q4_k_m"], name="m", artifacts=Artifacts(root=tmp_path))
     assert list(out.iterdir()) == []  # nothing under a final name, no work dir left behind
     # nor would transformers be allowed to re-initialise the mismatched weights and serve as the reference
-    with pytest.raises(UsageError, match="config does not match its weights"):
+    with pytest.raises(DataError, match="config does not match its weights") as err:
         parity.load_reference(model, None)
+    assert err.value.exit_code == 4

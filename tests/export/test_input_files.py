@@ -77,6 +77,7 @@ def test_base_config_that_is_not_json(tiny_qwen3, tmp_path):
     (lambda d: {**d, "config": {**d["config"], "data": {"system_prompt": 7}}},
      '"config.data.system_prompt" should be a string, not 7'),
     (lambda d: {**d, "base_model": {**d["base_model"], "path": 3}}, '"base_model.path" should be a string, not 3'),
+    (lambda d: {**d, "base_model": {"id": d["base_model"]["id"]}}, "run.json does not record the base model path"),
 ])
 def test_broken_run_json(run, tmp_path, change, says):
     _edit_json(run / "run.json", change)

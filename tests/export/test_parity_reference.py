@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpoctl.errors import UsageError
+from grpoctl.errors import DataError, UsageError
 from grpoctl.export import parity
 from tests.export.adapters import VARIANTS
 
@@ -74,8 +74,51 @@ def test_streamed_reference_refuses_a_config_that_does_not_match_the_weights(tin
     cfg = json.loads((model / "config.json").read_text())
     cfg["intermediate_size"] *= 2
     (model / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UsageError, match="config does not match its weights"):
+    with pytest.raises(DataError, match="config does not match its weights") as err:
         parity.load_reference(model, None, "cpu", stream=True)
+    assert err.value.exit_code == 4
+
+
+def test_streamed_reference_of_a_model_folder_without_weights_is_bad_data(tiny_models, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen3"], model)
+    (model / "model.safetensors").unlink()
+    with pytest.raises(DataError, match="holds no safetensors weights") as err:
+        parity.load_reference(model, None, "cpu", stream=True)
+    assert err.value.exit_code == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_adapter_that_peft_cannot_put_on_the_base_is_bad_data(tiny_models, qwen3_adapter, tmp_path, stream):
+    """An adapter_config.json naming modules the base does not have: PEFT refuses it."""
+    import json
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen3_adapter, adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["no_such_proj"]}))
+    with pytest.raises(DataError, match="PEFT cannot load the adapter") as err:
+        parity.load_reference(tiny_models["qwen3"], adapter, "cpu", stream)
+    assert err.value.exit_code == 4
+
+
+def test_adapter_file_missing_weights_is_bad_data(tiny_models, qwen3_adapter, tmp_path):
+    """PEFT would run part of the adapter only; the reference refuses rather than compare against that."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen3_adapter, adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, adapter / "adapter_model.safetensors")
+    with pytest.raises(DataError, match="adapter weights missing") as err:
+        parity.load_reference(tiny_models["qwen3"], adapter, "cpu")
+    assert err.value.exit_code == 4
 
 
 def _plain_peft_logprobs(model_dir, adapter):
