@@ -44,11 +44,6 @@ PARITY_FILE = "parity.json"
 Say = Callable[[str], None]
 
 
-def parse_gguf_types(text: str) -> list[str]:
-    """``"q8_0,q4_k_m"`` -> ``["q8_0", "q4_k_m"]``; an unknown type is a UsageError listing the valid ones."""
-    return parse_types(text)
-
-
 def gguf_filename(name: str, type_name: str) -> str:
     """Hub convention: ``SmolLM2-135M-Instruct-grpo-Q4_K_M.gguf``."""
     return f"{name}-{TYPES[type_name].label}.gguf"

@@ -111,11 +111,6 @@ def parse_floors(text: str | None) -> dict[str, Floor]:
     return floors
 
 
-def floor_for(type_name: str, floors: dict[str, Floor] | None = None) -> Floor:
-    floors = floors if floors is not None else parse_floors(os.environ.get(ENV_FLOORS))
-    return floors.get(type_name, FALLBACK_FLOOR)
-
-
 # --- probes --------------------------------------------------------------------------------------
 
 PROSE = [

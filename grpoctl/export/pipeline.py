@@ -188,10 +188,10 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        from grpoctl.export.gguf import parse_gguf_types
+        from grpoctl.export.quantize import parse_types
 
         # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
-        types = parse_gguf_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
+        types = parse_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
     if types or options.imatrix or options.calibration:
         from grpoctl.export.imatrix import check_types
 

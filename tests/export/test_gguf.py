@@ -13,6 +13,7 @@ from grpoctl.errors import ConversionError, DataError, DiskFullError, ParityErro
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
+from grpoctl.export.quantize import parse_types
 from tests.export import adapters
 from tests.export.adapters import VARIANTS, peft_merged_folder
 from tests.export.gguf_support import make_adapter, read_gguf
@@ -36,9 +37,9 @@ def _convert(converter, model_dir, out, outtype="bf16", adapter=None, name="tiny
 
 
 def test_parse_types_normalises_and_rejects_unknown():
-    assert gg.parse_gguf_types("Q8_0, q4_k_m,q4_k_m,q5-k-m") == ["q8_0", "q4_k_m", "q5_k_m"]
+    assert parse_types("Q8_0, q4_k_m,q4_k_m,q5-k-m") == ["q8_0", "q4_k_m", "q5_k_m"]
     with pytest.raises(UsageError) as err:
-        gg.parse_gguf_types("q4_k_m,q3_x")
+        parse_types("q4_k_m,q3_x")
     assert "'q3_x'" in str(err.value) and "q4_k_m" in str(err.value) and "q8_0" in str(err.value)
     assert gg.gguf_filename("SmolLM2-135M-Instruct-grpo", "q4_k_m") == "SmolLM2-135M-Instruct-grpo-Q4_K_M.gguf"
 

@@ -1,7 +1,7 @@
 """How the export pipeline calls the GGUF stage, checked with a stand-in module.
 
 The real converter lives in ``grpoctl.export.gguf`` and has its own tests; here a stand-in with the
-same two functions records what the pipeline passes, so these tests hold with or without it.
+same entry point records what the pipeline passes, so these tests hold with or without it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,6 @@ def gguf_stand_in(monkeypatch):
     calls: list[dict] = []
     module = types.ModuleType("grpoctl.export.gguf")
 
-    def parse_gguf_types(text: str) -> list[str]:
-        parsed = [t.strip().lower() for t in text.split(",") if t.strip()]
-        bad = [t for t in parsed if t not in ("f16", "q8_0", "q4_k_m")]
-        if bad:
-            raise UsageError(f"unknown GGUF type {bad[0]}; valid: f16, q8_0, q4_k_m")
-        return parsed
-
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
                     llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None, refused_report=None,
                     task=None, run=None, recipe=None, say=print):
@@ -43,14 +36,13 @@ def gguf_stand_in(monkeypatch):
         artifacts.add_file(f, f"gguf:{types_[0]}")
         return [f]
 
-    module.parse_gguf_types = parse_gguf_types
     module.export_gguf = export_gguf
     monkeypatch.setitem(sys.modules, "grpoctl.export.gguf", module)
     return calls
 
 
 def test_unknown_gguf_type_fails_before_any_work(gguf_stand_in, qwen3_run, tmp_path):
-    with pytest.raises(UsageError, match="unknown GGUF type q3_x"):
+    with pytest.raises(UsageError, match="unknown GGUF type 'q3_x'"):
         export(qwen3_run, ExportOptions(gguf=["q8_0,q3_x"], output_dir=tmp_path / "export", progress=False))
     assert gguf_stand_in == [] and not (tmp_path / "export").exists()
 
