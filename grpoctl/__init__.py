@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from grpoctl.version import __version__
+
 __all__ = ["__version__", "api"]
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from grpoctl import __version__
 from grpoctl.config import GENERATIONS
 from grpoctl.errors import GrpoctlError
+from grpoctl.version import __version__
 
 
 class _Group(click.Group):

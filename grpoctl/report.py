@@ -14,12 +14,12 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from grpoctl import __version__
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
 from grpoctl.errors import OutputExistsError
 from grpoctl.fsutil import human_bytes, staged_file
 from grpoctl.plots import line_chart
 from grpoctl.rundir import REPORT_FILE, RunDir
+from grpoctl.version import __version__
 
 # Marks a file as written here, so a later report may replace it and a file of the user's is never overwritten.
 GENERATOR = '<meta name="generator" content="grpoctl report">'

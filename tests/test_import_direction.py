@@ -79,3 +79,34 @@ def test_the_walk_sees_a_backward_import_inside_a_function(tmp_path):
     assert backward_imports(pkg) == ["grpoctl/artifacts.py:1: grpoctl.artifacts imports grpoctl.serve",
                      "grpoctl/export/pipeline.py:2: grpoctl.export.pipeline imports grpoctl.manifests.api",
                      "grpoctl/serve/source.py:1: grpoctl.serve.source imports grpoctl.push"]
+
+
+def root_imports(package: Path = PACKAGE) -> list[str]:
+    """Every import of a name from the package root by a module below it, as ``file:line: a imports b``: the root
+    re-exports (the version, the API), so reading from it points the flow upwards."""
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        importer = _module_name(path, package)
+        if importer in TOP:
+            continue
+        for line, imported in _imports(path, package):
+            name = imported.removeprefix("grpoctl.")
+            if imported == "grpoctl" or ("." not in name and not (package / name).is_dir()
+                                         and not (package / f"{name}.py").is_file()):
+                bad.append(f"{path.relative_to(package.parent)}:{line}: {importer} imports {imported}")
+    return bad
+
+
+def test_no_module_reads_a_name_from_the_package_root():
+    assert root_imports() == []
+
+
+def test_the_root_import_walk_sees_the_version_read_from_the_root(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    for rel, text in {"__init__.py": "from grpoctl.version import __version__\n", "version.py": "",
+                      "artifacts.py": "from grpoctl import __version__\nfrom grpoctl import version\n",
+                      "export/__init__.py": "", "export/pipeline.py": "def f():\n    import grpoctl\n"}.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert root_imports(pkg) == ["grpoctl/artifacts.py:1: grpoctl.artifacts imports grpoctl.__version__",
+                                 "grpoctl/export/pipeline.py:2: grpoctl.export.pipeline imports grpoctl"]

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from grpoctl import __version__
 from grpoctl.errors import UsageError
+from grpoctl.version import __version__
 
 IMAGE_REPO = "vllm/vllm-openai"
 # vLLM's LoRAConfig.max_lora_rank accepts only these (vllm/config/lora.py, MaxLoRARanks).

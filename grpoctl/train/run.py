@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from grpoctl import __version__
 from grpoctl.config import TrainConfig
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
 from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
@@ -35,6 +34,7 @@ from grpoctl.rundir import (
 )
 from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
+from grpoctl.version import __version__
 
 
 def is_main_process() -> bool:
