@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from grpoctl import errors
 from grpoctl.config import TrainConfig
-from grpoctl.errors import ConfigError, DependencyError, GrpoctlError, InputNotFoundError, UsageError
+from grpoctl.errors import ConfigError, DependencyError, InputNotFoundError, UsageError
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 LAUNCHED_ENV = "GRPOCTL_LAUNCHED"
+# a worker stopped by a grpoctl error writes it beside the launch's config file, as ERROR_PREFIX<pid>.json
+ERROR_PREFIX = "error-"
 
 # accelerate launch flags per strategy; an --accelerate-config file replaces these entirely
 _STRATEGY_FLAGS: dict[str, list[str]] = {
@@ -261,9 +264,23 @@ def launch(cfg: TrainConfig) -> RunDir:
         env.setdefault("MASTER_PORT", str(_free_port()))
         # its own process group: an interrupted grpoctl hands every worker the Ctrl-C that saves a checkpoint
         rc = run_child(cmd, env=env, interrupt=signal.SIGINT, grace=120.0, on_parent_death=signal.SIGTERM)
-    if rc != 0:
-        raise GrpoctlError(f"distributed training exited with status {rc}; see the messages above")
+        if rc != 0:
+            raise worker_error(Path(tmp), rc)
     return RunDir(out)
+
+
+def worker_error(launch_dir: Path, rc: int) -> Exception:
+    """What stopped the training processes: the grpoctl error a worker reported (the same class, so the same
+    exit code as training in one process), else an unexpected failure whose traceback the worker printed."""
+    for path in sorted(launch_dir.glob(f"{ERROR_PREFIX}*.json")):
+        try:
+            reported = json.loads(path.read_text())
+            cls = getattr(errors, reported["class"])
+            if isinstance(cls, type) and issubclass(cls, errors.GrpoctlError):
+                return cls(reported["message"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return RuntimeError(f"distributed training exited with status {rc}; see the messages above")
 
 
 def _free_port() -> int:

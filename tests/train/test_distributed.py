@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from grpoctl.config import load_config
-from grpoctl.errors import ConfigError, DependencyError, UsageError
+from grpoctl.errors import ConfigError, DataError, DependencyError, UsageError
 from grpoctl.train import backends
 from grpoctl.train.distributed import (
     gathered_state_dict,
     launch_command,
     match_frozen_dtype,
     one_gpu_for_one_process,
+    worker_error,
 )
 from grpoctl.train.run import resumed_config_base, train
 
@@ -109,6 +110,37 @@ def test_accelerate_launch_of_the_cli_on_two_cpu_processes(tiny_qwen3, tmp_path)
     # run.json says what ran (later stages size vLLM's data parallelism from it), not the CLI's default of 1
     ran = json.loads((out / "run.json").read_text())["config"]["distributed"]
     assert ran["num_processes"] == 2 and ran["strategy"] == "ddp"
+
+
+def test_a_workers_grpoctl_error_is_the_launchs_line_and_exit_code(tiny_qwen3, tmp_path):
+    """accelerate's launcher exits 1 whatever its processes return; the launch still ends as training in one
+    process would: here a dataset without the mapped columns, exit 4 (DataError), not 1."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1?", "solution": "2"}) + "\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "grpoctl", "train", "--model", str(tiny_qwen3), "-o", str(out),
+                           "--dataset", str(data), "--num-processes", "2", "--max-steps", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == DataError.exit_code, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]  # after the workers' own lines and torch's failure summary
+    assert last.startswith("grpoctl: ") and "no column 'question', 'answer'" in last, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_a_worker_that_reported_no_grpoctl_error_failed_unexpectedly(tmp_path):
+    """No error file: a worker died on a traceback (printed above) or a signal, a failure no exit code of
+    docs/errors.md describes, so the command line reports an internal error (exit 70)."""
+    (tmp_path / "error-1.json").write_text("{not json")  # a half-written report is ignored, not trusted
+    err = worker_error(tmp_path, 1)
+    assert type(err) is RuntimeError and "exited with status 1" in str(err)
+    (tmp_path / "error-2.json").write_text(json.dumps({"class": "DataError", "message": "bad rows"}))
+    err = worker_error(tmp_path, 1)
+    assert type(err) is DataError and str(err) == "bad rows"
+    (tmp_path / "error-2.json").write_text(json.dumps({"class": "Path", "message": "x"}))  # not a grpoctl error
+    assert type(worker_error(tmp_path, 1)) is RuntimeError
 
 
 def _visible_gpus(host: int):
