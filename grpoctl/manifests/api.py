@@ -96,6 +96,7 @@ class _Context:
     tokenizer_dir: Path
     options: ManifestOptions
     notes: list[str] = field(default_factory=list)
+    vllm_notes: list[str] = field(default_factory=list)  # about the vLLM manifests: kept only when they are written
 
 
 def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | None) -> Path:
@@ -286,9 +287,9 @@ def _reasoning_parser(tok: Any, ctx: _Context) -> str | None:
     # plain text (SmolLM2 splits "<think>" into "<", "think", ">") stay in the answer instead
     vocab = tok.get_vocab()
     if not all(m in vocab for m in fmt.reasoning_markers):
-        ctx.notes.append(f"no --reasoning-parser for vLLM: the tokenizer has no single tokens for the reasoning "
-                         f"markers {' '.join(fmt.reasoning_markers)}, which vLLM's parsers need; the thinking stays "
-                         "in the answer text")
+        ctx.vllm_notes.append(f"no --reasoning-parser for vLLM: the tokenizer has no single tokens for the reasoning "
+                              f"markers {' '.join(fmt.reasoning_markers)}, which vLLM's parsers need; the thinking "
+                              "stays in the answer text")
         return None
     # deepseek_r1 tolerates a missing opening tag (templates that pre-fill it); qwen3 expects both tags.
     if fmt.family == "deepseek" or fmt.prefills_think:
@@ -400,6 +401,8 @@ def _vllm_files(ctx: _Context, tok: Any, tokenizer_has_template: bool) -> tuple[
     from grpoctl.manifests.vllm import docker_compose_yml, k8s_yaml, serve_sh
 
     plans = _plans(ctx, tok, tokenizer_has_template)
+    if plans:
+        ctx.notes.extend(ctx.vllm_notes)
     if not plans:
         ctx.notes.append("no merged model or LoRA adapter in the export: no vLLM manifests written; add the adapter "
                          f"for vLLM's --enable-lora with `{ctx.artifacts.export_command('--lora')}` (the manifests "
