@@ -106,12 +106,7 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         server.release()
         raise
     with termination_as_interrupt():
-        server.start(detached=opts.detach)
-        try:
-            server.wait_ready(opts.timeout)
-        except BaseException:
-            server.stop()
-            raise
+        _start(server, opts)
         if opts.smoke:
             try:
                 result = llamacpp.smoke_chat(server, target.system_prompt, opts.prompt, opts.max_tokens,
@@ -123,14 +118,30 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
                 server.stop()
             echo(result.report())
             return 0 if result.ok else 1
-        echo(f"ready: {server.url} (model {name!r}, log {server.log_path})")
-        echo("try:\n  " + llamacpp.curl_example(server.base_url, name, target.system_prompt, opts.prompt))
-        if opts.detach:
-            echo(f"detached: pid {server.proc.pid} (pid file {llamacpp.pid_file(server.port)}); "
-                 f"stop it with `grpoctl serve --stop --port {server.port}`")
-            return 0
-        echo("serving; Ctrl-C or SIGTERM stops the server")
-        return _run_foreground(server, echo)
+        return _serve_on(server, opts, name, target.system_prompt, echo)
+
+
+def _start(server: llamacpp.LlamaCppServer, opts: ServeOptions) -> None:
+    """Start ``server`` (claimed already) and wait until it answers; a server that does not is stopped again."""
+    server.start(detached=opts.detach)
+    try:
+        server.wait_ready(opts.timeout)
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _serve_on(server: llamacpp.LlamaCppServer, opts: ServeOptions, name: str, system_prompt: str | None,
+              echo: Callable[[str], None]) -> int:
+    """The running server's address and a request to try, then detached, or in the foreground until stopped."""
+    echo(f"ready: {server.url} (model {name!r}, log {server.log_path})")
+    echo("try:\n  " + llamacpp.curl_example(server.base_url, name, system_prompt, opts.prompt))
+    if opts.detach:
+        echo(f"detached: pid {server.proc.pid} (pid file {llamacpp.pid_file(server.port, server.ENGINE)}); "
+             f"stop it with `grpoctl serve --stop --port {server.port}`")
+        return 0
+    echo("serving; Ctrl-C or SIGTERM stops the server")
+    return _run_foreground(server, echo)
 
 
 def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
@@ -160,26 +171,13 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
         server.release()
         raise
     with termination_as_interrupt():
-        server.start(detached=opts.detach)
-        try:
-            server.wait_ready(opts.timeout)
-        except BaseException:
-            server.stop()
-            raise
+        _start(server, opts)
         if opts.parity or opts.smoke:
             try:
                 return _vllm_checks(opts, server, target, ref, echo)
             finally:
                 server.stop()
-        echo(f"ready: {server.url} (model {target.served_model_name!r}, log {server.log_path})")
-        echo("try:\n  " + llamacpp.curl_example(server.base_url, target.served_model_name, target.system_prompt,
-                                                 opts.prompt))
-        if opts.detach:
-            echo(f"detached: pid {server.proc.pid} (pid file {llamacpp.pid_file(server.port, server.ENGINE)}); "
-                 f"stop it with `grpoctl serve --stop --port {server.port}`")
-            return 0
-        echo("serving; Ctrl-C or SIGTERM stops the server")
-        return _run_foreground(server, echo)
+        return _serve_on(server, opts, target.served_model_name, target.system_prompt, echo)
 
 
 def _vllm_checks(opts: ServeOptions, server, target, ref, echo: Callable[[str], None]) -> int:
