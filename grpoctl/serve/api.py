@@ -99,12 +99,8 @@ def _serve_llamacpp(opts: ServeOptions, target: ServeTarget, info: GGUFInfo, nam
         echo(f"warning: {target.gguf.name} has no chat template; llama.cpp falls back to its Llama-2 format")
     server = llamacpp.LlamaCppServer(gguf=target.gguf, host=host, port=port, n_ctx=n_ctx, alias=name,
                                      use_gguf_template=bool(info.chat_template))
-    server.claim()  # a port another server holds is refused before anything is announced
-    try:
+    with server.claimed():  # a port another server holds is refused before anything is announced
         echo(f"starting llama.cpp server: {target.gguf} (n_ctx {n_ctx}) on {server.base_url}")
-    except BaseException:
-        server.release()
-        raise
     with termination_as_interrupt():
         _start(server, opts)
         if opts.smoke:
@@ -157,9 +153,8 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
     host = opts.host or "127.0.0.1"
     port = llamacpp.free_port(host) if opts.port == 0 else opts.port
     server = vllm.server_for(target, host, port)
-    server.claim()  # a port another server holds is refused before anything is announced or computed
     ref = None
-    try:
+    with server.claimed():  # a port another server holds is refused before anything is announced or computed
         if opts.parity:
             # before vLLM takes its share of the GPU: the reference needs the memory only while it runs
             from grpoctl.serve import vllm_parity
@@ -167,9 +162,6 @@ def _serve_vllm(opts: ServeOptions, echo: Callable[[str], None]) -> int:
             echo("parity: base + adapter applied by PEFT in transformers, against vLLM's prompt log-probabilities")
             ref = vllm_parity.reference_for(target)
         echo(f"starting vLLM server ({target.mode}, model {target.served_model_name!r}) on {server.base_url}")
-    except BaseException:
-        server.release()
-        raise
     with termination_as_interrupt():
         _start(server, opts)
         if opts.parity or opts.smoke:

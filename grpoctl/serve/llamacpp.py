@@ -31,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -210,6 +211,16 @@ class LlamaCppServer:
         if self._lock is None:
             check_port_free(self.host, self.port)
             self._lock = claim_port(self.port)
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[None]:
+        """``claim`` for the work before ``start`` (announcing, preparing): given up if that work fails."""
+        self.claim()
+        try:
+            yield
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Give up a claim that will not be started."""
