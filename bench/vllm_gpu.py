@@ -287,8 +287,10 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
         shutil.rmtree(rundir, ignore_errors=True)
         ticks = out / f"{name}.ticks"
         ticks.unlink(missing_ok=True)
+        # completion 0: the tutorial's budget, max_seq_length minus the prompt budget (read back from run.json)
+        length = ["--set", f"trainer.max_completion_length={completion}"] if completion else []
         cmd = grpoctl("train", "-m", model, "-o", rundir, "--backend", backend, "--generation", engine,
-                      "--max-steps", steps, "--set", f"trainer.max_completion_length={completion}",
+                      "--max-steps", steps, *length,
                       "--set", "trainer.save_steps=1000", "--set", "data.max_samples=64",
                       "--set", "model.load_in_4bit=" + ("true" if backend == "unsloth" else "false"),
                       # unsloth shares the weights with its vLLM engine; TRL's colocated vLLM holds a second copy
@@ -306,15 +308,19 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
             row = run_logged(name, cmd, out, left - 20, env=run_env, cwd=cold / "cwd")
         row["gpu"] = gpu.summary()
         summary = rundir / "summary.json"
+        meta = rundir / "run.json"
+        tokens = completion
+        if meta.is_file():
+            resolved = json.loads(meta.read_text())
+            row["generation"] = resolved.get("generation")
+            tokens = resolved["config"]["trainer"]["max_completion_length"]
+            row["completion_tokens"] = tokens
         if summary.is_file():
             s = json.loads(summary.read_text())
             row.update(trainer_wall_s=s["wall_time_s"], peak_allocated_mib=s["peak_gpu_memory_mb"])
             row.update(step_times(str(ticks), s["wall_time_s"], steps))
             if row.get("steady_s_per_step"):
-                row["generated_tokens_per_s"] = round(4 * completion / row["steady_s_per_step"], 1)
-        meta = rundir / "run.json"
-        if meta.is_file():
-            row["generation"] = json.loads(meta.read_text()).get("generation")
+                row["generated_tokens_per_s"] = round(4 * tokens / row["steady_s_per_step"], 1)
         metrics = rundir / "metrics.jsonl"
         if metrics.is_file():
             row["metrics"] = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -354,12 +360,13 @@ def report(outs: list[Path]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["serve", "train", "report"])
+    ap.add_argument("what", choices=["models", "serve", "train", "report"])
     ap.add_argument("out", type=Path, nargs="+")
     ap.add_argument("--backend", choices=["unsloth", "trl"], default="unsloth")
     ap.add_argument("--engines", default="vllm,hf")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--completion", type=int, default=128)
+    ap.add_argument("--completion", type=int, default=128,
+                    help="tokens per completion; 0 = the tutorial's max_seq_length minus the prompt budget")
     ap.add_argument("--deadline-s", type=float, default=560)
     a = ap.parse_args()
     if a.what == "report":
@@ -368,7 +375,14 @@ def main() -> None:
     out = a.out[0]
     out.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    if a.what == "serve":
+    if a.what == "models":  # build the models ahead, in a call that has time to spare; the others reuse them
+        shape = os.environ.get("VLLM_BENCH_SHAPE", "qwen3-8b")
+        t = time.time()
+        tok = wide_tokenizer(WORK / "wide-tok", QWEN3_SHAPES[shape]["vocab_size"])
+        build_model(WORK / shape, QWEN3_SHAPES[shape], tok)
+        write_json(out / "models.json", {"shape": shape, "tiny": str(tiny_model()),
+                                         "built_s": round(time.time() - t, 1)})
+    elif a.what == "serve":
         cmd_serve(out, a.deadline_s)
     else:
         cmd_train(out, a.backend, a.steps, a.completion, a.deadline_s, a.engines.split(","))
