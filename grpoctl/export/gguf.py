@@ -29,15 +29,17 @@ from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNo
 from grpoctl.export import parity
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
-from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.export.quantize import quantize
 from grpoctl.export.recipe import RecipeRequest
 from grpoctl.export.taskparity import TaskParity, TaskRequest
 from grpoctl.export.taskparity import format_rows as format_task_rows
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes, parse_types
 from grpoctl.jsonfiles import from_json, to_json
 from grpoctl.models import TOKENIZER_FILES, has_tokenizer
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
+from grpoctl.threads import default_threads
 
 PARITY_FILE = "parity.json"
 # where progress lines and the parity table go: the export's one output channel (silent under --quiet)
@@ -443,16 +445,18 @@ def end_of_turn_ids(model_dir: Path) -> list[int]:
 
 def gguf_metadata(name: str, model_dir: Path, adapter_dir: Path | None) -> dict[str, Any]:
     """general.* keys for the converter's metadata override: name, license, base model."""
-    meta: dict[str, Any] = {"general.name": name}
+    from gguf.constants import Keys
+
+    meta: dict[str, Any] = {Keys.General.NAME: name}
     base_id, license_ = _base_identity(model_dir, adapter_dir)
     if license_:
-        meta["general.license"] = license_
+        meta[Keys.General.LICENSE] = license_
     if base_id:
         entry: dict[str, Any] = {"name": base_id.split("/")[-1]}
         if base_id.count("/") == 1 and not base_id.startswith(("/", ".")):
             entry["organization"] = base_id.split("/")[0]
             entry["repo_url"] = f"https://huggingface.co/{base_id}"
-        meta["general.base_models"] = [entry]
+        meta["general.base_models"] = [entry]  # the override file's own key (gguf.Metadata.load), not a GGUF key
     return meta
 
 

@@ -484,7 +484,7 @@ def open_gguf(path: Path, n_ctx: int):
 
 
 def _threads() -> int:
-    from grpoctl.export.quantize import default_threads
+    from grpoctl.threads import default_threads
 
     return default_threads()
 

@@ -188,7 +188,7 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        from grpoctl.export.quantize import parse_types
+        from grpoctl.gguftypes import parse_types
 
         # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
         types = parse_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
@@ -308,7 +308,7 @@ def _missing_parts(existing: Artifacts | None, src: ExportSource, adapter_sha256
         merged = None
     gguf = [t for t in wanted.gguf if not existing.by_kind(f"gguf:{t}")]
     if wanted.gguf:
-        from grpoctl.export.quantize import TYPES
+        from grpoctl.gguftypes import TYPES
 
         for t in wanted.gguf:
             for entry in existing.by_kind(f"gguf:{t}"):
@@ -339,7 +339,7 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     if parts.lora:
         need += adapter.weights_file.stat().st_size + tokenizer
     if parts.gguf:
-        from grpoctl.export.quantize import estimate_gguf_bytes
+        from grpoctl.gguftypes import estimate_gguf_bytes
 
         need += estimate_gguf_bytes(estimate_bytes(weights, "BF16"), parts.gguf, vocab_bytes=tokenizer)
     return need

@@ -4,7 +4,7 @@ Reads what earlier stages left behind -- ``artifacts.json`` (which GGUF, merged,
 folders exist), the run's settings (system prompt, sequence length, sampling, reasoning markers,
 LoRA rank, base model) and the tokenizer's own chat template -- and writes
 
-    gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.export.quantize.default_type``)
+    gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.gguftypes.default_type``)
     gguf/Modelfile.<QUANT>    one per GGUF when there are several
     gguf/template, gguf/system, gguf/params   the same TEMPLATE, SYSTEM and PARAMETERs in the files the Hub gives
                               to ``ollama run hf.co/OWNER/REPO`` (pushed to the GGUF repo's root)
@@ -182,7 +182,7 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
         ctx.notes.append("no GGUF in the export: no Modelfile written; add one with "
                          f"`{ctx.artifacts.export_command('--gguf', 'q4_k_m')}`")
         return {}, OllamaSection(written=False)
-    from grpoctl.export.quantize import canonical_type, default_type
+    from grpoctl.gguftypes import canonical_type, default_type
 
     wanted = canonical_type(ctx.options.quant).upper() if ctx.options.quant else None
     if wanted and wanted not in by_quant:

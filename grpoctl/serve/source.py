@@ -16,8 +16,8 @@ from pathlib import Path
 
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
 from grpoctl.errors import InputNotFoundError, ServeError, UsageError
-from grpoctl.export.quantize import canonical_type, default_type, parse_types
 from grpoctl.fsutil import sha256_file
+from grpoctl.gguftypes import canonical_type, default_type, parse_types
 from grpoctl.rundir import RunDir
 from grpoctl.serve.common import RecordedAnswer
 
