@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DataError, InputNotFoundError
+from grpoctl.exportlayout import ARTIFACTS_FILE
 from grpoctl.fsutil import final_of, sha256_file, staged_file
 from grpoctl.jsonfiles import from_json, read_json, to_json
 from grpoctl.rundir import ADAPTER_WEIGHTS, BaseModelRef, RunDir, adapter_sha256
 from grpoctl.version import __version__
 
-ARTIFACTS_FILE = "artifacts.json"
 SCHEMA_VERSION = 2
 _LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
               "huggingface_hub", "bitsandbytes", "unsloth")

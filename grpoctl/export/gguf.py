@@ -13,7 +13,6 @@ Files appear under their final names only after they loaded in llama.cpp and pas
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
@@ -33,15 +32,18 @@ from grpoctl.export.quantize import quantize
 from grpoctl.export.recipe import RecipeRequest
 from grpoctl.export.taskparity import TaskParity, TaskRequest
 from grpoctl.export.taskparity import format_rows as format_task_rows
+from grpoctl.exportlayout import PARITY_FILE
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes, parse_types
 from grpoctl.jsonfiles import from_json, to_json
-from grpoctl.models import TOKENIZER_FILES, has_tokenizer
+from grpoctl.models import TOKENIZER_FILES, has_tokenizer, tokenizer_bytes
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 from grpoctl.threads import default_threads
 
-PARITY_FILE = "parity.json"
+if TYPE_CHECKING:
+    from grpoctl.export.tensors import ModelWeights
+
 # where progress lines and the parity table go: the export's one output channel (silent under --quiet)
 Say = Callable[[str], None]
 
@@ -475,13 +477,20 @@ def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | Non
     return base_id, ref.license
 
 
+def estimate_bytes(weights: ModelWeights, types: list[str], tokenizer_dir: Path) -> int:
+    """Peak bytes a GGUF export of ``types`` writes for the model ``weights`` with the tokenizer in
+    ``tokenizer_dir`` (``grpoctl.gguftypes.estimate_gguf_bytes`` on its 16-bit size)."""
+    from grpoctl.export.merge import estimate_bytes as weight_bytes
+
+    return estimate_gguf_bytes(weight_bytes(weights, "BF16"), types, vocab_bytes=tokenizer_bytes(tokenizer_dir))
+
+
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:
     """Refuse to start when the files (and the intermediate) cannot fit on the output's disk."""
     from grpoctl.export.tensors import ModelWeights
 
     try:
-        params = sum(math.prod(i.shape) for i in ModelWeights(source).tensors.values())
+        weights = ModelWeights(source)
     except GrpoctlError:  # unreadable weights fail later with their own message
         return
-    vocab = sum(p.stat().st_size for p in source.glob("token*") if p.is_file())
-    check_free_space(out_dir, estimate_gguf_bytes(2 * params, types, vocab), f"GGUF export of {', '.join(types)}")
+    check_free_space(out_dir, estimate_bytes(weights, types, source), f"GGUF export of {', '.join(types)}")

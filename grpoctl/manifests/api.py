@@ -33,6 +33,7 @@ from grpoctl.errors import (
     UsageError,
     VerificationError,
 )
+from grpoctl.exportlayout import tokenizer_dirs
 from grpoctl.fsutil import (
     check_writable,
     disk_full_is_one_line,
@@ -100,8 +101,7 @@ class _Context:
 
 
 def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | None) -> Path:
-    candidates = [explicit] if explicit else [export_dir / "merged", export_dir / "lora",
-                                              *([run.adapter_dir] if run else []), export_dir / "merged-4bit"]
+    candidates = [explicit] if explicit else tokenizer_dirs(export_dir, run.adapter_dir if run else None)
     for c in candidates:
         if has_tokenizer(c):
             return c
@@ -437,8 +437,8 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
         export_dir: directory holding ``artifacts.json`` (``grpoctl export`` output).
         run: the training run (system prompt, sequence length, sampling, reasoning markers, LoRA rank,
             base model); None when the export stands alone.
-        tokenizer_dir: folder with the tokenizer and chat template; default: EXPORT/merged, EXPORT/lora,
-            RUN/adapter.
+        tokenizer_dir: folder with the tokenizer and chat template; default: the first that holds one of
+            EXPORT/merged, EXPORT/lora, EXPORT/merged-4bit, RUN/adapter (``grpoctl.exportlayout.tokenizer_dirs``).
         options: overrides (see :class:`ManifestOptions`).
     """
     options = options or ManifestOptions()

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from grpoctl.artifacts import Artifacts, VllmMode
 from grpoctl.errors import DependencyError, InputNotFoundError, UsageError
+from grpoctl.exportlayout import VLLM_DIR
 from grpoctl.serve.common import SmokeResult, chat_messages
 from grpoctl.serve.llamacpp import LlamaCppServer, _urlopen, chat_completion
 
@@ -52,7 +53,7 @@ class VllmTarget:
 
 
 def _export_dir(source: Path) -> Path:
-    from grpoctl.artifacts import ARTIFACTS_FILE
+    from grpoctl.exportlayout import ARTIFACTS_FILE
     from grpoctl.rundir import RunDir
 
     source = Path(source)
@@ -93,7 +94,7 @@ def resolve_vllm_target(source: Path, mode: str | None = None) -> VllmTarget:
         raise InputNotFoundError(f"{export_dir} has no {mode} vLLM manifests; it has: {', '.join(by_mode)}")
     chosen = by_mode[mode] if mode is not None else recorded[0]
     out = artifacts.manifests.output_dir if artifacts.manifests else None
-    here = (Path(out) if out else export_dir) / "vllm"
+    here = (Path(out) if out else export_dir) / VLLM_DIR
     argv = [a.replace(EXPORT_DIR_TOKEN, str(export_dir.absolute())).replace(HERE_TOKEN, str(here.absolute()))
             for a in chosen.argv]
     return VllmTarget(export_dir=export_dir, mode=chosen.mode, argv=argv, served_model_name=_served_name(chosen),
