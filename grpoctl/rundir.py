@@ -49,6 +49,7 @@ REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-<step>, as transformers' Trainer names them
 HELD_OUT_FILE = "held_out.jsonl"  # prompts training never saw (grpoctl.train.data.hold_out)
 EXPORT_DIR = "export"
 _BASE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "path": (str,), "revision": (str,)}
@@ -73,6 +74,23 @@ def adapter_sha256(adapter_dir: Path) -> str:
     """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
     ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
     return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
+
+
+def checkpoint_dir(checkpoints: Path, step: int) -> Path:
+    """Where the trainer's checkpoint of ``step`` lies in ``checkpoints`` (RUN/checkpoints)."""
+    return Path(checkpoints) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The training step a checkpoint folder holds (``checkpoint-12`` -> 12)."""
+    return int(Path(ckpt).name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint of the highest step in ``checkpoints`` (RUN/checkpoints), None when there is none."""
+    found = [p for p in Path(checkpoints).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return max(found, key=checkpoint_step) if found else None
 
 
 TRAINING = "train"  # what the training process writes into the run's lock file

@@ -1,4 +1,5 @@
-"""Data flows one way: train -> export -> manifests -> serve / push. No module imports a later stage.
+"""Data flows one way: train -> export -> manifests -> serve / push. No module imports a later stage, and the
+modules of one stage import each other without circles.
 
 Every ``import``/``from ... import`` in the package is read with ``ast`` (module level and inside functions, where
 the heavy imports live), so an import added anywhere is seen without running it.
@@ -110,3 +111,78 @@ def test_the_root_import_walk_sees_the_version_read_from_the_root(tmp_path):
         (pkg / rel).write_text(text)
     assert root_imports(pkg) == ["grpoctl/artifacts.py:1: grpoctl.artifacts imports grpoctl.__version__",
                                  "grpoctl/export/pipeline.py:2: grpoctl.export.pipeline imports grpoctl"]
+
+
+def _module_graph(package: Path) -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
+    """module -> {module it imports: first line}, every import counted (module level and inside functions); a
+    ``from grpoctl.train import backends`` is an import of ``grpoctl.train.backends``."""
+    paths = {_module_name(path, package): path for path in sorted(package.rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in paths.items():
+        package_of = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package_of.split(".")[: len(package_of.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name in paths and name != module:
+                    edges.setdefault(name, node.lineno)
+        graph[module] = edges
+    return graph, paths
+
+
+def import_circles(package: Path = PACKAGE) -> list[str]:
+    """Every circle of imports among the modules of one stage (or among the shared modules), as
+    ``a -> b -> a`` with the file and line of each import: a circle that only works because one of its imports
+    sits inside a function still ties those modules into one."""
+    graph, paths = _module_graph(package)
+    circles: list[str] = []
+
+    def walk(start: str, module: str, trail: list[str]) -> None:
+        for imported in graph[module]:
+            if _stage(imported) != _stage(start) or imported in TOP:
+                continue
+            if imported == start:
+                cycle = trail + [start]
+                steps = [f"{paths[a].relative_to(package.parent)}:{graph[a][b]}"
+                         for a, b in zip(cycle, cycle[1:], strict=False)]
+                circles.append(f"{' -> '.join(cycle)} ({', '.join(steps)})")
+            elif imported not in trail and imported > start:  # each circle found once, from its smallest module
+                walk(start, imported, trail + [imported])
+
+    for module in sorted(graph):
+        if module not in TOP:
+            walk(module, module, [module])
+    return circles
+
+
+def test_no_import_circle_inside_a_stage():
+    assert import_circles() == []
+
+
+def test_the_circle_walk_sees_a_circle_closed_inside_a_function(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    for rel, text in {"__init__.py": "", "rundir.py": "", "train/__init__.py": "",
+                      "train/run.py": "from grpoctl.train import backends, distributed\nimport grpoctl.rundir\n",
+                      "train/backends.py": "def f():\n    from grpoctl.train.distributed import launch\n",
+                      "train/distributed.py": "def launch():\n    from .run import check_output\n",
+                      "train/worker.py": "from grpoctl.train.run import train\n",
+                      "export/__init__.py": "", "export/a.py": "from grpoctl.train import worker\n",
+                      }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert import_circles(pkg) == [
+        "grpoctl.train.backends -> grpoctl.train.distributed -> grpoctl.train.run -> grpoctl.train.backends "
+        "(grpoctl/train/backends.py:2, grpoctl/train/distributed.py:2, grpoctl/train/run.py:1)",
+        "grpoctl.train.distributed -> grpoctl.train.run -> grpoctl.train.distributed "
+        "(grpoctl/train/distributed.py:2, grpoctl/train/run.py:1)"]
+    (pkg / "train/distributed.py").write_text("def launch():\n    from grpoctl.train.resume import check_output\n")
+    assert import_circles(pkg) == []

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.config import TrainConfig
-from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
+from grpoctl.fsutil import staged_dir, staged_file
 from grpoctl.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -30,54 +29,16 @@ from grpoctl.rundir import (
     SAMPLES_FILE,
     SUMMARY_FILE,
     RunDir,
+    checkpoint_dir,
+    checkpoint_step,
+    newest_checkpoint,
     training_hold,
 )
 from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
+from grpoctl.train.launchenv import is_main_process, launched_by_grpoctl, rank, world_size
+from grpoctl.train.resume import check_output
 from grpoctl.version import __version__
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def newest_checkpoint(checkpoints: Path) -> Path | None:
-    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    return int(ckpt.name.split("-")[-1])
-
-
-def check_output(cfg: TrainConfig, out: Path, launched: bool = False) -> Path | None:
-    """Before any slow work: the checkpoint ``--resume`` continues from (None for a new run).
-
-    A new run refuses an existing output (offering ``--resume`` when it holds a run); a resumed one refuses
-    when its newest checkpoint already reaches ``max_steps``, since TRL would otherwise train past it.
-    """
-    if cfg.resume:
-        if not RunDir.is_run(out):
-            raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no {RUN_FILE})")
-        ckpt = newest_checkpoint(out / CHECKPOINTS_DIR)
-        if ckpt is None:
-            raise UsageError(f"--resume: {out / CHECKPOINTS_DIR} holds no checkpoint to resume from; "
-                             "start again with --force")
-        step, target = checkpoint_step(ckpt), cfg.trainer.max_steps
-        if step >= target:
-            raise UsageError(f"--resume: {out} is already at step {step} ({ckpt.name}), which reaches max_steps "
-                             f"{target}: nothing to train, the adapter is unchanged; pass a larger --max-steps "
-                             f"(e.g. --max-steps {step + target}) to continue")
-        return ckpt
-    if launched:  # the launcher already checked (and cleared) `out`
-        return None
-    if RunDir.is_run(out) and not cfg.force:
-        ckpt = newest_checkpoint(out / CHECKPOINTS_DIR)
-        at = f" (at step {checkpoint_step(ckpt)})" if ckpt else ""
-        raise OutputExistsError(f"{out} already holds a training run{at}; continue it with --resume (with a larger "
-                                "--max-steps), or pass --force to delete it and start again")
-    check_output_dir(out, cfg.force)
-    return None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -111,7 +72,7 @@ def train(cfg: TrainConfig) -> RunDir:
     The process that writes the run (this one, or the launcher of distributed workers) holds it for the whole
     run (``grpoctl.rundir.training_hold``): an export refuses it meanwhile, a second training of it fails."""
     cfg.validate()
-    writes_run = is_main_process() and os.environ.get(distributed.LAUNCHED_ENV) != "1"
+    writes_run = is_main_process() and not launched_by_grpoctl()
     with training_hold(Path(cfg.output_dir)) if writes_run else contextlib.nullcontext():
         return _train(cfg)
 
@@ -139,14 +100,14 @@ def _train(cfg: TrainConfig) -> RunDir:
 
     backend = backends.pick_backend(cfg.trainer.backend)
     gen = pick_generation(cfg.trainer.generation, cfg.trainer.vllm_mode, backend, cuda=backends.has_cuda(),
-                          vllm=vllm_version(), gpus=len(visible), processes=distributed.world_size(),
+                          vllm=vllm_version(), gpus=len(visible), processes=world_size(),
                           load_in_4bit=cfg.model.load_in_4bit)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must patch transformers/trl before anything imports them)
 
     out = Path(cfg.output_dir)
     # the launcher already checked and cleared `out`; under a plain `accelerate launch` rank 0 alone decides
-    launched = os.environ.get("GRPOCTL_LAUNCHED") == "1" or not is_main_process()
+    launched = launched_by_grpoctl() or not is_main_process()
     resume_from = check_output(cfg, out, launched)  # the old run is removed (--force) only once data is ready
 
     from transformers import AutoTokenizer
@@ -337,7 +298,7 @@ def _start_generation_server(stack: contextlib.ExitStack, cfg: TrainConfig, gen:
         return None
     from grpoctl.train.vllm_server import LOG_NAME, running_server
 
-    gpu = visible[distributed.world_size()]
+    gpu = visible[world_size()]
     return stack.enter_context(running_server(model, gpu, out / LOG_NAME,
                                               gpu_memory_utilization=cfg.model.gpu_memory_utilization,
                                               max_model_len=cfg.model.max_seq_length))
@@ -400,7 +361,7 @@ def _save_checkpoint_if_needed(trainer: Any) -> None:
     step = trainer.state.global_step
     if step == 0:
         return
-    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    ckpt = checkpoint_dir(Path(trainer.args.output_dir), step)
     if not ckpt.is_dir():
         trainer._save_checkpoint(trainer.model, trial=None)
 
@@ -443,8 +404,8 @@ def _write_summary(out: Path, trainer: Any, metrics: Any, started: float, stop_r
         "mean_reward_first": sum(m["reward"] for m in hist[:k]) / k if k else None,
         "mean_reward_last": sum(m["reward"] for m in hist[-k:]) / k if k else None,
         "window": k,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "written_by_rank": int(os.environ.get("RANK", "0")),
+        "world_size": world_size(),
+        "written_by_rank": rank(),
         "process_group_backend": _process_group_backend(),
         "checkpoint": str(newest_checkpoint(out / CHECKPOINTS_DIR) or ""),
         # steps of this session on which no prompt's completions scored differently (nothing to learn from)
@@ -464,15 +425,3 @@ def _process_group_backend() -> str | None:
     import torch.distributed as dist
 
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-
-
-def resumed_config_base(out: Path) -> dict[str, Any] | None:
-    """The config a run was started with, so ``--resume -o RUN`` needs no other flag."""
-    if not RunDir.is_run(out):
-        return None
-    run = RunDir(out)
-    config = json.loads(json.dumps(run.config))
-    for dotted in run.meta.get("derived", []):
-        section, _, key = dotted.partition(".")
-        config.get(section, {}).pop(key, None)
-    return config

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from grpoctl.config import DEFAULT_REWARDS, load_config
 from grpoctl.rundir import RunDir
 from grpoctl.train.backends import pick_backend
-from grpoctl.train.run import resumed_config_base, train
+from grpoctl.train.resume import resumed_config_base
+from grpoctl.train.run import train
 
 pytestmark = pytest.mark.integration
 
