@@ -41,7 +41,6 @@ import json
 import platform
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +49,15 @@ from grpoctl.exportlayout import ARTIFACTS_FILE
 from grpoctl.fsutil import final_of, sha256_file, staged_file
 from grpoctl.jsonfiles import from_json, read_json, to_json
 from grpoctl.rundir import ADAPTER_WEIGHTS, BaseModelRef, RunDir, adapter_sha256
-from grpoctl.version import __version__
+from grpoctl.version import __version__, library_versions
 
 SCHEMA_VERSION = 2
 _LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
               "huggingface_hub", "bitsandbytes", "unsloth")
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def export_library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **library_versions(_LIBRARIES)}
 
 
 # --- sections -------------------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ class Provenance:
     base_model: BaseModelRef | None = None
     adapter: AdapterRecord | None = None
     grpoctl_version: str = __version__
-    libraries: dict[str, str] = field(default_factory=library_versions)
+    libraries: dict[str, str] = field(default_factory=export_library_versions)
 
 
 @dataclass

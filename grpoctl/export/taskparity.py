@@ -109,7 +109,7 @@ def load_task_set(request: TaskRequest, run: RunDir | None, tokenizer_dir: Path,
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if run is not None:
         markers = run.reasoning_markers or (dcfg.reasoning_start, dcfg.reasoning_end)
-        prefilled = bool((run.meta.get("reasoning") or {}).get("prefilled_start"))
+        prefilled = run.prefilled_start
         rewards = run.section("rewards")
         functions = rewards.get("functions") or RewardsConfig().functions
         weights, language = rewards.get("weights") or {}, rewards.get("language", RewardsConfig().language)

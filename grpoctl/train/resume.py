@@ -49,7 +49,7 @@ def resumed_config_base(out: Path) -> dict[str, Any] | None:
         return None
     run = RunDir(out)
     config = json.loads(json.dumps(run.config))
-    for dotted in run.meta.get("derived", []):
+    for dotted in run.record.derived:
         section, _, key = dotted.partition(".")
         config.get(section, {}).pop(key, None)
     return config

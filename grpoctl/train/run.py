@@ -28,7 +28,13 @@ from grpoctl.rundir import (
     RUN_FILE,
     SAMPLES_FILE,
     SUMMARY_FILE,
+    BaseModelRecord,
+    ChatTemplateRecord,
+    DataStats,
+    GenerationRecord,
+    ReasoningRecord,
     RunDir,
+    RunRecord,
     checkpoint_dir,
     checkpoint_step,
     newest_checkpoint,
@@ -38,24 +44,15 @@ from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
 from grpoctl.train.launchenv import is_main_process, launched_by_grpoctl, rank, world_size
 from grpoctl.train.resume import check_output
-from grpoctl.version import __version__
+from grpoctl.version import __version__, library_versions
+
+# the libraries whose versions run.json records (the export's are in grpoctl.artifacts)
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "vllm")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "vllm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _warmup_kwargs(ratio: float) -> dict[str, float]:
@@ -165,35 +162,34 @@ def _train(cfg: TrainConfig) -> RunDir:
                                max_completion_length=data.max_completion_length, generation=gen.engine,
                                vllm_mode=gen.mode or cfg.trainer.vllm_mode)
     resolved["lora"]["gradient_checkpointing"] = backends.gradient_checkpointing(cfg, backend)
-    meta = {
-        "grpoctl_version": __version__,
-        "backend": backend,
-        "generation": {"engine": gen.engine, "vllm_mode": gen.mode, "reason": gen.reason},
-        "base_model": {"id": base.id, "path": base.path, "revision": base.revision},
-        "config": {k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking",
-                                            "distributed")},
-        "chat_template": {"source": "file" if template is not None else "tokenizer",
-                          "file": cfg.model.chat_template,
-                          "sha256": hashlib.sha256(template.encode()).hexdigest() if template is not None else None},
-        "reasoning": {"start": markers.start, "end": markers.end, "source": markers.source,
-                      "prefilled_start": markers.prefilled_start},
+    record = RunRecord(
+        grpoctl_version=__version__,
+        backend=backend,
+        generation=GenerationRecord(engine=gen.engine, vllm_mode=gen.mode, reason=gen.reason),
+        base_model=BaseModelRecord(id=base.id, path=base.path, revision=base.revision),
+        config={k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking", "distributed")},
+        chat_template=ChatTemplateRecord(
+            source="file" if template is not None else "tokenizer", file=cfg.model.chat_template,
+            sha256=hashlib.sha256(template.encode()).hexdigest() if template is not None else None),
+        reasoning=ReasoningRecord(start=markers.start, end=markers.end, source=markers.source,
+                                  prefilled_start=markers.prefilled_start),
         # values grpoctl computed rather than the user chose; a resumed run derives them again
-        "derived": [f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
-                    if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
-                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
-                   + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
-                   + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
-        "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
-                       "length_cutoff": data.length_cutoff, "rows_held_out": len(held_out)},
-        "reward_weights": dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
-        "libraries": _library_versions(),
-        "python": sys.version.split()[0],
-    }
+        derived=[f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
+                 if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
+                + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
+                + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
+                + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
+        data_stats=DataStats(rows_total=data.rows_total, rows_kept=data.rows_kept, length_cutoff=data.length_cutoff,
+                             rows_held_out=len(held_out)),
+        reward_weights=dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
+        libraries=library_versions(TRAINING_LIBRARIES),
+        python=sys.version.split()[0],
+    )
     created = not out.exists()
     previous_meta = (out / RUN_FILE).read_text() if resume_from is not None else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, meta)
+        record.save(out / RUN_FILE)
         if len(held_out):
             write_held_out(held_out, out / HELD_OUT_FILE)
 
@@ -219,7 +215,7 @@ def _train(cfg: TrainConfig) -> RunDir:
     metrics = MetricsCallback(out / METRICS_FILE)
     trainer.add_callback(metrics)
     trainer.add_callback(CompletionSamples(out / SAMPLES_FILE, cfg.tracking.sample_completions,
-                                           lambda: getattr(trainer, "_logs", None), meta["reward_weights"]))
+                                           lambda: getattr(trainer, "_logs", None), record.reward_weights))
     trainer.add_callback(ResumedSchedule())
     trainer.add_callback(GenerationProgress(loaded.model, data.max_completion_length))
     from tqdm.auto import tqdm
@@ -234,7 +230,7 @@ def _train(cfg: TrainConfig) -> RunDir:
     trainer.add_callback(watch)
     tracker = None
     if cfg.tracking.mode != "none":
-        tracker = SwanLabTracker(cfg.tracking, out / "swanlog", meta["config"], name=out.name)
+        tracker = SwanLabTracker(cfg.tracking, out / "swanlog", record.config, name=out.name)
         trainer.add_callback(tracker)
 
     started = time.time()
