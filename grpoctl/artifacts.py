@@ -637,19 +637,27 @@ class Artifacts:
         return self.export_command(*parts, force=True)
 
 
-def find_export(source: Path) -> Artifacts:
-    """What a user names after ``grpoctl push/manifests/serve``: a run directory (meaning its ``export/``) or an
-    export directory."""
+def export_dir_of(source: Path, export_flags: str = "") -> Path:
+    """The export directory a user means after ``grpoctl push/manifests/serve``: a run directory's ``export/``, or
+    an export directory. InputNotFoundError otherwise; for a run not exported yet it names the ``grpoctl export``
+    line (with ``export_flags``, what the caller needs: `` --gguf q4_k_m``) that makes one."""
+    import shlex
+
     source = Path(source)
     if not source.exists():
-        raise InputNotFoundError(f"{source} does not exist; give a run directory or an export directory")
+        raise InputNotFoundError(f"{source} does not exist (expected a run directory or an export directory)")
     if RunDir.is_run(source):
         export_dir = RunDir(source).export_dir
         if not (export_dir / ARTIFACTS_FILE).is_file():
-            raise InputNotFoundError(f"run {source} has no export yet ({export_dir / ARTIFACTS_FILE} missing); "
-                                     f"run `grpoctl export {source}` first")
-        return Artifacts.load(export_dir)
+            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export "
+                                     f"{shlex.quote(str(source))}{export_flags}` first")
+        return export_dir
     if not (source / ARTIFACTS_FILE).is_file():
-        raise InputNotFoundError(f"{source} holds no {ARTIFACTS_FILE}; give a run directory or the output of "
-                                 "`grpoctl export`")
-    return Artifacts.load(source)
+        raise InputNotFoundError(f"{source} is neither a run directory (no run.json) nor an export directory "
+                                 f"(no {ARTIFACTS_FILE})")
+    return source
+
+
+def find_export(source: Path) -> Artifacts:
+    """The export a user names after ``grpoctl push/manifests/serve`` (see :func:`export_dir_of`)."""
+    return Artifacts.load(export_dir_of(source))
