@@ -36,7 +36,7 @@ from grpoctl.exportlayout import PARITY_FILE
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes, parse_types
 from grpoctl.jsonfiles import from_json, to_json
-from grpoctl.models import TOKENIZER_FILES, has_tokenizer, tokenizer_bytes
+from grpoctl.models import TOKENIZER_FILES, config_dtype, has_tokenizer, tokenizer_bytes
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 from grpoctl.threads import default_threads
@@ -393,12 +393,7 @@ def _write_stderr(data: bytes) -> None:
 
 def source_16bit_type(model_dir: Path) -> str:
     """bf16 when the weights are bf16 (no rounding at all), else f16."""
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "f16"
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
-    return "bf16" if "bfloat16" in dtype else "f16"
+    return "bf16" if "bfloat16" in (config_dtype(model_dir) or "") else "f16"
 
 
 def model_view(model_dir: Path, adapter_dir: Path | None, dest: Path) -> Path:

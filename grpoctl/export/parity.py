@@ -190,17 +190,12 @@ def reference_device() -> str:
 
 
 def _checkpoint(model_dir: Path) -> dict[str, Path]:
-    """Every weight name of a safetensors checkpoint and the file that holds it."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
+    """Every weight name of a safetensors checkpoint and the file that holds it (read as the merge reads it)."""
+    from grpoctl.export.tensors import ModelWeights
 
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
+    if not any(Path(model_dir).glob("*.safetensors")):  # pickle checkpoints are read by the merge only
         raise DataError(f"{model_dir} holds no safetensors weights (model.safetensors or its index)")
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    return {k: model_dir / info.shard for k, info in ModelWeights(model_dir).tensors.items()}
 
 
 def _float32_bytes(model_dir: Path, adapter_dir: Path | None) -> int:

@@ -42,7 +42,7 @@ from grpoctl.fsutil import (
     staged_file,
     updated_dir,
 )
-from grpoctl.models import has_tokenizer
+from grpoctl.models import config_dtype, has_tokenizer
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
 
@@ -263,12 +263,9 @@ def _hub_files(template: str | None, system: str | None, parameters: dict[str, A
 
 def _dtype(ctx: _Context) -> str:
     for folder in ("merged", "merged-4bit"):
-        cfg = ctx.export_dir / folder / "config.json"
-        if cfg.is_file():
-            data = json.loads(cfg.read_text())
-            dt = data.get("dtype") or data.get("torch_dtype")
-            if dt in ("bfloat16", "float16", "float32"):
-                return dt
+        dt = config_dtype(ctx.export_dir / folder)
+        if dt in ("bfloat16", "float16", "float32"):
+            return dt
     return "auto"
 
 
