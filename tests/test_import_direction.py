@@ -1,5 +1,6 @@
 """Data flows one way: train -> export -> manifests -> serve / push. No module imports a later stage, and the
-modules of one stage import each other without circles.
+modules of one stage import each other without circles; the leaf modules holding shared vocabulary import no
+stage.
 
 Every ``import``/``from ... import`` in the package is read with ``ast`` (module level and inside functions, where
 the heavy imports live), so an import added anywhere is seen without running it.
@@ -186,3 +187,36 @@ def test_the_circle_walk_sees_a_circle_closed_inside_a_function(tmp_path):
         "(grpoctl/train/distributed.py:2, grpoctl/train/run.py:1)"]
     (pkg / "train/distributed.py").write_text("def launch():\n    from grpoctl.train.resume import check_output\n")
     assert import_circles(pkg) == []
+
+
+# modules that declare shared vocabulary (names, types, the launch environment) for several stages: each imports
+# nothing from grpoctl but what is listed, so any stage can read it without pulling in another's code
+LEAVES: dict[str, set[str]] = {
+    "grpoctl.version": set(), "grpoctl.threads": set(), "grpoctl.exportlayout": set(),
+    "grpoctl.gguftypes": {"grpoctl.errors"}, "grpoctl.errors": set(), "grpoctl.train.launchenv": set(),
+}
+
+
+def leaf_imports(package: Path = PACKAGE, leaves: dict[str, set[str]] = LEAVES) -> list[str]:
+    """Every import of a leaf module beyond what it may import, as ``file:line: a imports b``."""
+    graph, paths = _module_graph(package)
+    return [f"{paths[leaf].relative_to(package.parent)}:{line}: {leaf} imports {imported}"
+            for leaf, allowed in leaves.items() for imported, line in graph.get(leaf, {}).items()
+            if imported not in allowed]
+
+
+def test_leaf_modules_import_nothing_from_the_stages():
+    assert set(LEAVES) <= set(_module_graph(PACKAGE)[0])  # every leaf named exists
+    assert leaf_imports() == []
+
+
+def test_the_leaf_walk_sees_a_leaf_that_reaches_into_a_stage(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    for rel, text in {"__init__.py": "", "errors.py": "", "rundir.py": "", "export/__init__.py": "",
+                      "export/quantize.py": "", "version.py": "def f():\n    from grpoctl import rundir\n",
+                      "gguftypes.py": "from grpoctl.errors import UsageError\nfrom grpoctl.export.quantize import q\n",
+                      }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert leaf_imports(pkg) == ["grpoctl/version.py:2: grpoctl.version imports grpoctl.rundir",
+                                 "grpoctl/gguftypes.py:2: grpoctl.gguftypes imports grpoctl.export.quantize"]

@@ -503,6 +503,7 @@ def tokenizer_checks(llm: Any, path: Path, tokenizer: Any, system_prompt: str, e
     ``path`` renders in llama.cpp's own engine what the trained tokenizer renders in transformers
     (:func:`template_check`)."""
     import llama_cpp
+    from gguf.constants import Keys
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bos = llm.token_bos()
@@ -523,7 +524,7 @@ def tokenizer_checks(llm: Any, path: Path, tokenizer: Any, system_prompt: str, e
     checks["chat_ids_match"] = ll_ids == hf_ids
     checks["chat_tokens"] = len(hf_ids)
     checks["eog"] = {tokenizer.convert_ids_to_tokens(t): bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in eot_ids}
-    if llm.metadata.get("tokenizer.chat_template") is None:
+    if llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE) is None:
         checks["template_matches"] = False
         checks["template"] = "missing from the GGUF"
     else:
