@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
@@ -40,9 +40,6 @@ from grpoctl.models import TOKENIZER_FILES, config_dtype, has_tokenizer, tokeniz
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
 from grpoctl.threads import default_threads
-
-if TYPE_CHECKING:
-    from grpoctl.export.tensors import ModelWeights
 
 # where progress lines and the parity table go: the export's one output channel (silent under --quiet)
 Say = Callable[[str], None]
@@ -472,20 +469,15 @@ def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | Non
     return base_id, ref.license
 
 
-def estimate_bytes(weights: ModelWeights, types: list[str], tokenizer_dir: Path) -> int:
-    """Peak bytes a GGUF export of ``types`` writes for the model ``weights`` with the tokenizer in
-    ``tokenizer_dir`` (``grpoctl.gguftypes.estimate_gguf_bytes`` on its 16-bit size)."""
-    from grpoctl.export.merge import estimate_bytes as weight_bytes
-
-    return estimate_gguf_bytes(weight_bytes(weights, "BF16"), types, vocab_bytes=tokenizer_bytes(tokenizer_dir))
-
-
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:
-    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk."""
+    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk: the export's own
+    estimate (``grpoctl.gguftypes.estimate_gguf_bytes`` of the 16-bit weights and the tokenizer files)."""
+    from grpoctl.export.merge import estimate_bytes
     from grpoctl.export.tensors import ModelWeights
 
     try:
         weights = ModelWeights(source)
     except GrpoctlError:  # unreadable weights fail later with their own message
         return
-    check_free_space(out_dir, estimate_bytes(weights, types, source), f"GGUF export of {', '.join(types)}")
+    need = estimate_gguf_bytes(estimate_bytes(weights, "BF16"), types, vocab_bytes=tokenizer_bytes(source))
+    check_free_space(out_dir, need, f"GGUF export of {', '.join(types)}")

@@ -339,9 +339,9 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     if parts.lora:
         need += adapter.weights_file.stat().st_size + tokenizer
     if parts.gguf:
-        from grpoctl.export.gguf import estimate_bytes as gguf_bytes
+        from grpoctl.gguftypes import estimate_gguf_bytes
 
-        need += gguf_bytes(weights, parts.gguf, tokenizer_dir)
+        need += estimate_gguf_bytes(estimate_bytes(weights, "BF16"), parts.gguf, vocab_bytes=tokenizer)
     return need
 
 
