@@ -148,7 +148,7 @@ def main() -> None:
         build_adapter(build_model(args.work / "base"), args.work / "adapter")
         return
     from grpoctl.export.converter import find_converter
-    from grpoctl.export.quantize import parse_types
+    from grpoctl.gguftypes import parse_types
 
     types = parse_types(args.types)
     quants = [t for t in types if t != "f16"]

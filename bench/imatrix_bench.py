@@ -117,7 +117,7 @@ def bench_run(label: str, run_dir: Path, work: Path, types: list[str], samples: 
             """), results)
         step(f"quantize {t} plain, llama-quantize", _code(common, f"""
             import subprocess
-            from grpoctl.export.quantize import TYPES
+            from grpoctl.gguftypes import TYPES
             from grpoctl.llamacpp_tools import tool
             subprocess.run([str(tool("llama-quantize")), {str(inter)!r}, {str(via_tool)!r}, TYPES[{t!r}].label],
                            check=True, capture_output=True)
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--no-smollm2", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from grpoctl.export.quantize import parse_types
+    from grpoctl.gguftypes import parse_types
     from grpoctl.llamacpp_tools import find_tools
 
     find_tools(build=True)

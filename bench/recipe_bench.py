@@ -164,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the grpoctl command sets it (bench/cpu_threads.md)
     sys.path.insert(0, str(ROOT))
-    from grpoctl.export.quantize import parse_types
+    from grpoctl.gguftypes import parse_types
 
     args.work.mkdir(parents=True, exist_ok=True)
     result = bench(args.run or demo_run(args.work), args.work, parse_types(args.types), args.completions,

@@ -25,6 +25,7 @@ from grpoctl.argtypes import checked
 from grpoctl.artifacts import Artifacts, find_export
 from grpoctl.config import TrainConfig
 from grpoctl.export.pipeline import ExportOptions, ExportSource
+from grpoctl.exportlayout import tokenizer_dirs
 from grpoctl.manifests.api import ManifestOptions, WrittenManifests
 from grpoctl.rundir import RunDir
 from grpoctl.serve.api import ServeOptions
@@ -103,8 +104,7 @@ class _Manifests:
         from grpoctl.manifests.api import SystemPromptRefused, render_manifests
         from grpoctl.models import has_tokenizer
 
-        # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
-        candidates = [c for c in (source.tokenizer_dir, stage / "merged", stage / "lora", Path(source.base.path))
+        candidates = [c for c in tokenizer_dirs(stage, source.tokenizer_dir, Path(source.base.path))
                       if has_tokenizer(c)]
         if not candidates:
             say("note: no tokenizer in the adapter folder, the export or the base, so no Modelfile or vLLM manifests "

@@ -41,30 +41,23 @@ import json
 import platform
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import DataError, InputNotFoundError
+from grpoctl.exportlayout import ARTIFACTS_FILE
 from grpoctl.fsutil import final_of, sha256_file, staged_file
 from grpoctl.jsonfiles import from_json, read_json, to_json
 from grpoctl.rundir import ADAPTER_WEIGHTS, BaseModelRef, RunDir, adapter_sha256
-from grpoctl.version import __version__
+from grpoctl.version import __version__, library_versions
 
-ARTIFACTS_FILE = "artifacts.json"
 SCHEMA_VERSION = 2
 _LIBRARIES = ("torch", "transformers", "peft", "trl", "safetensors", "gguf", "llama_cpp_python",
               "huggingface_hub", "bitsandbytes", "unsloth")
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+def export_library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **library_versions(_LIBRARIES)}
 
 
 # --- sections -------------------------------------------------------------------------------------------
@@ -110,7 +103,7 @@ class Provenance:
     base_model: BaseModelRef | None = None
     adapter: AdapterRecord | None = None
     grpoctl_version: str = __version__
-    libraries: dict[str, str] = field(default_factory=library_versions)
+    libraries: dict[str, str] = field(default_factory=export_library_versions)
 
 
 @dataclass
@@ -644,19 +637,27 @@ class Artifacts:
         return self.export_command(*parts, force=True)
 
 
-def find_export(source: Path) -> Artifacts:
-    """What a user names after ``grpoctl push/manifests/serve``: a run directory (meaning its ``export/``) or an
-    export directory."""
+def export_dir_of(source: Path, export_flags: str = "") -> Path:
+    """The export directory a user means after ``grpoctl push/manifests/serve``: a run directory's ``export/``, or
+    an export directory. InputNotFoundError otherwise; for a run not exported yet it names the ``grpoctl export``
+    line (with ``export_flags``, what the caller needs: `` --gguf q4_k_m``) that makes one."""
+    import shlex
+
     source = Path(source)
     if not source.exists():
-        raise InputNotFoundError(f"{source} does not exist; give a run directory or an export directory")
+        raise InputNotFoundError(f"{source} does not exist (expected a run directory or an export directory)")
     if RunDir.is_run(source):
         export_dir = RunDir(source).export_dir
         if not (export_dir / ARTIFACTS_FILE).is_file():
-            raise InputNotFoundError(f"run {source} has no export yet ({export_dir / ARTIFACTS_FILE} missing); "
-                                     f"run `grpoctl export {source}` first")
-        return Artifacts.load(export_dir)
+            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export "
+                                     f"{shlex.quote(str(source))}{export_flags}` first")
+        return export_dir
     if not (source / ARTIFACTS_FILE).is_file():
-        raise InputNotFoundError(f"{source} holds no {ARTIFACTS_FILE}; give a run directory or the output of "
-                                 "`grpoctl export`")
-    return Artifacts.load(source)
+        raise InputNotFoundError(f"{source} is neither a run directory (no run.json) nor an export directory "
+                                 f"(no {ARTIFACTS_FILE})")
+    return source
+
+
+def find_export(source: Path) -> Artifacts:
+    """The export a user names after ``grpoctl push/manifests/serve`` (see :func:`export_dir_of`)."""
+    return Artifacts.load(export_dir_of(source))

@@ -127,7 +127,7 @@ def train(config_file: Path | None, overrides: tuple[str, ...], model: str | Non
           chat_template: Path | None, resume: bool, force: bool, **columns) -> None:
     """Train a LoRA adapter with GRPO and write a run directory."""
     from grpoctl.config import load_config
-    from grpoctl.train.run import resumed_config_base
+    from grpoctl.train.resume import resumed_config_base
     from grpoctl.train.run import train as run_training
 
     data = {"dataset": dataset, **_column_flags(**columns)}

@@ -73,15 +73,17 @@ def adapter_config(folder: Path) -> dict[str, Any]:
 
 
 # --- typed records --------------------------------------------------------------------------------------
-# The files one stage writes for the next (artifacts.json) are dataclasses; these read them back field by
-# field against the type hints, so a key no stage writes, or a value of the wrong type, is one DataError
-# naming the file and the key, and a reader never guesses at a shape.
+# The files one stage writes for the next (run.json, artifacts.json) are dataclasses; these read them back
+# field by field against the type hints, so a value of the wrong type is one DataError naming the file and
+# the key, and a reader never guesses at a shape. A key the record does not have is an error (artifacts.json:
+# written and read by the same schema) or, with ``ignore_unknown``, skipped at every level (run.json: a run
+# written by a newer grpoctl still reads).
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _fits(hint: Any, value: Any, path: Path, where: str) -> Any:
+def _fits(hint: Any, value: Any, path: Path, where: str, ignore_unknown: bool = False) -> Any:
     """``value`` as ``hint`` says (nested dataclasses built), or DataError."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -92,32 +94,35 @@ def _fits(hint: Any, value: Any, path: Path, where: str) -> Any:
         errors = []
         for arm in (a for a in args if a is not type(None)):
             try:
-                return _fits(arm, value, path, where)
+                return _fits(arm, value, path, where, ignore_unknown)
             except DataError as err:
                 errors.append(err)
         raise errors[0]
     if dataclasses.is_dataclass(hint):
-        return from_json(hint, value, path, where)
+        return from_json(hint, value, path, where, ignore_unknown=ignore_unknown)
     want = origin or hint
     if want is float and type(value) is int:
         return value
     if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
         raise DataError(f"{path}: \"{where}\" should be {_KINDS.get(want, want.__name__)}, not {json.dumps(value)}")
     if want is list and args:
-        return [_fits(args[0], v, path, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_fits(args[0], v, path, f"{where}[{i}]", ignore_unknown) for i, v in enumerate(value)]
     if want is dict and len(args) == 2:
-        return {k: _fits(args[1], v, path, f"{where}.{k}") for k, v in value.items()}
+        return {k: _fits(args[1], v, path, f"{where}.{k}", ignore_unknown) for k, v in value.items()}
     return value
 
 
-def from_json(cls: type[T], data: Any, path: Path, where: str = "") -> T:
+def from_json(cls: type[T], data: Any, path: Path, where: str = "", *, ignore_unknown: bool = False) -> T:
     """``data`` (parsed JSON) as the dataclass ``cls``, every value checked against its field's type; a key
-    ``cls`` does not have, a missing required key or a wrong type is a DataError naming ``path`` and the key."""
+    ``cls`` does not have (unless ``ignore_unknown``: then it is skipped, here and in every nested record), a
+    missing required key or a wrong type is a DataError naming ``path`` and the key."""
     if not isinstance(data, dict):
         raise DataError(f"{path}: \"{where or '(top level)'}\" should be an object, not {json.dumps(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
-    if unknown:
+    if ignore_unknown:
+        data = {k: v for k, v in data.items() if k in fields}
+    elif unknown:
         raise DataError(f"{path}: \"{where + '.' if where else ''}{unknown[0]}\" is not a key grpoctl writes there; "
                         "the file was changed by hand or by another program")
     missing = [name for name, f in fields.items() if name not in data
@@ -126,17 +131,18 @@ def from_json(cls: type[T], data: Any, path: Path, where: str = "") -> T:
         raise DataError(f"{path}: {where or 'the file'} lacks {', '.join(missing)}; it was cut short or not "
                         "written by grpoctl")
     hints = _hints(cls)
-    return cls(**{name: _fits(hints[name], value, path, f"{where}.{name}" if where else name)
+    return cls(**{name: _fits(hints[name], value, path, f"{where}.{name}" if where else name, ignore_unknown)
                   for name, value in data.items()})
 
 
-def to_json(value: Any) -> Any:
-    """A dataclass (nested ones included) as JSON data; optional fields left at None are left out."""
+def to_json(value: Any, *, keep_none: bool = False) -> Any:
+    """A dataclass (nested ones included) as JSON data; optional fields left at None are left out, unless
+    ``keep_none`` (then they are written as null)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if f.init and not (getattr(value, f.name) is None and f.default is None)}
+        return {f.name: to_json(getattr(value, f.name), keep_none=keep_none) for f in dataclasses.fields(value)
+                if f.init and (keep_none or not (getattr(value, f.name) is None and f.default is None))}
     if isinstance(value, dict):
-        return {k: to_json(v) for k, v in value.items()}
+        return {k: to_json(v, keep_none=keep_none) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
+        return [to_json(v, keep_none=keep_none) for v in value]
     return value

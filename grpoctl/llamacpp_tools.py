@@ -51,6 +51,7 @@ from pathlib import Path
 from grpoctl.errors import DependencyError, InputNotFoundError, ToolBuildError, UsageError
 from grpoctl.fsutil import cache_dir, file_lock, staged_dir
 from grpoctl.llamacpp_sdist import DIST, Sdist, cached_sdist, extract_vendored, fetch_sdist, installed_version
+from grpoctl.threads import default_threads
 
 ENV_BIN = "GRPOCTL_LLAMA_CPP_BIN"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-server", "llama-perplexity")
@@ -238,7 +239,7 @@ def build_tools(force: bool = False, jobs: int | None = None) -> Tools:
         sdist = fetch_sdist(version, hint=f"when offline, build once on a machine with access (`grpoctl doctor "
                             f"--build-llama-tools`, then copy {root}) or set {ENV_BIN} to a directory of llama.cpp "
                             "tools")
-        return _build(root, sdist, cmake, compiler, jobs or _cores())
+        return _build(root, sdist, cmake, compiler, jobs or default_threads())
 
 
 def check_version(tools: Tools) -> str | None:
@@ -365,13 +366,6 @@ def _reported_commit(bin_dir: Path) -> str | None:
 
 
 # --- building -------------------------------------------------------------------------------------------
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
 
 def _toolchain() -> tuple[str, str]:
     """cmake and the C++ compiler CMake will pick, or a DependencyError saying what to install."""

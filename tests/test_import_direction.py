@@ -1,4 +1,6 @@
-"""Data flows one way: train -> export -> manifests -> serve / push. No module imports a later stage.
+"""Data flows one way: train -> export -> manifests -> serve / push. No module imports a later stage, and the
+modules of one stage import each other without circles; the leaf modules holding shared vocabulary import no
+stage.
 
 Every ``import``/``from ... import`` in the package is read with ``ast`` (module level and inside functions, where
 the heavy imports live), so an import added anywhere is seen without running it.
@@ -110,3 +112,111 @@ def test_the_root_import_walk_sees_the_version_read_from_the_root(tmp_path):
         (pkg / rel).write_text(text)
     assert root_imports(pkg) == ["grpoctl/artifacts.py:1: grpoctl.artifacts imports grpoctl.__version__",
                                  "grpoctl/export/pipeline.py:2: grpoctl.export.pipeline imports grpoctl"]
+
+
+def _module_graph(package: Path) -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
+    """module -> {module it imports: first line}, every import counted (module level and inside functions); a
+    ``from grpoctl.train import backends`` is an import of ``grpoctl.train.backends``."""
+    paths = {_module_name(path, package): path for path in sorted(package.rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for module, path in paths.items():
+        package_of = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package_of.split(".")[: len(package_of.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name in paths and name != module:
+                    edges.setdefault(name, node.lineno)
+        graph[module] = edges
+    return graph, paths
+
+
+def import_circles(package: Path = PACKAGE) -> list[str]:
+    """Every circle of imports among the modules of one stage (or among the shared modules), as
+    ``a -> b -> a`` with the file and line of each import: a circle that only works because one of its imports
+    sits inside a function still ties those modules into one."""
+    graph, paths = _module_graph(package)
+    circles: list[str] = []
+
+    def walk(start: str, module: str, trail: list[str]) -> None:
+        for imported in graph[module]:
+            if _stage(imported) != _stage(start) or imported in TOP:
+                continue
+            if imported == start:
+                cycle = trail + [start]
+                steps = [f"{paths[a].relative_to(package.parent)}:{graph[a][b]}"
+                         for a, b in zip(cycle, cycle[1:], strict=False)]
+                circles.append(f"{' -> '.join(cycle)} ({', '.join(steps)})")
+            elif imported not in trail and imported > start:  # each circle found once, from its smallest module
+                walk(start, imported, trail + [imported])
+
+    for module in sorted(graph):
+        if module not in TOP:
+            walk(module, module, [module])
+    return circles
+
+
+def test_no_import_circle_inside_a_stage():
+    assert import_circles() == []
+
+
+def test_the_circle_walk_sees_a_circle_closed_inside_a_function(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    for rel, text in {"__init__.py": "", "rundir.py": "", "train/__init__.py": "",
+                      "train/run.py": "from grpoctl.train import backends, distributed\nimport grpoctl.rundir\n",
+                      "train/backends.py": "def f():\n    from grpoctl.train.distributed import launch\n",
+                      "train/distributed.py": "def launch():\n    from .run import check_output\n",
+                      "train/worker.py": "from grpoctl.train.run import train\n",
+                      "export/__init__.py": "", "export/a.py": "from grpoctl.train import worker\n",
+                      }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert import_circles(pkg) == [
+        "grpoctl.train.backends -> grpoctl.train.distributed -> grpoctl.train.run -> grpoctl.train.backends "
+        "(grpoctl/train/backends.py:2, grpoctl/train/distributed.py:2, grpoctl/train/run.py:1)",
+        "grpoctl.train.distributed -> grpoctl.train.run -> grpoctl.train.distributed "
+        "(grpoctl/train/distributed.py:2, grpoctl/train/run.py:1)"]
+    (pkg / "train/distributed.py").write_text("def launch():\n    from grpoctl.train.resume import check_output\n")
+    assert import_circles(pkg) == []
+
+
+# modules that declare shared vocabulary (names, types, the launch environment) for several stages: each imports
+# nothing from grpoctl but what is listed, so any stage can read it without pulling in another's code
+LEAVES: dict[str, set[str]] = {
+    "grpoctl.version": set(), "grpoctl.threads": set(), "grpoctl.exportlayout": set(),
+    "grpoctl.gguftypes": {"grpoctl.errors"}, "grpoctl.errors": set(), "grpoctl.train.launchenv": set(),
+}
+
+
+def leaf_imports(package: Path = PACKAGE, leaves: dict[str, set[str]] = LEAVES) -> list[str]:
+    """Every import of a leaf module beyond what it may import, as ``file:line: a imports b``."""
+    graph, paths = _module_graph(package)
+    return [f"{paths[leaf].relative_to(package.parent)}:{line}: {leaf} imports {imported}"
+            for leaf, allowed in leaves.items() for imported, line in graph.get(leaf, {}).items()
+            if imported not in allowed]
+
+
+def test_leaf_modules_import_nothing_from_the_stages():
+    assert set(LEAVES) <= set(_module_graph(PACKAGE)[0])  # every leaf named exists
+    assert leaf_imports() == []
+
+
+def test_the_leaf_walk_sees_a_leaf_that_reaches_into_a_stage(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    for rel, text in {"__init__.py": "", "errors.py": "", "rundir.py": "", "export/__init__.py": "",
+                      "export/quantize.py": "", "version.py": "def f():\n    from grpoctl import rundir\n",
+                      "gguftypes.py": "from grpoctl.errors import UsageError\nfrom grpoctl.export.quantize import q\n",
+                      }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert leaf_imports(pkg) == ["grpoctl/version.py:2: grpoctl.version imports grpoctl.rundir",
+                                 "grpoctl/gguftypes.py:2: grpoctl.gguftypes imports grpoctl.export.quantize"]

@@ -181,11 +181,13 @@ def _install_eot(model_class: Any, eot_ids: list[int], state: dict[str, Any]) ->
     original = model_class.set_vocab
 
     def set_vocab(self):
+        from gguf import Keys  # the converter's gguf-py, as the converter itself imports it
+
         original(self)
-        eos = self.gguf_writer.kv_data[0].get("tokenizer.ggml.eos_token_id")
+        eos = self.gguf_writer.kv_data[0].get(Keys.Tokenizer.EOS_ID)
         eos_id = int(eos.value) if eos is not None else None
         extra = [t for t in eot_ids if t != eos_id]
-        if extra and "tokenizer.ggml.eot_token_id" not in self.gguf_writer.kv_data[0]:
+        if extra and Keys.Tokenizer.EOT_ID not in self.gguf_writer.kv_data[0]:
             self.gguf_writer.add_eot_token_id(extra[0])
             state["eot_token_id"] = extra[0]
 
@@ -261,7 +263,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         _install_eot(model_class, eot_ids, state)
         metadata = Path(spec["metadata_file"]) if spec.get("metadata_file") else None
         if metadata is not None:
-            _install_license(gguf, json.loads(metadata.read_text()).get("general.license"))
+            _install_license(gguf, json.loads(metadata.read_text()).get(gguf.Keys.General.LICENSE))
         model = model_class(model_dir, ftypes[spec["outtype"]], Path(spec["outfile"]), metadata_override=metadata,
                             model_name=spec.get("model_name"), **extra)
         model.write()

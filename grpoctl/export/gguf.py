@@ -13,7 +13,6 @@ Files appear under their final names only after they loaded in llama.cpp and pas
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -29,17 +28,19 @@ from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNo
 from grpoctl.export import parity
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
-from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, parse_types, quantize
+from grpoctl.export.quantize import quantize
 from grpoctl.export.recipe import RecipeRequest
 from grpoctl.export.taskparity import TaskParity, TaskRequest
 from grpoctl.export.taskparity import format_rows as format_task_rows
+from grpoctl.exportlayout import PARITY_FILE
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
+from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes, parse_types
 from grpoctl.jsonfiles import from_json, to_json
-from grpoctl.models import TOKENIZER_FILES, has_tokenizer
+from grpoctl.models import TOKENIZER_FILES, config_dtype, has_tokenizer, tokenizer_bytes
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
+from grpoctl.threads import default_threads
 
-PARITY_FILE = "parity.json"
 # where progress lines and the parity table go: the export's one output channel (silent under --quiet)
 Say = Callable[[str], None]
 
@@ -389,12 +390,7 @@ def _write_stderr(data: bytes) -> None:
 
 def source_16bit_type(model_dir: Path) -> str:
     """bf16 when the weights are bf16 (no rounding at all), else f16."""
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "f16"
-    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
-    return "bf16" if "bfloat16" in dtype else "f16"
+    return "bf16" if "bfloat16" in (config_dtype(model_dir) or "") else "f16"
 
 
 def model_view(model_dir: Path, adapter_dir: Path | None, dest: Path) -> Path:
@@ -443,16 +439,18 @@ def end_of_turn_ids(model_dir: Path) -> list[int]:
 
 def gguf_metadata(name: str, model_dir: Path, adapter_dir: Path | None) -> dict[str, Any]:
     """general.* keys for the converter's metadata override: name, license, base model."""
-    meta: dict[str, Any] = {"general.name": name}
+    from gguf.constants import Keys
+
+    meta: dict[str, Any] = {Keys.General.NAME: name}
     base_id, license_ = _base_identity(model_dir, adapter_dir)
     if license_:
-        meta["general.license"] = license_
+        meta[Keys.General.LICENSE] = license_
     if base_id:
         entry: dict[str, Any] = {"name": base_id.split("/")[-1]}
         if base_id.count("/") == 1 and not base_id.startswith(("/", ".")):
             entry["organization"] = base_id.split("/")[0]
             entry["repo_url"] = f"https://huggingface.co/{base_id}"
-        meta["general.base_models"] = [entry]
+        meta["general.base_models"] = [entry]  # the override file's own key (gguf.Metadata.load), not a GGUF key
     return meta
 
 
@@ -472,12 +470,14 @@ def _base_identity(model_dir: Path, adapter_dir: Path | None) -> tuple[str | Non
 
 
 def check_disk_space(source: Path, types: list[str], out_dir: Path) -> None:
-    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk."""
+    """Refuse to start when the files (and the intermediate) cannot fit on the output's disk: the export's own
+    estimate (``grpoctl.gguftypes.estimate_gguf_bytes`` of the 16-bit weights and the tokenizer files)."""
+    from grpoctl.export.merge import estimate_bytes
     from grpoctl.export.tensors import ModelWeights
 
     try:
-        params = sum(math.prod(i.shape) for i in ModelWeights(source).tensors.values())
+        weights = ModelWeights(source)
     except GrpoctlError:  # unreadable weights fail later with their own message
         return
-    vocab = sum(p.stat().st_size for p in source.glob("token*") if p.is_file())
-    check_free_space(out_dir, estimate_gguf_bytes(2 * params, types, vocab), f"GGUF export of {', '.join(types)}")
+    need = estimate_gguf_bytes(estimate_bytes(weights, "BF16"), types, vocab_bytes=tokenizer_bytes(source))
+    check_free_space(out_dir, need, f"GGUF export of {', '.join(types)}")

@@ -41,8 +41,10 @@ from grpoctl.artifacts import (
     QuantFigures,
 )
 from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
-from grpoctl.export.quantize import TYPES, default_threads, fallback_note, quantize
+from grpoctl.export.quantize import fallback_note, quantize
+from grpoctl.gguftypes import TYPES
 from grpoctl.rundir import RunDir
+from grpoctl.threads import default_threads
 
 AUTO = "auto"
 MATRIX_SUFFIX = "-imatrix.gguf"

@@ -190,17 +190,12 @@ def reference_device() -> str:
 
 
 def _checkpoint(model_dir: Path) -> dict[str, Path]:
-    """Every weight name of a safetensors checkpoint and the file that holds it."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
+    """Every weight name of a safetensors checkpoint and the file that holds it (read as the merge reads it)."""
+    from grpoctl.export.tensors import ModelWeights
 
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
+    if not any(Path(model_dir).glob("*.safetensors")):  # pickle checkpoints are read by the merge only
         raise DataError(f"{model_dir} holds no safetensors weights (model.safetensors or its index)")
-    with safe_open(str(single), framework="pt") as f:
-        return dict.fromkeys(f.keys(), single)
+    return {k: model_dir / info.shard for k, info in ModelWeights(model_dir).tensors.items()}
 
 
 def _float32_bytes(model_dir: Path, adapter_dir: Path | None) -> int:
@@ -484,7 +479,7 @@ def open_gguf(path: Path, n_ctx: int):
 
 
 def _threads() -> int:
-    from grpoctl.export.quantize import default_threads
+    from grpoctl.threads import default_threads
 
     return default_threads()
 
@@ -508,6 +503,7 @@ def tokenizer_checks(llm: Any, path: Path, tokenizer: Any, system_prompt: str, e
     ``path`` renders in llama.cpp's own engine what the trained tokenizer renders in transformers
     (:func:`template_check`)."""
     import llama_cpp
+    from gguf.constants import Keys
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     bos = llm.token_bos()
@@ -528,7 +524,7 @@ def tokenizer_checks(llm: Any, path: Path, tokenizer: Any, system_prompt: str, e
     checks["chat_ids_match"] = ll_ids == hf_ids
     checks["chat_tokens"] = len(hf_ids)
     checks["eog"] = {tokenizer.convert_ids_to_tokens(t): bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in eot_ids}
-    if llm.metadata.get("tokenizer.chat_template") is None:
+    if llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE) is None:
         checks["template_matches"] = False
         checks["template"] = "missing from the GGUF"
     else:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from grpoctl.argtypes import check_fields
 from grpoctl.artifacts import ARTIFACTS_FILE, AdapterRecord, Artifacts, MergedSection, Provenance
 from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
+from grpoctl.exportlayout import GGUF_DIR, LORA_DIR, MERGED_4BIT_DIR, MERGED_DIR, VERIFY_FILE
 from grpoctl.fsutil import (
     check_free_space,
     check_output_dir,
@@ -41,6 +42,7 @@ from grpoctl.fsutil import (
     updated_dir,
 )
 from grpoctl.jsonfiles import adapter_config
+from grpoctl.models import tokenizer_bytes
 from grpoctl.names import safe_name
 from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, RunDir
 
@@ -188,7 +190,7 @@ def _validate(options: ExportOptions) -> list[str]:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
     types: list[str] = []
     if options.gguf:
-        from grpoctl.export.quantize import parse_types
+        from grpoctl.gguftypes import parse_types
 
         # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
         types = parse_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
@@ -271,8 +273,6 @@ class _Parts:
 def _existing_export(out: Path, force: bool) -> Artifacts | None:
     """The export already in ``out`` that this one adds to; None when ``out`` is new or empty, is replaced
     (``force``), or holds only an earlier --verify-only report. Any other content is refused."""
-    from grpoctl.export.verify import VERIFY_FILE
-
     check_output_dir(out, force=True)  # a file where the folder should be
     names = {p.name for p in out.iterdir()} if out.is_dir() else set()
     if force or names <= {VERIFY_FILE}:
@@ -308,7 +308,7 @@ def _missing_parts(existing: Artifacts | None, src: ExportSource, adapter_sha256
         merged = None
     gguf = [t for t in wanted.gguf if not existing.by_kind(f"gguf:{t}")]
     if wanted.gguf:
-        from grpoctl.export.quantize import TYPES
+        from grpoctl.gguftypes import TYPES
 
         for t in wanted.gguf:
             for entry in existing.by_kind(f"gguf:{t}"):
@@ -329,7 +329,7 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     from grpoctl.export.merge import estimate_bytes, output_dtype
 
     tokenizer_dir = src.tokenizer_dir or Path(src.base.path)
-    tokenizer = sum(p.stat().st_size for p in tokenizer_dir.iterdir() if p.is_file() and "token" in p.name)
+    tokenizer = tokenizer_bytes(tokenizer_dir)
     merged16 = estimate_bytes(weights, output_dtype(weights, dtype)) + tokenizer
     need = 0
     if parts.merged == "16bit":
@@ -339,7 +339,7 @@ def _estimate_bytes(parts: _Parts, weights, adapter, src: ExportSource, dtype: s
     if parts.lora:
         need += adapter.weights_file.stat().st_size + tokenizer
     if parts.gguf:
-        from grpoctl.export.quantize import estimate_gguf_bytes
+        from grpoctl.gguftypes import estimate_gguf_bytes
 
         need += estimate_gguf_bytes(estimate_bytes(weights, "BF16"), parts.gguf, vocab_bytes=tokenizer)
     return need
@@ -355,7 +355,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     from grpoctl.export.merge import check_not_quantized, output_dtype
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
     from grpoctl.export.tensors import ModelWeights
-    from grpoctl.export.verify import VERIFY_FILE, open_adapter, verify_adapter
+    from grpoctl.export.verify import open_adapter, verify_adapter
 
     say = log or (lambda _line: None)
     gguf_types = _validate(options)
@@ -401,7 +401,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                     return existing
                 if then is not None:
                     then.check(existing)
-            reuse = out / "merged" if existing is not None and existing.by_kind("merged") else None
+            reuse = out / MERGED_DIR if existing is not None and existing.by_kind("merged") else None
             check_free_space(out, _estimate_bytes(parts, weights, adapter, src, options.dtype, reuse is not None),
                              "the export")
             # what is there now (--force, or a lone verify.json) may be replaced; what appears meanwhile may not
@@ -410,7 +410,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 artifacts = Artifacts.load(stage) if existing is not None else Artifacts(root=stage)
                 artifacts.provenance = _provenance(named, adapter, report)
                 _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
-                             reuse=stage / "merged" if reuse else None, say=say, imatrix=imatrix,
+                             reuse=stage / MERGED_DIR if reuse else None, say=say, imatrix=imatrix,
                              refused_report=refused_report(out))
                 _check_snapshot(adapter, report.adapter_sha256, named, say)
                 artifacts.save()
@@ -483,8 +483,6 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
     """Write ``parts`` into ``stage`` and record them; ``reuse`` is a merged 16-bit folder already there."""
     from grpoctl.export.merge import merge_16bit, write_lora
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
-    from grpoctl.export.verify import VERIFY_FILE
-
     artifacts.verify = report.section()
     with staged_file(stage / VERIFY_FILE) as tmp:  # a new file: the old one may be linked to the live export
         report.save(tmp)
@@ -492,7 +490,7 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
 
     merged16 = reuse
     if parts.merged == "16bit" or (parts.merged == "4bit" and reuse is None):
-        merged16 = stage / ("merged" if parts.merged == "16bit" else ".merged-16bit")
+        merged16 = stage / (MERGED_DIR if parts.merged == "16bit" else ".merged-16bit")
         say(f"merging the adapter into {src.base.id} -> {merged16.name}/")
         result = merge_16bit(weights.dir, adapter, merged16, dtype=options.dtype,
                              tokenizer_dir=src.tokenizer_dir, allow_pickle=options.allow_pickle,
@@ -511,19 +509,19 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
         from grpoctl.export.merge4bit import quantize_nf4
 
         say("quantizing the merged model to bitsandbytes nf4 -> merged-4bit/")
-        quantize_nf4(merged16, stage / "merged-4bit")
-        artifacts.add_tree(stage / "merged-4bit", "merged-4bit")
+        quantize_nf4(merged16, stage / MERGED_4BIT_DIR)
+        artifacts.add_tree(stage / MERGED_4BIT_DIR, "merged-4bit")
         artifacts.merged.quantization = "bitsandbytes-nf4"
 
     if parts.lora:
-        write_lora(adapter, stage / "lora", src.tokenizer_dir, weights.dir)
-        artifacts.add_tree(stage / "lora", "lora")
+        write_lora(adapter, stage / LORA_DIR, src.tokenizer_dir, weights.dir)
+        artifacts.add_tree(stage / LORA_DIR, "lora")
         say("wrote the cleaned adapter -> lora/")
 
     if parts.gguf:
         from grpoctl.export.gguf import export_gguf
 
-        export_gguf(weights.dir, adapter.path, stage / "gguf", parts.gguf, name=src.name,
+        export_gguf(weights.dir, adapter.path, stage / GGUF_DIR, parts.gguf, name=src.name,
                     artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
                     parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix,
                     refused_report=refused_report, task=options.task(), run=src.run,

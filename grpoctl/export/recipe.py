@@ -36,7 +36,8 @@ from typing import Any
 
 from grpoctl.artifacts import QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
 from grpoctl.errors import ConversionError, UsageError
-from grpoctl.export.quantize import TYPES, default_threads
+from grpoctl.gguftypes import TYPES
+from grpoctl.threads import default_threads
 
 SEARCH = "search"
 METHODS = (SEARCH,)

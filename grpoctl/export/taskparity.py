@@ -109,7 +109,7 @@ def load_task_set(request: TaskRequest, run: RunDir | None, tokenizer_dir: Path,
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if run is not None:
         markers = run.reasoning_markers or (dcfg.reasoning_start, dcfg.reasoning_end)
-        prefilled = bool((run.meta.get("reasoning") or {}).get("prefilled_start"))
+        prefilled = run.prefilled_start
         rewards = run.section("rewards")
         functions = rewards.get("functions") or RewardsConfig().functions
         weights, language = rewards.get("weights") or {}, rewards.get("language", RewardsConfig().language)
@@ -178,13 +178,14 @@ def gguf_answers(path: Path, task: TaskSet, threads: int | None = None) -> list[
     texts and EOS id, never a built-in format it might guess), ending where the file's vocabulary ends a turn.
     None when the file carries no chat template."""
     import llama_cpp
+    from gguf.constants import Keys
 
-    from grpoctl.export.quantize import default_threads
+    from grpoctl.threads import default_threads
 
     llm = llama_cpp.Llama(str(path), n_ctx=_context(task), n_batch=512, verbose=False, use_mmap=True,
                           n_threads=threads or default_threads(), chat_format="chat_template.default")
     try:
-        if not llm.metadata.get("tokenizer.chat_template"):
+        if not llm.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE):
             return None
         answers = []
         with _bar(len(task.prompts) * task.max_new_tokens, f"task parity: {path.name}") as bar:

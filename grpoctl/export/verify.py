@@ -25,7 +25,6 @@ from grpoctl.jsonfiles import adapter_config, to_json
 from grpoctl.models import built_from
 from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_sha256
 
-VERIFY_FILE = "verify.json"
 _LAYER = re.compile(r"\.(\d+)\.")
 
 

@@ -4,7 +4,7 @@ Reads what earlier stages left behind -- ``artifacts.json`` (which GGUF, merged,
 folders exist), the run's settings (system prompt, sequence length, sampling, reasoning markers,
 LoRA rank, base model) and the tokenizer's own chat template -- and writes
 
-    gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.export.quantize.default_type``)
+    gguf/Modelfile            for ``--quant``, else the default type (``grpoctl.gguftypes.default_type``)
     gguf/Modelfile.<QUANT>    one per GGUF when there are several
     gguf/template, gguf/system, gguf/params   the same TEMPLATE, SYSTEM and PARAMETERs in the files the Hub gives
                               to ``ollama run hf.co/OWNER/REPO`` (pushed to the GGUF repo's root)
@@ -33,6 +33,7 @@ from grpoctl.errors import (
     UsageError,
     VerificationError,
 )
+from grpoctl.exportlayout import tokenizer_dirs
 from grpoctl.fsutil import (
     check_writable,
     disk_full_is_one_line,
@@ -41,7 +42,7 @@ from grpoctl.fsutil import (
     staged_file,
     updated_dir,
 )
-from grpoctl.models import has_tokenizer
+from grpoctl.models import config_dtype, has_tokenizer
 from grpoctl.names import safe_name
 from grpoctl.rundir import RunDir
 
@@ -100,8 +101,7 @@ class _Context:
 
 
 def _find_tokenizer_dir(export_dir: Path, run: RunDir | None, explicit: Path | None) -> Path:
-    candidates = [explicit] if explicit else [export_dir / "merged", export_dir / "lora",
-                                              *([run.adapter_dir] if run else []), export_dir / "merged-4bit"]
+    candidates = [explicit] if explicit else tokenizer_dirs(export_dir, run.adapter_dir if run else None)
     for c in candidates:
         if has_tokenizer(c):
             return c
@@ -182,7 +182,7 @@ def _modelfiles(ctx: _Context, tok: Any) -> tuple[dict[Path, str], dict[str, Any
         ctx.notes.append("no GGUF in the export: no Modelfile written; add one with "
                          f"`{ctx.artifacts.export_command('--gguf', 'q4_k_m')}`")
         return {}, OllamaSection(written=False)
-    from grpoctl.export.quantize import canonical_type, default_type
+    from grpoctl.gguftypes import canonical_type, default_type
 
     wanted = canonical_type(ctx.options.quant).upper() if ctx.options.quant else None
     if wanted and wanted not in by_quant:
@@ -263,12 +263,9 @@ def _hub_files(template: str | None, system: str | None, parameters: dict[str, A
 
 def _dtype(ctx: _Context) -> str:
     for folder in ("merged", "merged-4bit"):
-        cfg = ctx.export_dir / folder / "config.json"
-        if cfg.is_file():
-            data = json.loads(cfg.read_text())
-            dt = data.get("dtype") or data.get("torch_dtype")
-            if dt in ("bfloat16", "float16", "float32"):
-                return dt
+        dt = config_dtype(ctx.export_dir / folder)
+        if dt in ("bfloat16", "float16", "float32"):
+            return dt
     return "auto"
 
 
@@ -437,8 +434,8 @@ def write_manifests(export_dir: Path, *, run: RunDir | None = None, tokenizer_di
         export_dir: directory holding ``artifacts.json`` (``grpoctl export`` output).
         run: the training run (system prompt, sequence length, sampling, reasoning markers, LoRA rank,
             base model); None when the export stands alone.
-        tokenizer_dir: folder with the tokenizer and chat template; default: EXPORT/merged, EXPORT/lora,
-            RUN/adapter.
+        tokenizer_dir: folder with the tokenizer and chat template; default: the first that holds one of
+            EXPORT/merged, EXPORT/lora, EXPORT/merged-4bit, RUN/adapter (``grpoctl.exportlayout.tokenizer_dirs``).
         options: overrides (see :class:`ManifestOptions`).
     """
     options = options or ManifestOptions()

@@ -27,14 +27,15 @@ from typing import TypeVar
 from grpoctl.argtypes import checked
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, FileEntry, find_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
+from grpoctl.exportlayout import GGUF_DIR, LORA_DIR, MERGED_4BIT_DIR, MERGED_DIR
 from grpoctl.fsutil import DISK_FULL, disk_full_error, human_bytes
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
 FAMILIES: dict[str, tuple[str, str]] = {
-    "merged": ("", "merged/"),
-    "merged-4bit": ("-bnb-4bit", "merged-4bit/"),
-    "lora": ("-lora", "lora/"),
-    "gguf": ("-GGUF", "gguf/"),
+    "merged": ("", f"{MERGED_DIR}/"),
+    "merged-4bit": ("-bnb-4bit", f"{MERGED_4BIT_DIR}/"),
+    "lora": ("-lora", f"{LORA_DIR}/"),
+    "gguf": ("-GGUF", f"{GGUF_DIR}/"),
 }
 ORDER = ("merged", "merged-4bit", "lora", "gguf")
 _PART = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.artifacts import Artifacts, FileEntry, ParityResult
-from grpoctl.export.quantize import default_type
 from grpoctl.fsutil import human_bytes
+from grpoctl.gguftypes import default_type
 from grpoctl.models import looks_like_hub_id
 from grpoctl.rundir import BaseModelRef, RunDir
 

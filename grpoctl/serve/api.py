@@ -11,6 +11,7 @@ from typing import Annotated
 
 from grpoctl.argtypes import Range, check_fields
 from grpoctl.errors import ServeError, UsageError
+from grpoctl.exportlayout import VLLM_DIR
 from grpoctl.procs import termination_as_interrupt
 from grpoctl.serve import llamacpp, ollama
 from grpoctl.serve.common import DEFAULT_PROBE, DEFAULT_SMOKE_MAX_TOKENS, default_model_name
@@ -208,7 +209,7 @@ def record_served_parity(target, result, ref) -> None:
 
     with output_lock(target.export_dir, what="serve --parity"):
         art = Artifacts.load(target.export_dir)
-        path = write_served(target.export_dir / "vllm" / f"parity-{target.mode}.json", [result], ref)
+        path = write_served(target.export_dir / VLLM_DIR / f"parity-{target.mode}.json", [result], ref)
         art.add_file(path, "report")
         art.served_parity = {**(art.served_parity or {}), f"vllm:{target.mode}": ServedParityRecord(
             **asdict(result), reference=ref.description, noise_kl=float(ref.noise["kl"]))}

@@ -14,10 +14,12 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, Keys
+
 from grpoctl.errors import InputNotFoundError, ServeError
 
-# Keys whose token ids end an assistant turn (gguf-py's Keys.Tokenizer names).
-_STOP_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+# Keys whose token ids end an assistant turn.
+_STOP_TOKEN_KEYS = (Keys.Tokenizer.EOS_ID, Keys.Tokenizer.EOT_ID)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class GGUFInfo:
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 # Arrays kept in full; every other array is skipped (vocabularies and merges are large).
-_KEEP_ARRAYS = {"tokenizer.ggml.tokens"}
+_KEEP_ARRAYS = {Keys.Tokenizer.LIST}
 # Arrays within arrays: llama.cpp's own reader (ggml gguf.cpp) accepts none; a few levels are read here, a deeper
 # nesting is a corrupt or hostile file, not recursion without bound.
 MAX_ARRAY_DEPTH = 8
@@ -88,8 +90,6 @@ class _Header:
 
 def _parse(buf) -> tuple[dict, int, int]:
     """(metadata, tensor count, end of the last tensor's data) from a GGUF file's bytes."""
-    from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT
-
     version = struct.unpack_from("<I", buf, 4)[0]
     h = _Header(buf, "<" if version < 0x10000 else ">")
     h.pos = 8
@@ -106,7 +106,7 @@ def _parse(buf) -> tuple[dict, int, int]:
         ttype, offset = h.take("I"), h.take("Q")
         block, type_size = GGML_QUANT_SIZES.get(ttype, (1, 0))
         infos.append((offset, math.prod(dims) // block * type_size))
-    align = int(meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    align = int(meta.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT))
     data_start = -(-h.pos // align) * align
     end = max((data_start + off + nbytes for off, nbytes in infos), default=data_start)
     return meta, n_tensors, end
@@ -129,14 +129,14 @@ def read_gguf_info(path: Path) -> GGUFInfo:
                              "re-run `grpoctl export`") from None
     if end > size:
         raise ServeError(f"{path} is truncated: {size} bytes, but its tensors need {end}; re-run `grpoctl export`")
-    arch = str(meta.get("general.architecture") or "unknown")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    arch = str(meta.get(Keys.General.ARCHITECTURE) or "unknown")
+    tokens = meta.get(Keys.Tokenizer.LIST) or []
     stops: list[str] = []
     for key in _STOP_TOKEN_KEYS:
         tid = meta.get(key)
         if isinstance(tid, int) and 0 <= tid < len(tokens) and tokens[tid] and tokens[tid] not in stops:
             stops.append(tokens[tid])
-    ctx = meta.get(f"{arch}.context_length")
-    return GGUFInfo(path=path, architecture=arch, name=meta.get("general.name"),
-                    chat_template=meta.get("tokenizer.chat_template"), stop_tokens=stops,
+    ctx = meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
+    return GGUFInfo(path=path, architecture=arch, name=meta.get(Keys.General.NAME),
+                    chat_template=meta.get(Keys.Tokenizer.CHAT_TEMPLATE), stop_tokens=stops,
                     context_length=int(ctx) if ctx is not None else None, tensor_count=n_tensors)

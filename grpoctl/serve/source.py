@@ -10,14 +10,13 @@ and the sampling settings, so the served model is prompted the way it was traine
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
+from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, export_dir_of
 from grpoctl.errors import InputNotFoundError, ServeError, UsageError
-from grpoctl.export.quantize import canonical_type, default_type, parse_types
 from grpoctl.fsutil import sha256_file
+from grpoctl.gguftypes import canonical_type, default_type, parse_types
 from grpoctl.rundir import RunDir
 from grpoctl.serve.common import RecordedAnswer
 
@@ -125,13 +124,4 @@ def resolve_target(source: Path, quant: str | None = None) -> ServeTarget:
                 target.gguf = source
                 return target
         return ServeTarget(gguf=source)
-    if RunDir.is_run(source):
-        run = RunDir(source)
-        if not (run.export_dir / ARTIFACTS_FILE).is_file():
-            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export {shlex.quote(str(source))} "
-                                     f"--gguf {parse_types(quant)[0] if quant else 'q4_k_m'}`")
-        return _from_export(run.export_dir, quant)
-    if (source / ARTIFACTS_FILE).is_file():
-        return _from_export(source, quant)
-    raise InputNotFoundError(f"{source} is neither a run directory (no run.json) nor an export directory "
-                             f"(no {ARTIFACTS_FILE})")
+    return _from_export(export_dir_of(source, f" --gguf {parse_types(quant)[0] if quant else 'q4_k_m'}"), quant)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from grpoctl.artifacts import Artifacts, VllmMode
+from grpoctl.artifacts import Artifacts, VllmMode, export_dir_of
 from grpoctl.errors import DependencyError, InputNotFoundError, UsageError
+from grpoctl.exportlayout import VLLM_DIR
 from grpoctl.serve.common import SmokeResult, chat_messages
 from grpoctl.serve.llamacpp import LlamaCppServer, _urlopen, chat_completion
 
@@ -52,24 +53,11 @@ class VllmTarget:
 
 
 def _export_dir(source: Path) -> Path:
-    from grpoctl.artifacts import ARTIFACTS_FILE
-    from grpoctl.rundir import RunDir
-
     source = Path(source)
-    if not source.exists():
-        raise InputNotFoundError(f"{source} does not exist (expected a run directory or an export directory)")
     if source.is_file():
         raise UsageError(f"{source} is a file; vLLM serves an export's merged model or base + LoRA: name the run "
                          "or export directory (GGUF files are served by --engine llamacpp or ollama)")
-    if RunDir.is_run(source):
-        export = RunDir(source).export_dir
-        if not (export / ARTIFACTS_FILE).is_file():
-            raise InputNotFoundError(f"run {source} has no export yet; run `grpoctl export {source} --merged 16bit`")
-        return export
-    if (source / ARTIFACTS_FILE).is_file():
-        return source
-    raise InputNotFoundError(f"{source} is neither a run directory (no run.json) nor an export directory "
-                             f"(no {ARTIFACTS_FILE})")
+    return export_dir_of(source, " --merged 16bit")
 
 
 def resolve_vllm_target(source: Path, mode: str | None = None) -> VllmTarget:
@@ -93,7 +81,7 @@ def resolve_vllm_target(source: Path, mode: str | None = None) -> VllmTarget:
         raise InputNotFoundError(f"{export_dir} has no {mode} vLLM manifests; it has: {', '.join(by_mode)}")
     chosen = by_mode[mode] if mode is not None else recorded[0]
     out = artifacts.manifests.output_dir if artifacts.manifests else None
-    here = (Path(out) if out else export_dir) / "vllm"
+    here = (Path(out) if out else export_dir) / VLLM_DIR
     argv = [a.replace(EXPORT_DIR_TOKEN, str(export_dir.absolute())).replace(HERE_TOKEN, str(here.absolute()))
             for a in chosen.argv]
     return VllmTarget(export_dir=export_dir, mode=chosen.mode, argv=argv, served_model_name=_served_name(chosen),

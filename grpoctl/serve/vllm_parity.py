@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.errors import ServeError
+from grpoctl.exportlayout import LORA_DIR, tokenizer_dirs
+from grpoctl.models import has_tokenizer
 from grpoctl.serve.llamacpp import _urlopen
 
 TOP_K = 20  # vLLM's default --max-logprobs
@@ -130,14 +132,14 @@ def reference_for(target: Any) -> Any:
     if base is None or not base.path:
         raise ServeError(f"{target.export_dir} records no local base model; parity needs the base the adapter "
                          "was trained on")
-    lora = target.export_dir / "lora"
+    lora = target.export_dir / LORA_DIR
     adapter = lora if (lora / "adapter_config.json").is_file() else (
         Path(art.provenance.adapter.path) if art.provenance.adapter is not None else None)
     if adapter is None or not (adapter / "adapter_config.json").is_file():
         raise ServeError(f"{target.export_dir}: the adapter this export was made from is not on disk; parity "
                          "needs it for the reference")
-    tokenizer = next((d for d in (target.export_dir / "merged", lora, adapter, Path(base.path))
-                      if (d / "tokenizer_config.json").is_file()), Path(base.path))
+    tokenizer = next((d for d in tokenizer_dirs(target.export_dir, adapter, Path(base.path)) if has_tokenizer(d)),
+                     Path(base.path))
     eot = _eot_ids(tokenizer)
     ref = prepare_reference(Path(base.path), adapter, tokenizer, target.system_prompt, eot)
     import torch

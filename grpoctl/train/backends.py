@@ -13,6 +13,8 @@ from typing import Any
 
 from grpoctl.config import TrainConfig
 from grpoctl.errors import DependencyError
+from grpoctl.train.distributed import check_strategy
+from grpoctl.train.launchenv import running_strategy
 
 
 def has_cuda() -> bool:
@@ -30,8 +32,6 @@ def pick_backend(requested: str) -> str:
 
     Under several processes unsloth trains only as DDP (a whole model per GPU), so ``auto`` is trl when
     accelerate shards the weights (FSDP, ZeRO)."""
-    from grpoctl.train.distributed import check_strategy, running_strategy
-
     if requested == "trl":
         return "trl"
     cuda = has_cuda()
@@ -65,8 +65,6 @@ def gpu_index() -> int:
 
 def pick_optimizer(requested: str) -> tuple[str, str | None]:
     """The seed's 8-bit AdamW needs bitsandbytes on CUDA; elsewhere plain AdamW, and the reason is returned."""
-    from grpoctl.train.distributed import running_strategy
-
     if requested != "auto":
         return requested, None
     # FSDP gathers the optimizer state into the last step's checkpoint and fails on bitsandbytes' 8-bit state
@@ -108,8 +106,6 @@ def load_trl(cfg: TrainConfig, model_path: str) -> Loaded:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from grpoctl.train.distributed import check_strategy, running_strategy
 
     kwargs: dict[str, Any] = {"dtype": _dtype(cfg)}
     if has_cuda():

@@ -28,13 +28,12 @@ from grpoctl.config import TrainConfig
 from grpoctl.errors import ConfigError, DependencyError, InputNotFoundError, UsageError
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
+from grpoctl.train.launchenv import ERROR_PREFIX, LAUNCHED_ENV, running_strategy, world_size
+from grpoctl.train.resume import check_output
 
 if TYPE_CHECKING:
     from typing import Any
 
-LAUNCHED_ENV = "GRPOCTL_LAUNCHED"
-# a worker stopped by a grpoctl error writes it beside the launch's config file, as ERROR_PREFIX<pid>.json
-ERROR_PREFIX = "error-"
 
 # accelerate launch flags per strategy; an --accelerate-config file replaces these entirely
 _STRATEGY_FLAGS: dict[str, list[str]] = {
@@ -48,22 +47,6 @@ _STRATEGY_FLAGS: dict[str, list[str]] = {
 }
 # strategies that split the weights themselves across the processes
 SHARDED = ("zero3", "fsdp")
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def running_strategy() -> str | None:
-    """How accelerate launched this process (None for a single process), read from the variables it sets,
-    so ``grpoctl train --num-processes`` and a plain ``accelerate launch -m grpoctl train`` answer alike."""
-    if world_size() <= 1:
-        return None
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '')}"
-    return "ddp"
 
 
 def record_launch(cfg: TrainConfig) -> TrainConfig:
@@ -247,8 +230,6 @@ def launch(cfg: TrainConfig) -> RunDir:
 
     build_rewards(cfg.rewards.functions, cfg.rewards.weights, RewardContext("<think>", "</think>"))
     check_tracking(cfg.tracking)
-    from grpoctl.train.run import check_output
-
     out = Path(cfg.output_dir)
     check_output(cfg, out)
     if not cfg.resume and out.is_dir() and cfg.force:

@@ -143,9 +143,8 @@ def evaluate(run: RunDir | Path, samples: int = 20, max_new_tokens: int | None =
     prompts, answers = list(ds["prompt"]), list(ds["answer"])
     columns = {k: list(ds[k]) for k in ds.column_names if k != "prompt"}
     markers = run.reasoning_markers or (dcfg.reasoning_start, dcfg.reasoning_end)
-    reasoning = run.meta.get("reasoning") or {}
     language = run.section("rewards").get("language", "id")
-    ctx = RewardContext(markers[0], markers[1], bool(reasoning.get("prefilled_start")), language)
+    ctx = RewardContext(markers[0], markers[1], run.prefilled_start, language)
     funcs, _ = build_rewards(run.section("rewards").get("functions", []), {}, ctx)
 
     say(f"grpoctl: eval: {len(prompts)} prompts, max_new_tokens {max_new_tokens}"

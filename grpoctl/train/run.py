@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl.config import TrainConfig
-from grpoctl.errors import InputNotFoundError, OutputExistsError, UsageError
-from grpoctl.fsutil import check_output_dir, staged_dir, staged_file
+from grpoctl.fsutil import staged_dir, staged_file
 from grpoctl.rundir import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
@@ -29,72 +28,31 @@ from grpoctl.rundir import (
     RUN_FILE,
     SAMPLES_FILE,
     SUMMARY_FILE,
+    BaseModelRecord,
+    ChatTemplateRecord,
+    DataStats,
+    GenerationRecord,
+    ReasoningRecord,
     RunDir,
+    RunRecord,
+    checkpoint_dir,
+    checkpoint_step,
+    newest_checkpoint,
     training_hold,
 )
 from grpoctl.train import backends, distributed
 from grpoctl.train.generation import Generation, pick_generation, vllm_version
-from grpoctl.version import __version__
+from grpoctl.train.launchenv import is_main_process, launched_by_grpoctl, rank, world_size
+from grpoctl.train.resume import check_output
+from grpoctl.version import __version__, library_versions
 
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def newest_checkpoint(checkpoints: Path) -> Path | None:
-    found = [p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    return int(ckpt.name.split("-")[-1])
-
-
-def check_output(cfg: TrainConfig, out: Path, launched: bool = False) -> Path | None:
-    """Before any slow work: the checkpoint ``--resume`` continues from (None for a new run).
-
-    A new run refuses an existing output (offering ``--resume`` when it holds a run); a resumed one refuses
-    when its newest checkpoint already reaches ``max_steps``, since TRL would otherwise train past it.
-    """
-    if cfg.resume:
-        if not RunDir.is_run(out):
-            raise InputNotFoundError(f"--resume: {out} is not a grpoctl run directory (no {RUN_FILE})")
-        ckpt = newest_checkpoint(out / CHECKPOINTS_DIR)
-        if ckpt is None:
-            raise UsageError(f"--resume: {out / CHECKPOINTS_DIR} holds no checkpoint to resume from; "
-                             "start again with --force")
-        step, target = checkpoint_step(ckpt), cfg.trainer.max_steps
-        if step >= target:
-            raise UsageError(f"--resume: {out} is already at step {step} ({ckpt.name}), which reaches max_steps "
-                             f"{target}: nothing to train, the adapter is unchanged; pass a larger --max-steps "
-                             f"(e.g. --max-steps {step + target}) to continue")
-        return ckpt
-    if launched:  # the launcher already checked (and cleared) `out`
-        return None
-    if RunDir.is_run(out) and not cfg.force:
-        ckpt = newest_checkpoint(out / CHECKPOINTS_DIR)
-        at = f" (at step {checkpoint_step(ckpt)})" if ckpt else ""
-        raise OutputExistsError(f"{out} already holds a training run{at}; continue it with --resume (with a larger "
-                                "--max-steps), or pass --force to delete it and start again")
-    check_output_dir(out, cfg.force)
-    return None
+# the libraries whose versions run.json records (the export's are in grpoctl.artifacts)
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "vllm")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "unsloth", "vllm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _warmup_kwargs(ratio: float) -> dict[str, float]:
@@ -111,7 +69,7 @@ def train(cfg: TrainConfig) -> RunDir:
     The process that writes the run (this one, or the launcher of distributed workers) holds it for the whole
     run (``grpoctl.rundir.training_hold``): an export refuses it meanwhile, a second training of it fails."""
     cfg.validate()
-    writes_run = is_main_process() and os.environ.get(distributed.LAUNCHED_ENV) != "1"
+    writes_run = is_main_process() and not launched_by_grpoctl()
     with training_hold(Path(cfg.output_dir)) if writes_run else contextlib.nullcontext():
         return _train(cfg)
 
@@ -139,14 +97,14 @@ def _train(cfg: TrainConfig) -> RunDir:
 
     backend = backends.pick_backend(cfg.trainer.backend)
     gen = pick_generation(cfg.trainer.generation, cfg.trainer.vllm_mode, backend, cuda=backends.has_cuda(),
-                          vllm=vllm_version(), gpus=len(visible), processes=distributed.world_size(),
+                          vllm=vllm_version(), gpus=len(visible), processes=world_size(),
                           load_in_4bit=cfg.model.load_in_4bit)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (must patch transformers/trl before anything imports them)
 
     out = Path(cfg.output_dir)
     # the launcher already checked and cleared `out`; under a plain `accelerate launch` rank 0 alone decides
-    launched = os.environ.get("GRPOCTL_LAUNCHED") == "1" or not is_main_process()
+    launched = launched_by_grpoctl() or not is_main_process()
     resume_from = check_output(cfg, out, launched)  # the old run is removed (--force) only once data is ready
 
     from transformers import AutoTokenizer
@@ -204,35 +162,34 @@ def _train(cfg: TrainConfig) -> RunDir:
                                max_completion_length=data.max_completion_length, generation=gen.engine,
                                vllm_mode=gen.mode or cfg.trainer.vllm_mode)
     resolved["lora"]["gradient_checkpointing"] = backends.gradient_checkpointing(cfg, backend)
-    meta = {
-        "grpoctl_version": __version__,
-        "backend": backend,
-        "generation": {"engine": gen.engine, "vllm_mode": gen.mode, "reason": gen.reason},
-        "base_model": {"id": base.id, "path": base.path, "revision": base.revision},
-        "config": {k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking",
-                                            "distributed")},
-        "chat_template": {"source": "file" if template is not None else "tokenizer",
-                          "file": cfg.model.chat_template,
-                          "sha256": hashlib.sha256(template.encode()).hexdigest() if template is not None else None},
-        "reasoning": {"start": markers.start, "end": markers.end, "source": markers.source,
-                      "prefilled_start": markers.prefilled_start},
+    record = RunRecord(
+        grpoctl_version=__version__,
+        backend=backend,
+        generation=GenerationRecord(engine=gen.engine, vllm_mode=gen.mode, reason=gen.reason),
+        base_model=BaseModelRecord(id=base.id, path=base.path, revision=base.revision),
+        config={k: resolved[k] for k in ("model", "lora", "data", "rewards", "trainer", "tracking", "distributed")},
+        chat_template=ChatTemplateRecord(
+            source="file" if template is not None else "tokenizer", file=cfg.model.chat_template,
+            sha256=hashlib.sha256(template.encode()).hexdigest() if template is not None else None),
+        reasoning=ReasoningRecord(start=markers.start, end=markers.end, source=markers.source,
+                                  prefilled_start=markers.prefilled_start),
         # values grpoctl computed rather than the user chose; a resumed run derives them again
-        "derived": [f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
-                    if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
-                   + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
-                   + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
-                   + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
-        "data_stats": {"rows_total": data.rows_total, "rows_kept": data.rows_kept,
-                       "length_cutoff": data.length_cutoff, "rows_held_out": len(held_out)},
-        "reward_weights": dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
-        "libraries": _library_versions(),
-        "python": sys.version.split()[0],
-    }
+        derived=[f"trainer.{k}" for k in ("max_prompt_length", "max_completion_length")
+                 if getattr(cfg.trainer, k) is None] + (["trainer.optim"] if cfg.trainer.optim == "auto" else [])
+                + (["trainer.backend"] if cfg.trainer.backend == "auto" else [])
+                + [f"trainer.{k}" for k in ("generation", "vllm_mode") if getattr(cfg.trainer, k) == "auto"]
+                + (["lora.gradient_checkpointing"] if cfg.lora.gradient_checkpointing is None else []),
+        data_stats=DataStats(rows_total=data.rows_total, rows_kept=data.rows_kept, length_cutoff=data.length_cutoff,
+                             rows_held_out=len(held_out)),
+        reward_weights=dict(zip([f.__name__ for f in reward_funcs], reward_weights, strict=True)),
+        libraries=library_versions(TRAINING_LIBRARIES),
+        python=sys.version.split()[0],
+    )
     created = not out.exists()
     previous_meta = (out / RUN_FILE).read_text() if resume_from is not None else None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / RUN_FILE, meta)
+        record.save(out / RUN_FILE)
         if len(held_out):
             write_held_out(held_out, out / HELD_OUT_FILE)
 
@@ -258,7 +215,7 @@ def _train(cfg: TrainConfig) -> RunDir:
     metrics = MetricsCallback(out / METRICS_FILE)
     trainer.add_callback(metrics)
     trainer.add_callback(CompletionSamples(out / SAMPLES_FILE, cfg.tracking.sample_completions,
-                                           lambda: getattr(trainer, "_logs", None), meta["reward_weights"]))
+                                           lambda: getattr(trainer, "_logs", None), record.reward_weights))
     trainer.add_callback(ResumedSchedule())
     trainer.add_callback(GenerationProgress(loaded.model, data.max_completion_length))
     from tqdm.auto import tqdm
@@ -273,7 +230,7 @@ def _train(cfg: TrainConfig) -> RunDir:
     trainer.add_callback(watch)
     tracker = None
     if cfg.tracking.mode != "none":
-        tracker = SwanLabTracker(cfg.tracking, out / "swanlog", meta["config"], name=out.name)
+        tracker = SwanLabTracker(cfg.tracking, out / "swanlog", record.config, name=out.name)
         trainer.add_callback(tracker)
 
     started = time.time()
@@ -337,7 +294,7 @@ def _start_generation_server(stack: contextlib.ExitStack, cfg: TrainConfig, gen:
         return None
     from grpoctl.train.vllm_server import LOG_NAME, running_server
 
-    gpu = visible[distributed.world_size()]
+    gpu = visible[world_size()]
     return stack.enter_context(running_server(model, gpu, out / LOG_NAME,
                                               gpu_memory_utilization=cfg.model.gpu_memory_utilization,
                                               max_model_len=cfg.model.max_seq_length))
@@ -400,7 +357,7 @@ def _save_checkpoint_if_needed(trainer: Any) -> None:
     step = trainer.state.global_step
     if step == 0:
         return
-    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    ckpt = checkpoint_dir(Path(trainer.args.output_dir), step)
     if not ckpt.is_dir():
         trainer._save_checkpoint(trainer.model, trial=None)
 
@@ -443,8 +400,8 @@ def _write_summary(out: Path, trainer: Any, metrics: Any, started: float, stop_r
         "mean_reward_first": sum(m["reward"] for m in hist[:k]) / k if k else None,
         "mean_reward_last": sum(m["reward"] for m in hist[-k:]) / k if k else None,
         "window": k,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "written_by_rank": int(os.environ.get("RANK", "0")),
+        "world_size": world_size(),
+        "written_by_rank": rank(),
         "process_group_backend": _process_group_backend(),
         "checkpoint": str(newest_checkpoint(out / CHECKPOINTS_DIR) or ""),
         # steps of this session on which no prompt's completions scored differently (nothing to learn from)
@@ -464,15 +421,3 @@ def _process_group_backend() -> str | None:
     import torch.distributed as dist
 
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
-
-
-def resumed_config_base(out: Path) -> dict[str, Any] | None:
-    """The config a run was started with, so ``--resume -o RUN`` needs no other flag."""
-    if not RunDir.is_run(out):
-        return None
-    run = RunDir(out)
-    config = json.loads(json.dumps(run.config))
-    for dotted in run.meta.get("derived", []):
-        section, _, key = dotted.partition(".")
-        config.get(section, {}).pop(key, None)
-    return config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from grpoctl.config import from_dict
 from grpoctl.errors import GrpoctlError
-from grpoctl.train.distributed import ERROR_PREFIX
+from grpoctl.train.launchenv import ERROR_PREFIX
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ from grpoctl.errors import ConversionError, DataError, DiskFullError, ParityErro
 from grpoctl.export import gguf as gg
 from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
-from grpoctl.export.quantize import parse_types
+from grpoctl.gguftypes import parse_types
 from tests.export import adapters
 from tests.export.adapters import VARIANTS, peft_merged_folder
 from tests.export.gguf_support import make_adapter, read_gguf

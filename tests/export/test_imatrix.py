@@ -15,8 +15,9 @@ from grpoctl.cli import cli
 from grpoctl.errors import DataError
 from grpoctl.export import gguf as gg
 from grpoctl.export import imatrix as im
-from grpoctl.export.quantize import TYPES, quantize
+from grpoctl.export.quantize import quantize
 from grpoctl.fsutil import sha256_file
+from grpoctl.gguftypes import TYPES
 from grpoctl.llamacpp_tools import tool
 from tests.conftest import convert_tiny, make_run
 from tests.export.gguf_support import read_gguf

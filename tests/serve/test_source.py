@@ -50,7 +50,7 @@ def test_quant_not_exported_names_the_ones_that_exist(multi_quant_run):
 
 
 def test_of_several_quants_the_default_type_is_served_as_the_plain_modelfile_uses_it(multi_quant_run):
-    assert resolve_target(multi_quant_run).quant == "q8_0"  # grpoctl.export.quantize.PREFERRED: q8_0 before q4_1
+    assert resolve_target(multi_quant_run).quant == "q8_0"  # grpoctl.gguftypes.PREFERRED: q8_0 before q4_1
     assert resolve_target(multi_quant_run, "q4_1").gguf.name == "SmolLM2-135M-Instruct-Q4_1.gguf"
 
 

@@ -24,7 +24,8 @@ from grpoctl.train.distributed import (
     one_gpu_for_one_process,
     worker_error,
 )
-from grpoctl.train.run import resumed_config_base, train
+from grpoctl.train.resume import resumed_config_base
+from grpoctl.train.run import train
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ from safetensors import safe_open
 from grpoctl.config import DEFAULT_REWARDS, load_config
 from grpoctl.rundir import RunDir
 from grpoctl.train.backends import pick_backend
-from grpoctl.train.run import resumed_config_base, train
+from grpoctl.train.resume import resumed_config_base
+from grpoctl.train.run import train
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +55,7 @@ def qwen3_run(tiny_qwen3, tmp_path_factory):
 
 def test_tiny_qwen3_run_directory_contract(qwen3_run, tiny_qwen3):
     run, _ = qwen3_run
-    meta = run.meta
+    meta = json.loads((run.root / "run.json").read_text())
     assert meta["backend"] == pick_backend("auto") and meta["grpoctl_version"]  # trl on CPU, unsloth on a GPU
     assert meta["base_model"] == {"id": str(tiny_qwen3.resolve()), "path": str(tiny_qwen3.resolve()),
                                   "revision": None}
@@ -234,8 +235,8 @@ def test_eval_compares_with_and_without_lora(qwen3_run, capsys):
 
 def test_embedded_smollm2_trains(tmp_path, smollm2_dir):
     run = train(_cfg(None, tmp_path / "run", 2, "trainer.learning_rate=1e-3"))
-    assert run.meta["base_model"]["id"] == "embedded:SmolLM2-135M-Instruct"
-    assert run.meta["reasoning"]["source"] == "config"  # SmolLM2 has no reasoning tokens
+    assert run.record.base_model.id == "embedded:SmolLM2-135M-Instruct"
+    assert run.record.reasoning.source == "config"  # SmolLM2 has no reasoning tokens
     assert [m["step"] for m in run.metrics()] == [1, 2]
     assert _lora_b_abs_max(run.adapter_dir) > 0
     acfg = json.loads((run.adapter_dir / "adapter_config.json").read_text())
