@@ -16,6 +16,7 @@ changed or was truncated after export is never published.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -28,6 +29,7 @@ from grpoctl.argtypes import checked
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, FileEntry, find_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
 from grpoctl.fsutil import DISK_FULL, disk_full_error, human_bytes
+from grpoctl.options import option
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -300,6 +302,40 @@ def _offline() -> bool:
 
 
 # --- the push ---------------------------------------------------------------------------------------
+@dataclass
+class PushOptions:
+    """What ``grpoctl push`` takes besides the export: :func:`push`'s keyword arguments, each the flag of the same
+    name (``names`` is ``--repo-for``, whose ``KIND=OWNER/NAME`` values are parsed here, once)."""
+
+    repo: str = option(dataclasses.MISSING, metavar="OWNER/NAME", help="Repo of the merged model; the adapter goes "
+                       "to NAME-lora, GGUF files to NAME-GGUF, 4-bit weights to NAME-bnb-4bit.")
+    what: str | list[str] | None = option(metavar="KINDS", help="Comma-separated families to push: "
+                                          "merged,merged-4bit,lora,gguf (default: all in the export).")
+    names: list[str] | dict[str, str] | None = option(flag="--repo-for", multiple=True, metavar="KIND=OWNER/NAME",
+                                                      help="Override one family's repo, e.g. --repo-for "
+                                                      "gguf=alice/my-gguf (repeatable).")
+    private: bool = option(False, help="Create new repos as private (existing repos keep their visibility).")
+    revision: str | None = option(metavar="BRANCH", help="Existing branch to commit to (default: main).")
+    dry_run: bool = option(False, help="List what would go where, with sizes; needs no network or token.")
+    allow_stale: bool = option(False, help="Publish the export even though the run's adapter changed after it was "
+                               "made (e.g. trained further with --resume).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.names, (list, tuple)):
+            self.names = repo_overrides(self.names) or None
+
+
+def repo_overrides(values: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["gguf=alice/q"]`` -> ``{"gguf": "alice/q"}``; UsageError for a value that is not KIND=OWNER/NAME."""
+    out = {}
+    for v in values:
+        kind, sep, repo_id = v.partition("=")
+        if not sep or not kind.strip() or not repo_id.strip():
+            raise UsageError(f"invalid value for --repo-for: {v!r} is not KIND=OWNER/NAME")
+        out[kind.strip().lower()] = repo_id.strip()
+    return out
+
+
 @checked
 def push(source: Path, repo: str, *, what: list[str] | str | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
