@@ -199,8 +199,7 @@ def manifests(source: Path, **params) -> None:
 @click.argument("source", type=click.Path(path_type=Path), required=False)
 @click_options(ServeOptions)
 @click.option("--stop", "stop_", is_flag=True, help="Stop detached servers (all, or the one on --port).")
-@click.pass_context
-def serve(ctx: click.Context, source: Path | None, stop_: bool, **params) -> int:
+def serve(source: Path | None, stop_: bool, **params) -> int:
     """Serve an export locally: a GGUF through llama.cpp or a running Ollama, or vLLM on a GPU.
 
     SOURCE is a run directory (uses RUN/export), an export directory (its artifacts.json) or a .gguf file.
@@ -209,7 +208,8 @@ def serve(ctx: click.Context, source: Path | None, stop_: bool, **params) -> int
     from grpoctl.api import stop as run_stop
     from grpoctl.errors import UsageError
 
-    port_given = ctx.get_parameter_source("port") != click.core.ParameterSource.DEFAULT
+    # the context by lookup, not as a parameter: ServeOptions has a field named ctx (--ctx)
+    port_given = click.get_current_context().get_parameter_source("port") != click.core.ParameterSource.DEFAULT
     if stop_:
         if source is not None:
             raise UsageError("--stop takes no SOURCE; use --port to pick one detached server")
