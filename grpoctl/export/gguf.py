@@ -27,7 +27,7 @@ from typing import Any
 from grpoctl import quiet
 from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
-from grpoctl.export import parity, pretokenizer
+from grpoctl.export import parity, pretokenizer, reference_cache
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import SIXTEEN_BIT, TYPES, default_threads, estimate_gguf_bytes, quantize
@@ -56,7 +56,8 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
                 refused_report: Path | None = None, task: TaskRequest | None = None, run: RunDir | None = None,
                 recipe: RecipeRequest | None = None, parity_device: str | None = None,
-                parity_reference: str | None = None, pre_tokenizer: str | None = None, say: Say = print) -> list[Path]:
+                parity_reference: str | None = None, pre_tokenizer: str | None = None, parity_cache: bool | None = None,
+                say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
     ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts. ``types`` are
     canonical names (``ExportOptions`` parses what the user typed).
@@ -75,8 +76,8 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     files are not kept; parity.json says why, and a copy goes to ``refused_report`` when given: where the report
     outlives an ``out_dir`` that the refusal removes, as a staged export's).
 
-    ``floors``, ``parity_device``, ``parity_reference`` ("memory" | "stream") and ``pre_tokenizer`` are
-    ``grpoctl export``'s options of those names; None: their environment variables, else the defaults.
+    ``floors``, ``parity_device``, ``parity_reference`` ("memory" | "stream"), ``parity_cache`` and ``pre_tokenizer``
+    are ``grpoctl export``'s options of those names; None: their environment variables, else the defaults.
     """
     if unknown := [t for t in types if t not in TYPES]:
         raise UsageError(f"unknown GGUF type {unknown[0]!r}; valid types: {', '.join(TYPES)}")
@@ -129,8 +130,9 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")
         tasks = TaskParity.prepare(task, run, view, streamed=ref_plan[1], device=ref_plan[0])
-        ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
+        with reference_cache.switched(parity_cache):
+            ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
+                                           eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
         if ref.reused:
             say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
                 "adapter and probes")

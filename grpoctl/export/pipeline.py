@@ -108,6 +108,9 @@ class ExportOptions:
                                           "base: memory, or stream its weights layer by layer (default: "
                                           "$GRPOCTL_PARITY_REFERENCE, else stream when it does not fit the device's "
                                           "free memory).")
+    parity_cache: bool | None = option(off="--no-parity-cache", help="Keep the parity reference's results and reuse "
+                                       "them for a later export of the same base, adapter and probes (default: "
+                                       "$GRPOCTL_PARITY_CACHE, else on).")
     parity_device: str | None = option(metavar="DEVICE", help="torch device of the parity reference, e.g. cpu or "
                                        "cuda:1 (default: $GRPOCTL_PARITY_DEVICE, else the first GPU, else cpu).")
     manifests: bool = option(True, off="--no-manifests", help="Write the Ollama Modelfile and vLLM manifests "
@@ -579,7 +582,8 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
                     parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix,
                     refused_report=refused_report, task=options.task(), run=src.run,
                     recipe=_recipe_request(options), floors=floors, parity_device=options.parity_device,
-                    parity_reference=options.parity_reference, pre_tokenizer=options.pre_tokenizer, say=say)
+                    parity_reference=options.parity_reference, pre_tokenizer=options.pre_tokenizer,
+                    parity_cache=options.parity_cache, say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

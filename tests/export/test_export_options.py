@@ -131,3 +131,23 @@ def test_pre_tokenizer_option_reaches_the_converter(tiny_models, tmp_path, monke
         gg.convert(converter, model, None, tmp_path / "x.gguf", "f16", name="x")
     info = gg.convert(converter, model, None, tmp_path / "x.gguf", "f16", name="x", pre_tokenizer="llama-bpe")
     assert info["pre_tokenizer"]["type"] == "llama-bpe"
+
+
+def test_no_parity_cache_flag_computes_the_reference_again_and_the_flag_wins_over_the_variable(qwen3_run, tmp_path,
+                                                                                               monkeypatch):
+    from grpoctl.api import export
+    from grpoctl.export import reference_cache
+
+    monkeypatch.setenv("GRPOCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(reference_cache.ENV_CACHE, raising=False)
+
+    def reused(n: int, **flags) -> bool:
+        lines: list[str] = []
+        export(qwen3_run, ExportOptions(gguf="f16", output_dir=tmp_path / f"e{n}", progress=False, manifests=False,
+                                        **flags), log=lines.append)
+        return any("kept from an earlier export" in line for line in lines)
+
+    assert not reused(1, parity_cache=False) and not reused(2, parity_cache=False)
+    monkeypatch.setenv(reference_cache.ENV_CACHE, "0")
+    assert not reused(3, parity_cache=True) and reused(4, parity_cache=True)
+    assert not reused(5)  # the variable, when no flag is given
