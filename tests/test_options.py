@@ -153,3 +153,17 @@ def test_train_flags_become_config_keys_over_the_config_file(tmp_path):
     assert (cfg.trainer.max_steps, cfg.trainer.beta, cfg.lora.r) == (3, 0.5, 4)
     assert cfg.data.prompt_field == "q" and cfg.data.extract_hash_answer is True
     assert cfg.output_dir == str(tmp_path / "r") and cfg.resume is False
+
+
+DOC_PAGES = {"export": ["export.md", "gguf.md"], "serve": ["serve.md"], "manifests": ["manifests.md"],
+             "push": ["push.md"], "train": ["train.md"], "eval": ["train.md"], "report": ["train.md"],
+             "doctor": ["gguf.md", "export.md"]}
+
+
+@pytest.mark.parametrize("command", sorted(DOC_PAGES))
+def test_every_flag_of_a_command_is_in_its_documentation(command):
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = "".join((docs / page).read_text() for page in DOC_PAGES[command])
+    missing = [p.opts for p in cli.commands[command].params
+               if isinstance(p, click.Option) and p.name != "help" and not any(o in text for o in p.opts)]
+    assert missing == []
