@@ -63,7 +63,9 @@ class ServeOptions:
 
     @property
     def timeout(self) -> float:
-        return self.ready_timeout if self.ready_timeout is not None else DEFAULT_READY_TIMEOUT.get(self.engine, 120.0)
+        if self.ready_timeout is not None:
+            return self.ready_timeout
+        return DEFAULT_READY_TIMEOUT.get(self.engine, DEFAULT_READY_TIMEOUT["llamacpp"])
 
     def __post_init__(self) -> None:
         check_fields(self)
