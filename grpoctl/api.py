@@ -207,9 +207,9 @@ def write_manifests(source: Path | str, options: ManifestOptions | None = None) 
 def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     """Publish an export to the Hugging Face Hub with generated model cards (``dry_run=True``: plan only).
 
-    ``options`` are those of ``grpoctl.push.hub.push``: the fields of ``PushOptions`` (what, names, private, revision,
-    dry_run, allow_stale: ``push(src, **vars(PushOptions(repo=..., ...)))`` is what ``grpoctl push`` calls), and
-    token, num_threads."""
+    ``options`` are those of ``grpoctl.push.hub.push``: the fields of ``PushOptions`` (what, repo_for, private,
+    revision, dry_run, allow_stale: ``push(src, **vars(PushOptions(repo=..., ...)))`` is what ``grpoctl push``
+    calls), and token, num_threads."""
     from grpoctl.push.hub import push as run_push
 
     return run_push(Path(source), repo, **options)

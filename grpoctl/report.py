@@ -264,7 +264,7 @@ class ReportOptions:
 
     output: Path | None = option(short="-o", metavar="FILE", click_type=click.Path(path_type=Path, dir_okay=False),
                                  help="Where the HTML report goes (default: RUN/report.html).")
-    export_dir: Path | None = option(flag="--export", metavar="DIR",
+    export_dir: Path | None = option(aliases=("--export",), metavar="DIR",
                                      help="The export to include (default: RUN/export, when there is one).")
 
 

@@ -71,6 +71,12 @@ def test_renamed_flags_agree_with_their_fields_and_the_old_spelling_still_works(
     ctx = cli.commands["serve"].make_context("serve", ["m.gguf", "--timeout", "7"])
     assert build(api.ServeOptions, dict(ctx.params), source=Path("m.gguf")).ready_timeout == 7
 
+    assert "--export-dir DIR" in _help("report") and "--export " not in _help("report")
+    ctx = cli.commands["report"].make_context("report", ["run", "--export", "elsewhere"])
+    assert build(api.ReportOptions, dict(ctx.params)).export_dir == Path("elsewhere")
+    ctx = cli.commands["push"].make_context("push", ["run", "--repo", "a/b", "--repo-for", "gguf=a/q"])
+    assert build(api.PushOptions, dict(ctx.params)).repo_for == {"gguf": "a/q"}
+
 
 def test_defaults_are_stated_once_and_reach_the_command_line_from_the_dataclasses():
     """The numbers once written in cli.py as well as in the stage: now only the dataclass has them."""

@@ -305,15 +305,15 @@ def _offline() -> bool:
 @dataclass
 class PushOptions:
     """What ``grpoctl push`` takes besides the export: :func:`push`'s keyword arguments, each the flag of the same
-    name (``names`` is ``--repo-for``, whose ``KIND=OWNER/NAME`` values are parsed here, once)."""
+    name (``--repo-for``'s ``KIND=OWNER/NAME`` values are parsed here, once, into ``{kind: repo id}``)."""
 
     repo: str = option(dataclasses.MISSING, metavar="OWNER/NAME", help="Repo of the merged model; the adapter goes "
                        "to NAME-lora, GGUF files to NAME-GGUF, 4-bit weights to NAME-bnb-4bit.")
     what: str | list[str] | None = option(metavar="KINDS", help="Comma-separated families to push: "
                                           "merged,merged-4bit,lora,gguf (default: all in the export).")
-    names: list[str] | dict[str, str] | None = option(flag="--repo-for", multiple=True, metavar="KIND=OWNER/NAME",
-                                                      help="Override one family's repo, e.g. --repo-for "
-                                                      "gguf=alice/my-gguf (repeatable).")
+    repo_for: list[str] | dict[str, str] | None = option(multiple=True, metavar="KIND=OWNER/NAME",
+                                                         help="Override one family's repo, e.g. --repo-for "
+                                                         "gguf=alice/my-gguf (repeatable).")
     private: bool = option(False, help="Create new repos as private (existing repos keep their visibility).")
     revision: str | None = option(metavar="BRANCH", help="Existing branch to commit to (default: main).")
     dry_run: bool = option(False, help="List what would go where, with sizes; needs no network or token.")
@@ -321,8 +321,8 @@ class PushOptions:
                                "made (e.g. trained further with --resume).")
 
     def __post_init__(self) -> None:
-        if isinstance(self.names, (list, tuple)):
-            self.names = repo_overrides(self.names) or None
+        if isinstance(self.repo_for, (list, tuple)):
+            self.repo_for = repo_overrides(self.repo_for) or None
 
 
 def repo_overrides(values: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -339,7 +339,8 @@ def repo_overrides(values: list[str] | tuple[str, ...]) -> dict[str, str]:
 @checked
 def push(source: Path, repo: str, *, what: list[str] | str | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
-         names: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False) -> PushReport:
+         repo_for: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False,
+         names: dict[str, str] | None = None) -> PushReport:
     """Publish an export (``RUN`` or ``RUN/export``) to the Hub, one repo per artifact family.
 
     Arguments:
@@ -350,7 +351,8 @@ def push(source: Path, repo: str, *, what: list[str] | str | None = None, privat
         revision: branch to commit to (must exist); default ``main``.
         dry_run: only plan: list repos, files and sizes, without network or token.
         token: Hub token; default ``HF_TOKEN`` or the token stored by ``hf auth login``.
-        names: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}``.
+        repo_for: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}`` (``--repo-for``; ``names``
+            is its former spelling, still accepted).
         allow_stale: publish an export whose run's adapter changed since (trained further); refused otherwise.
     """
     artifacts = find_export(source)
@@ -358,7 +360,7 @@ def push(source: Path, repo: str, *, what: list[str] | str | None = None, privat
     if stale and not allow_stale:
         raise VerificationError(f"{stale}; pass --allow-stale to publish the old export anyway")
     kinds = parse_what(what, artifacts)
-    repos = repo_names(repo, kinds, names)
+    repos = repo_names(repo, kinds, repo_for if repo_for is not None else names)
     if revision is not None and (not revision.strip() or any(c.isspace() for c in revision) or ".." in revision):
         raise UsageError(f"invalid --revision {revision!r}: give a branch name")
     rev = revision or "main"
