@@ -1,12 +1,16 @@
 """grpoctl as a library: one function per command, the functions the command line calls.
 
-    train(config)                   -> RunDir          grpoctl train
-    evaluate(run, ...)              -> dict            grpoctl eval
-    report(run, ...)                -> WrittenReport   grpoctl report
-    export(source, options)         -> Artifacts       grpoctl export (manifests included unless manifests=False)
+    train(config | TrainOptions)    -> RunDir          grpoctl train
+    evaluate(run, EvalOptions)      -> dict            grpoctl eval
+    report(run, ...)                -> WrittenReport   grpoctl report (ReportOptions' fields as keywords)
+    export(source, ExportOptions)   -> Artifacts       grpoctl export (manifests and --push included)
     write_manifests(source, opts)   -> WrittenManifests  grpoctl manifests
-    push(source, repo, ...)         -> PushReport      grpoctl push
-    serve(options)                  -> int             grpoctl serve
+    push(source, repo, ...)         -> PushReport      grpoctl push (PushOptions' fields as keywords)
+    serve(ServeOptions), stop(port) -> int             grpoctl serve, grpoctl serve --stop
+    doctor(DoctorOptions)           -> list[Check]     grpoctl doctor
+
+Each command's options are one dataclass (``ExportOptions``, ``TrainOptions`` ...) whose fields are its flags,
+with their help and defaults (``grpoctl.options`` generates the command line from them).
 
 This module sits above the stages: it is where one stage's output is handed to the next (the manifests
 written into an export before it is swapped into place), so that no stage imports a later one. Every
@@ -23,35 +27,52 @@ from typing import TYPE_CHECKING, Any
 
 from grpoctl.argtypes import checked
 from grpoctl.artifacts import Artifacts, find_export
-from grpoctl.config import TrainConfig
+from grpoctl.config import TrainConfig, TrainOptions
+from grpoctl.doctor import Check, DoctorOptions
+from grpoctl.errors import UsageError
 from grpoctl.export.pipeline import ExportOptions, ExportSource
 from grpoctl.exportlayout import tokenizer_dirs
 from grpoctl.manifests.api import ManifestOptions, WrittenManifests
+from grpoctl.push.hub import PushOptions
+from grpoctl.report import ReportOptions
 from grpoctl.rundir import RunDir
 from grpoctl.serve.api import ServeOptions
+from grpoctl.train.evaluate import EvalOptions
 
 if TYPE_CHECKING:
     from grpoctl.push.hub import PushReport
     from grpoctl.report import WrittenReport
 
-__all__ = ["Artifacts", "ExportOptions", "ManifestOptions", "RunDir", "ServeOptions", "TrainConfig", "evaluate",
-           "export", "push", "report", "serve", "train", "write_manifests"]
+__all__ = ["Artifacts", "DoctorOptions", "EvalOptions", "ExportOptions", "ManifestOptions", "PushOptions",
+           "ReportOptions", "RunDir", "ServeOptions", "TrainConfig", "TrainOptions", "doctor", "evaluate", "export",
+           "push", "report", "serve", "stop", "train", "write_manifests"]
 
 Say = Callable[[str], None]
 
 
 @checked
-def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[str, ...] = ()) -> RunDir:
+def train(config: TrainConfig | TrainOptions | Path | str | None = None, *, overrides: tuple[str, ...] = ()) -> RunDir:
     """Train a LoRA adapter with GRPO; returns the run directory.
 
     Arguments:
-        config: a ``TrainConfig``, or a TOML config file (None: the defaults).
+        config: a ``TrainConfig``, ``TrainOptions`` (what ``grpoctl train`` takes: a config file, ``--set``
+            overrides and flags; with ``resume`` and no config file, the run's own config is continued), or a
+            TOML config file (None: the defaults).
         overrides: ``SECTION.KEY=VALUE`` settings applied on top, as ``--set`` takes them.
     """
     from grpoctl.config import load_config
     from grpoctl.train.run import train as run_training
 
-    if not isinstance(config, TrainConfig):
+    if isinstance(config, TrainOptions):
+        if overrides:
+            raise UsageError("train(): give the overrides in TrainOptions(overrides=...)")
+        from grpoctl.train.resume import resumed_config_base
+
+        out = Path(config.output_dir or TrainConfig().output_dir)
+        # --resume without --config continues with the config the run was started with
+        base = resumed_config_base(out) if config.resume and config.config_file is None else None
+        config = config.load(base=base)
+    elif not isinstance(config, TrainConfig):
         config = load_config(Path(config) if config is not None else None, overrides, {})
     elif overrides:
         config = load_config(None, overrides, {}, base=dataclasses.asdict(config))
@@ -59,13 +80,15 @@ def train(config: TrainConfig | Path | str | None = None, *, overrides: tuple[st
 
 
 @checked
-def evaluate(run: RunDir | Path | str, *, samples: int = 20, max_new_tokens: int | None = None, seed: int = 3407,
-             dataset: str | None = None, log: Say | None = None) -> dict[str, Any]:
-    """Compare the model with and without the trained LoRA on sampled prompts; writes ``RUN/eval.json``."""
+def evaluate(run: RunDir | Path | str, options: EvalOptions | None = None, *, log: Say | None = None) -> dict[str, Any]:
+    """Compare the model with and without the trained LoRA on sampled prompts; writes ``RUN/eval.json``.
+
+    ``EvalOptions(samples=20, seed=3407, dataset=..., prompt_field=...)``; ``log`` receives progress lines."""
     from grpoctl.train.evaluate import evaluate as run_eval
 
-    return run_eval(RunDir(Path(run)), samples=samples, max_new_tokens=max_new_tokens, seed=seed, dataset=dataset,
-                    log=log)
+    o = options or EvalOptions()
+    return run_eval(run if isinstance(run, RunDir) else RunDir(Path(run)), samples=o.samples,
+                    max_new_tokens=o.max_new_tokens, seed=o.seed, dataset=o.dataset, columns=o.columns(), log=log)
 
 
 def report(run: RunDir | Path | str, *, output: Path | str | None = None,
@@ -139,18 +162,36 @@ class _Manifests:
 
 
 @checked
-def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool = True,
-           log: Say | None = None) -> Artifacts:
+def export(source: Path | str, options: ExportOptions | None = None, *, manifests: bool | None = None,
+           log: Say | None = None, push_log: Say | None = None) -> Artifacts:
     """Verify the adapter (a run directory or an adapter folder) and write what ``options`` asks for, then the
-    Ollama Modelfile and vLLM manifests for it (``manifests=False``: not those); returns the export's record.
+    Ollama Modelfile and vLLM manifests for it (``options.manifests`` False, or ``manifests=False``: not those),
+    then push the export to the Hub when ``options.push`` names a repo; returns the export's record.
 
     ``ExportOptions(gguf="q8_0,q4_k_m", merged="16bit", lora=True, output_dir=...)``; ``log`` receives the progress
-    lines, tables and notes (None: silent).
+    lines, tables and notes (None: silent); ``push_log`` the push report's lines (default: ``log``).
+    With ``progress=False`` the libraries' progress bars, log records and warnings are silenced too.
     """
     from grpoctl.export.pipeline import export as run_export
+    from grpoctl.quiet import quiet
 
     options = options or ExportOptions()
-    return run_export(Path(source), options, log, then=_Manifests(options.output_dir) if manifests else None)
+    if options.push:
+        if options.verify_only:
+            raise UsageError("--push cannot be combined with --verify-only: a verified adapter is not an export")
+        from grpoctl.push.hub import validate_repo_id
+
+        validate_repo_id(options.push)  # before hours of work, not after
+    with_manifests = options.manifests if manifests is None else manifests
+    with quiet(not options.progress):
+        artifacts = run_export(Path(source), options, log, then=_Manifests(options.output_dir) if with_manifests
+                               else None)
+        if options.push:
+            from grpoctl.push.hub import push as run_push
+
+            for line in run_push(artifacts.root, options.push).lines():
+                (push_log or log or (lambda _line: None))(line)
+    return artifacts
 
 
 @checked
@@ -166,7 +207,9 @@ def write_manifests(source: Path | str, options: ManifestOptions | None = None) 
 def push(source: Path | str, repo: str, **options: Any) -> PushReport:
     """Publish an export to the Hugging Face Hub with generated model cards (``dry_run=True``: plan only).
 
-    ``options`` are those of ``grpoctl.push.hub.push`` (what, private, revision, dry_run, names, allow_stale)."""
+    ``options`` are those of ``grpoctl.push.hub.push``: the fields of ``PushOptions`` (what, repo_for, private,
+    revision, dry_run, allow_stale: ``push(src, **vars(PushOptions(repo=..., ...)))`` is what ``grpoctl push``
+    calls), and token, num_threads."""
     from grpoctl.push.hub import push as run_push
 
     return run_push(Path(source), repo, **options)
@@ -174,7 +217,23 @@ def push(source: Path | str, repo: str, **options: Any) -> PushReport:
 
 @checked
 def serve(options: ServeOptions, echo: Say = print) -> int:
-    """Serve an exported GGUF through llama.cpp or a running Ollama; returns the exit status."""
+    """Serve an export through llama.cpp, a running Ollama or vLLM; returns the exit status."""
     from grpoctl.serve.api import serve as run_serve
 
     return run_serve(options, echo=echo)
+
+
+@checked
+def stop(port: int | None = None, echo: Say = print) -> int:
+    """Stop the servers ``serve`` detached (all, or the one on ``port``); returns the exit status."""
+    from grpoctl.serve.api import stop as run_stop
+
+    return run_stop(port, echo=echo)
+
+
+@checked
+def doctor(options: DoctorOptions | None = None, say: Say = print) -> list[Check]:
+    """Fetch or build what ``options`` asks for, then check the engines grpoctl uses; one ``Check`` each."""
+    from grpoctl.doctor import doctor as run_doctor
+
+    return run_doctor(options, say)

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grpoctl.argtypes import check_fields
 from grpoctl.errors import ConfigError, InputNotFoundError
+from grpoctl.options import config_flags, option
 
 # The seed's system prompt, rendered in English: reason about the problem, show the working, and think in
 # Indonesian (the language-consistency reward then checks the target language).
@@ -363,6 +365,68 @@ def from_dict(values: dict[str, Any], origin: str = "config") -> TrainConfig:
     cfg = TrainConfig()
     apply(cfg, values, origin)
     return cfg
+
+
+@dataclass
+class ColumnOptions:
+    """Which dataset columns hold what: the usual ``data.*`` keys as flags (``grpoctl train`` and ``eval``)."""
+
+    prompt_field: str | None = option(metavar="COLUMN", config_key="data.prompt_field",
+                                      help="Column with the question/prompt.")
+    solution_field: str | None = option(metavar="COLUMN", config_key="data.solution_field",
+                                        help="Column with the worked solution; the answer is taken from it.")
+    answer_field: str | None = option(metavar="COLUMN", config_key="data.answer_field", help="Column that already "
+                                      "holds the bare answer (then the solution column is optional).")
+    extract_hash_answer: bool | None = option(off="--no-extract-hash-answer", config_key="data.extract_hash_answer",
+                                              help="Take the answer after '####' in the solution, as GSM8K writes "
+                                              "it.")
+
+    def columns(self) -> dict[str, Any]:
+        """The column keys given, as ``data.*`` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ColumnOptions)
+                if getattr(self, f.name) is not None}
+
+
+@dataclass
+class TrainOptions(ColumnOptions):
+    """What ``grpoctl train`` takes: a config file, ``--set`` overrides, and flags for the usual config keys (each
+    field is the flag of the same name; None: the config's value). :meth:`load` layers them as
+    :func:`load_config` does."""
+
+    config_file: Path | None = option(flag="--config", short="-c", help="TOML config file.")
+    overrides: tuple[str, ...] = option(default_factory=tuple, flag="--set", multiple=True, metavar="SECTION.KEY=VALUE",
+                                        help="Override one config value (repeatable), e.g. --set lora.r=16 --set "
+                                        "trainer.beta=0.")
+    model: str | None = option(short="-m", config_key="model.name", default_text="embedded SmolLM2-135M-Instruct",
+                               help="Base model: Hub id or local folder.")
+    dataset: str | None = option(short="-d", config_key="data.dataset", default_text="shipped arith_gsm",
+                                 help="datasets name or local .jsonl/.csv/.parquet.")
+    output_dir: Path | None = option(short="-o", config_key="output_dir", help="Run directory.")
+    backend: str | None = option(choices=BACKENDS, config_key="trainer.backend", help="Training backend.")
+    generation: str | None = option(choices=GENERATIONS, config_key="trainer.generation", help="Who writes the "
+                                    "completions: vLLM, transformers' generate, or auto (vLLM when a CUDA GPU and "
+                                    "vLLM are there).")
+    max_steps: int | None = option(config_key="trainer.max_steps", help="GRPO steps.")
+    tracking: str | None = option(choices=TRACKING_MODES, config_key="tracking.mode", help="SwanLab tracking mode.")
+    num_processes: int | None = option(config_key="distributed.num_processes",
+                                       help="Processes to launch through accelerate.")
+    strategy: str | None = option(choices=STRATEGIES, config_key="distributed.strategy",
+                                  help="Multi-process strategy.")
+    accelerate_config: Path | None = option(config_key="distributed.accelerate_config",
+                                            help="accelerate config file to launch with.")
+    chat_template: Path | None = option(metavar="FILE", config_key="model.chat_template", help="Jinja chat template, "
+                                        "for a base whose tokenizer has none (config key model.chat_template).")
+    resume: bool = option(False, config_key="resume", help="Continue the run in --output-dir from its newest "
+                          "checkpoint.")
+    force: bool = option(False, config_key="force", help="Delete what --output-dir holds (a previous run included) "
+                         "and start again.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def load(self, base: dict[str, Any] | None = None) -> TrainConfig:
+        """The config these options give: defaults <- ``base`` <- --config <- --set <- the flags."""
+        return load_config(self.config_file, self.overrides, config_flags(self), base=base)
 
 
 def load_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),

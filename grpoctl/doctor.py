@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+
+from grpoctl.options import option
+
+
+@dataclass
+class DoctorOptions:
+    """What ``grpoctl doctor`` takes: what to prepare before the checks (each field is the flag of the same name)."""
+
+    fetch_converter: bool = option(False, help="First fetch llama.cpp's GGUF converter into the cache (from the "
+                                   "installed llama-cpp-python's sdist on PyPI), so later exports work offline.")
+    build_llama_tools: bool = option(False, help="First build llama.cpp's C++ tools (llama-quantize, llama-imatrix, "
+                                     "llama-server, llama-perplexity) into the cache from the same sdist; minutes, "
+                                     "once.")
 
 
 @dataclass
@@ -122,3 +136,17 @@ def run_checks() -> list[Check]:
         _leftovers(),
     ]
     return checks
+
+
+def doctor(options: DoctorOptions | None = None, say: Callable[[str], None] = print) -> list[Check]:
+    """Prepare what ``options`` asks for (saying where it is), then run the checks."""
+    options = options or DoctorOptions()
+    if options.fetch_converter:
+        from grpoctl.export.converter import find_converter
+
+        say(f"GGUF converter ready at {find_converter(fetch=True).root}")
+    if options.build_llama_tools:
+        from grpoctl.llamacpp_tools import find_tools
+
+        say(f"llama.cpp tools ready in {find_tools(build=True).bin_dir}")
+    return run_checks()

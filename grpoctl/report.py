@@ -14,9 +14,12 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+import click
+
 from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts
 from grpoctl.errors import OutputExistsError
 from grpoctl.fsutil import human_bytes, staged_file
+from grpoctl.options import option
 from grpoctl.plots import line_chart
 from grpoctl.rundir import REPORT_FILE, RunDir
 from grpoctl.version import __version__
@@ -253,6 +256,16 @@ def _find_export(run: RunDir, export_dir: Path | None) -> Artifacts | None:
     if (run.export_dir / ARTIFACTS_FILE).is_file():
         return Artifacts.load(run.export_dir)
     return None
+
+
+@dataclass
+class ReportOptions:
+    """What ``grpoctl report`` takes besides the run (``write_report``'s keyword arguments, as flags)."""
+
+    output: Path | None = option(short="-o", metavar="FILE", click_type=click.Path(path_type=Path, dir_okay=False),
+                                 help="Where the HTML report goes (default: RUN/report.html).")
+    export_dir: Path | None = option(aliases=("--export",), metavar="DIR",
+                                     help="The export to include (default: RUN/export, when there is one).")
 
 
 def write_report(run: RunDir | Path, output: Path | None = None, export_dir: Path | None = None) -> WrittenReport:

@@ -167,8 +167,8 @@ def _install_pretokenizer_fallback(text_model: Any, model_dir: Path, state: dict
                 seen = pretokenizer.describe(model_dir / "tokenizer.json")
                 raise _Fail("pretokenizer", "llama.cpp does not recognise this tokenizer's pre-tokenizer and its "
                             f"split rules match none grpoctl knows ({seen}); if you know the llama.cpp type with the "
-                            "same regex, set "
-                            f"{pretokenizer.ENV_OVERRIDE}=<type> (e.g. qwen2, llama-bpe, gpt-2)") from None
+                            "same regex, pass --pre-tokenizer TYPE (or set "
+                            f"{pretokenizer.ENV_OVERRIDE}=TYPE), e.g. qwen2, llama-bpe, gpt-2") from None
             state["pre_tokenizer"] = {"type": found, "how": "split rules of tokenizer.json"}
             return found
         finally:

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grpoctl import quiet
 from grpoctl.artifacts import Artifacts, ParitySection
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
-from grpoctl.export import parity
+from grpoctl.export import parity, pretokenizer, reference_cache
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.quantize import quantize
@@ -34,7 +35,7 @@ from grpoctl.export.taskparity import TaskParity, TaskRequest
 from grpoctl.export.taskparity import format_rows as format_task_rows
 from grpoctl.exportlayout import PARITY_FILE
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
-from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes, parse_types
+from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes
 from grpoctl.jsonfiles import from_json, to_json
 from grpoctl.models import TOKENIZER_FILES, config_dtype, has_tokenizer, tokenizer_bytes
 from grpoctl.procs import run_child
@@ -55,9 +56,12 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 parity_gate: bool = True, system_prompt: str | None = None,
                 floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
                 refused_report: Path | None = None, task: TaskRequest | None = None, run: RunDir | None = None,
-                recipe: RecipeRequest | None = None, say: Say = print) -> list[Path]:
+                recipe: RecipeRequest | None = None, parity_device: str | None = None,
+                parity_reference: str | None = None, pre_tokenizer: str | None = None, parity_cache: bool | None = None,
+                say: Say = print) -> list[Path]:
     """Write ``<name>-<QUANT>.gguf`` for every type into ``out_dir`` plus ``parity.json``; record them in
-    ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts.
+    ``artifacts`` (kind ``gguf:<type>``, section ``parity``). The caller saves the artifacts. ``types`` are
+    canonical names (``ExportOptions`` parses what the user typed).
 
     ``imatrix``: quantize with an importance matrix (``grpoctl.export.imatrix``); the matrix and its
     calibration text are written beside the files, and parity.json compares each type with its plain quant.
@@ -72,8 +76,12 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     nor that folder). Raises ParityError when a file is below its floor and ``parity_gate`` is on (failing
     files are not kept; parity.json says why, and a copy goes to ``refused_report`` when given: where the report
     outlives an ``out_dir`` that the refusal removes, as a staged export's).
+
+    ``floors``, ``parity_device``, ``parity_reference`` ("memory" | "stream"), ``parity_cache`` and ``pre_tokenizer``
+    are ``grpoctl export``'s options of those names; None: their environment variables, else the defaults.
     """
-    types = parse_types(",".join(types))
+    if unknown := [t for t in types if t not in TYPES]:
+        raise UsageError(f"unknown GGUF type {unknown[0]!r}; valid types: {', '.join(TYPES)}")
     check_types(types, with_matrix=imatrix is not None)
     if recipe is not None:
         from grpoctl.export import recipe as recipes
@@ -99,7 +107,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         view = model_view(source, adapter_dir, work / "model")
         plan = Imatrix.prepare(imatrix, source, adapter, view, end_of_turn_ids(view), work / "imatrix", name, say) \
             if imatrix is not None else None
-        built = convert_all(converter, view, adapter, work, types, name=name, say=say,
+        built = convert_all(converter, view, adapter, work, types, name=name, say=say, pre_tokenizer=pre_tokenizer,
                             metadata=gguf_metadata(name, model_dir, Path(adapter_dir) if adapter_dir else None),
                             imatrix=plan, keep_intermediate=recipe is not None)
         eot_ids = built["_info"]["eot_token_ids"]
@@ -116,13 +124,16 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             parity.open_gguf(built[t], 64).close()
 
         what = "base + adapter applied by PEFT" if adapter_dir else "the model"
-        ref_plan = parity.reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None)
+        device = parity_device or parity.reference_device()
+        ref_plan = (device, parity_reference == "stream" if parity_reference else
+                    parity.streams(model_dir, Path(adapter_dir) if adapter_dir else None, device))
         how = "weights streamed layer by layer" if ref_plan[1] else "in memory"
         say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")
         tasks = TaskParity.prepare(task, run, view, streamed=ref_plan[1], device=ref_plan[0])
-        ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                       eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
+        with reference_cache.switched(parity_cache):
+            ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
+                                           eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
         if ref.reused:
             say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
                 "adapter and probes")
@@ -245,7 +256,8 @@ def _why(f: dict[str, Any]) -> str:
 
 def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Path, types: list[str], *, name: str,
                 metadata: dict[str, Any], eot_ids: list[int] | None = None, threads: int | None = None,
-                imatrix: Imatrix | None = None, keep_intermediate: bool = False, say: Say = print) -> dict[str, Any]:
+                imatrix: Imatrix | None = None, keep_intermediate: bool = False, pre_tokenizer: str | None = None,
+                say: Say = print) -> dict[str, Any]:
     """Convert once, quantize the rest; returns {type: path in ``work``} (+ ``_info``). With ``imatrix``, the
     types that read a matrix are made with it, and their plain quants (``plain:<type>``) beside for comparison.
     ``keep_intermediate``: the 16-bit intermediate stays (``_intermediate``) for the caller to remove."""
@@ -262,7 +274,8 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
     start = time.perf_counter()
     what = "base + adapter, merged per tensor" if adapter else "model"
     say(f"converting {what} -> {intermediate_type.upper()} with llama.cpp's converter")
-    info = convert(converter, view, adapter, inter, intermediate_type, name=name, eot_ids=eot_ids, metadata=metadata)
+    info = convert(converter, view, adapter, inter, intermediate_type, name=name, eot_ids=eot_ids, metadata=metadata,
+                   pre_tokenizer=pre_tokenizer)
     info["convert_s"] = round(time.perf_counter() - start, 2)
     if keep:
         built[intermediate_type] = inter
@@ -296,10 +309,12 @@ def convert_all(converter: Converter, view: Path, adapter: Path | None, work: Pa
 
 def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, outfile: Path, outtype: str, *,
             name: str, eot_ids: list[int] | None = None, metadata: dict[str, Any] | None = None,
-            verbose: bool = False) -> dict[str, Any]:
+            verbose: bool = False, pre_tokenizer: str | None = None) -> dict[str, Any]:
     """Run llama.cpp's converter (with grpoctl's hooks) in a subprocess; raise ConversionError on failure.
 
     ``eot_ids`` None: the end-of-turn tokens are worked out from the model's template in the subprocess.
+    ``pre_tokenizer``: the llama.cpp pre-tokenizer type to write (None: $GRPOCTL_GGUF_PRE_TOKENIZER, else the
+    one recognised). Under ``grpoctl.quiet`` the converter's stderr is held, and shown only when it fails.
     """
     with scratch_dir("convert") as tmp:
         tmp_path = Path(tmp)
@@ -313,7 +328,9 @@ def convert(converter: Converter, model_dir: Path, adapter_dir: Path | None, out
                 "verbose": verbose}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": converter.python_path(), "NO_LOCAL_GGUF": "1"}
-        stderr = _HeldTraceback()
+        if pre_tokenizer:
+            env[pretokenizer.ENV_OVERRIDE] = pre_tokenizer  # how the child takes it (the env var is its fallback)
+        stderr = _HeldTraceback(hold_all=quiet.active())
         try:
             code = run_child([sys.executable, "-m", "grpoctl.export.convert_worker", str(tmp_path / "spec.json")],
                              env=env, stderr=subprocess.PIPE, while_running=stderr.forward)
@@ -347,12 +364,14 @@ def _disk_full(text: str) -> bool:
 
 class _HeldTraceback:
     """Passes a child's stderr through as it comes (the converter's warnings and progress) except a Python
-    traceback, which is held until the caller knows whether it is worth showing: a full disk is one line."""
+    traceback, which is held until the caller knows whether it is worth showing: a full disk is one line.
+    ``hold_all`` (quiet output): everything is held, shown only by :meth:`release` when the child failed."""
 
     MARK = b"Traceback (most recent call last):"
 
-    def __init__(self) -> None:
+    def __init__(self, hold_all: bool = False) -> None:
         self._held = bytearray()
+        self._hold_all = hold_all
 
     @property
     def held(self) -> str:
@@ -361,7 +380,7 @@ class _HeldTraceback:
     def forward(self, proc: subprocess.Popen) -> None:
         pending = b""  # a tail that may be the start of MARK, written once the next bytes show it is not
         while chunk := os.read(proc.stderr.fileno(), 1 << 16):
-            if self._held:
+            if self._held or self._hold_all:
                 self._held += chunk
                 continue
             buf, pending = pending + chunk, b""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,6 +44,7 @@ from grpoctl.fsutil import (
 from grpoctl.jsonfiles import adapter_config
 from grpoctl.models import tokenizer_bytes
 from grpoctl.names import safe_name
+from grpoctl.options import option
 from grpoctl.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, RunDir
 
 if TYPE_CHECKING:
@@ -52,32 +53,74 @@ if TYPE_CHECKING:
 
 MERGED_KINDS = ("16bit", "4bit")
 DTYPES = ("auto", "bf16", "fp16")
+REFERENCE_MODES = ("memory", "stream")  # how the parity reference holds the base (grpoctl.export.parity.streams)
 
 
 @dataclass
 class ExportOptions:
-    """What to export. With none of ``merged``/``lora``/``gguf`` set, the export is a 16-bit merge."""
+    """What to export, as ``grpoctl export`` takes it (each field is the flag of the same name). With none of
+    ``merged``/``lora``/``gguf`` set, the export is a 16-bit merge. ``gguf`` is parsed once, here: after
+    construction it holds the canonical type names (``"Q8_0, q4_k"`` -> ``["q8_0", "q4_k_m"]``)."""
 
-    base: str | None = None  # base model override: local folder or Hub id
-    merged: str | None = None  # "16bit" | "4bit"
-    dtype: str = "auto"  # merged dtype: auto (the base's 16-bit dtype) | bf16 | fp16
-    lora: bool = False
-    gguf: str | list[str] = field(default_factory=list)  # llama.cpp types ("q8_0,q4_k_m" or a list), aliases too
-    output_dir: Path | None = None
-    force: bool = False
-    verify_only: bool = False
-    strict: bool = False
-    allow_pickle: bool = False
-    llama_cpp_dir: Path | None = None
-    parity_gate: bool = True
-    progress: bool = True
-    imatrix: str | None = None  # GGUF importance matrix: "auto" (from the run's data) or a matrix file
-    calibration: Path | None = None  # text to compute the matrix over instead of the run's data
-    quant_recipe: str | None = None  # "search": per-tensor types searched on the calibration text (export.recipe)
+    base: str | None = option(metavar="MODEL", help="Base model (local folder or Hub id). Default: the run's base, or "
+                              "the base an adapter folder's adapter_config names when it is on this machine.")
+    merged: str | None = option(choices=MERGED_KINDS, help="Write merged weights: 16bit safetensors (merged/) or "
+                                "bitsandbytes nf4 (merged-4bit/, needs CUDA). Default 16bit when nothing else is "
+                                "asked.")
+    dtype: str = option("auto", choices=DTYPES, help="dtype of the merged weights; auto keeps the base's 16-bit dtype.")
+    lora: bool = option(False, help="Also write the cleaned adapter alone (lora/) for --enable-lora.")
+    gguf: str | list[str] = option(default_factory=list, metavar="TYPES",
+                                   help="GGUF types to write, comma separated (e.g. q8_0,q4_k_m).")
+    imatrix: str | None = option(metavar="auto|FILE", help="Quantize the GGUF types with an importance matrix: auto "
+                                 "computes one with llama.cpp's llama-imatrix over the run's training prompts and "
+                                 "completions sampled from the trained model; FILE is yours (GGUF or legacy .dat). "
+                                 "Needed for the iq* and q2_k types.")
+    calibration: Path | None = option(metavar="FILE", help="Text to compute the importance matrix over instead of the "
+                                      "run's data (implies --imatrix auto).")
     # task parity (grpoctl.export.taskparity): held-out prompts instead of the run's, how many (0: none), gate
-    eval_data: Path | None = None
-    task_prompts: int | None = None
-    task_gate: bool = False
+    eval_data: Path | None = option(metavar="FILE", help="Task parity: held-out prompts (jsonl/csv/parquet, the run's "
+                                    "column mapping) instead of those the run held out of training; the reference and "
+                                    "each GGUF answer them, scored by the run's rewards.")
+    task_prompts: int | None = option(metavar="N", help="Task parity: how many held-out prompts (default 8 on a CPU, "
+                                      "32 on a GPU; 0: no task parity).")
+    task_gate: bool = option(False, help="Fail a GGUF whose task reward drops significantly (the whole 95% interval "
+                             "of the paired difference below zero).")
+    quant_recipe: str | None = option(metavar="search", help="Search per-tensor types for each quantized GGUF type on "
+                                      "the calibration text: groups of tensors one type step higher or lower, "
+                                      "measured by KL, within the type's size; ships the searched file and its "
+                                      "llama-quantize --tensor-type-file recipe when it beats the importance-matrix "
+                                      "quant there and on the held-out probes. Needs --imatrix auto or --calibration.")
+    output_dir: Path | None = option(short="-o", help="Export folder. Default: RUN/export, or ADAPTER-export beside "
+                                     "an adapter folder.")
+    force: bool = option(False, help="Replace a non-empty output folder.")
+    verify_only: bool = option(False, help="Only verify the adapter (table + verify.json).")
+    strict: bool = option(False, help="Fail verification on warnings (e.g. some modules never trained).")
+    allow_pickle: bool = option(False, help="Accept pickle .bin checkpoints (they can run code when loaded).")
+    llama_cpp_dir: Path | None = option(metavar="DIR", help="llama.cpp checkout with the GGUF converter (default: "
+                                        "$GRPOCTL_LLAMA_CPP_DIR, else the converter cached from llama-cpp-python's "
+                                        "sdist).")
+    pre_tokenizer: str | None = option(metavar="TYPE", help="llama.cpp pre-tokenizer type to write into the GGUF "
+                                       "when the converter does not recognise the tokenizer's (e.g. qwen2, llama-bpe, "
+                                       "gpt-2; default: $GRPOCTL_GGUF_PRE_TOKENIZER, else recognised).")
+    parity_gate: bool = option(True, off="--no-parity-gate", help="Fail the export when a GGUF departs from the PEFT "
+                               "reference beyond its floor (--no-parity-gate: report it only).")
+    parity_floors: str | None = option(metavar="TYPE=TOP1[:KL],...", help="Parity floors over the built-in ones, "
+                                       "e.g. q4_k_m=0.9:0.1 (default: $GRPOCTL_PARITY_FLOORS, else built-in).")
+    parity_reference: str | None = option(choices=REFERENCE_MODES, help="How the float32 parity reference holds the "
+                                          "base: memory, or stream its weights layer by layer (default: "
+                                          "$GRPOCTL_PARITY_REFERENCE, else stream when it does not fit the device's "
+                                          "free memory).")
+    parity_cache: bool | None = option(off="--no-parity-cache", help="Keep the parity reference's results and reuse "
+                                       "them for a later export of the same base, adapter and probes (default: "
+                                       "$GRPOCTL_PARITY_CACHE, else on).")
+    parity_device: str | None = option(metavar="DEVICE", help="torch device of the parity reference, e.g. cpu or "
+                                       "cuda:1 (default: $GRPOCTL_PARITY_DEVICE, else the first GPU, else cpu).")
+    manifests: bool = option(True, off="--no-manifests", help="Write the Ollama Modelfile and vLLM manifests "
+                             "(--no-manifests: skip them).")
+    push: str | None = option(metavar="OWNER/NAME", help="Push the finished export to the Hub (same as `grpoctl push "
+                              "EXPORT --repo OWNER/NAME`).")
+    progress: bool = option(True, off="--quiet", off_short="-q", help="Progress bars, tables and notes (--quiet: "
+                            "one line per kind of artifact written, then the manifest's path).")
 
     def task(self) -> TaskRequest:
         from grpoctl.export.taskparity import TaskRequest
@@ -86,6 +129,13 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.gguf:
+            from grpoctl.gguftypes import parse_types
+
+            # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
+            self.gguf = parse_types(self.gguf if isinstance(self.gguf, str) else ",".join(self.gguf))
+        else:
+            self.gguf = []
 
 
 @dataclass
@@ -182,18 +232,21 @@ def resolve_source(source: Path, base: str | None = None) -> ExportSource:
                              f"folder ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
 
 
-def _validate(options: ExportOptions) -> list[str]:
-    """Reject bad options before any heavy work; returns the parsed GGUF types."""
+def _validate(options: ExportOptions) -> tuple[list[str], dict | None]:
+    """Reject bad options before any heavy work; returns the GGUF types and the parity floors given (None: the
+    environment's or the built-in ones)."""
     if options.merged not in (None, *MERGED_KINDS):
         raise UsageError(f"--merged {options.merged} is not one of {', '.join(MERGED_KINDS)}")
     if options.dtype not in DTYPES:
         raise UsageError(f"--dtype {options.dtype} is not one of {', '.join(DTYPES)}")
-    types: list[str] = []
-    if options.gguf:
-        from grpoctl.gguftypes import parse_types
+    if options.parity_reference not in (None, *REFERENCE_MODES):
+        raise UsageError(f"--parity-reference {options.parity_reference} is not one of {', '.join(REFERENCE_MODES)}")
+    floors = None
+    if options.parity_floors is not None:
+        from grpoctl.export.parity import parse_floors
 
-        # one string ("q8_0,q4_k_m", as --gguf takes it) or a list of them
-        types = parse_types(options.gguf if isinstance(options.gguf, str) else ",".join(options.gguf))
+        floors = parse_floors(options.parity_floors)
+    types = list(options.gguf)
     if types or options.imatrix or options.calibration:
         from grpoctl.export.imatrix import check_types
 
@@ -214,7 +267,7 @@ def _validate(options: ExportOptions) -> list[str]:
         from grpoctl.export.merge4bit import check_nf4_available
 
         check_nf4_available()
-    return types
+    return types, floors
 
 
 def _recipe_request(options: ExportOptions):
@@ -358,7 +411,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     from grpoctl.export.verify import open_adapter, verify_adapter
 
     say = log or (lambda _line: None)
-    gguf_types = _validate(options)
+    gguf_types, floors = _validate(options)
     src = resolve_source(Path(source), options.base)
     imatrix = None
     if options.imatrix or options.calibration:
@@ -411,7 +464,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
                 artifacts.provenance = _provenance(named, adapter, report)
                 _write_parts(stage, artifacts, parts, src, adapter, weights, report, options,
                              reuse=stage / MERGED_DIR if reuse else None, say=say, imatrix=imatrix,
-                             refused_report=refused_report(out))
+                             refused_report=refused_report(out), floors=floors)
                 _check_snapshot(adapter, report.adapter_sha256, named, say)
                 artifacts.save()
                 if then is not None:
@@ -479,7 +532,8 @@ def refused_report(out: Path) -> Path:
 
 def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSource, adapter, weights,
                  report, options: ExportOptions, reuse: Path | None, say: Callable[[str], None],
-                 imatrix: ImatrixRequest | None = None, refused_report: Path | None = None) -> None:
+                 imatrix: ImatrixRequest | None = None, refused_report: Path | None = None,
+                 floors: dict | None = None) -> None:
     """Write ``parts`` into ``stage`` and record them; ``reuse`` is a merged 16-bit folder already there."""
     from grpoctl.export.merge import merge_16bit, write_lora
     from grpoctl.export.tensors import DTYPES as DTYPE_NAMES
@@ -525,7 +579,9 @@ def _write_parts(stage: Path, artifacts: Artifacts, parts: _Parts, src: ExportSo
                     artifacts=artifacts, merged_dir=merged16, llama_cpp_dir=options.llama_cpp_dir,
                     parity_gate=options.parity_gate, system_prompt=src.system_prompt, imatrix=imatrix,
                     refused_report=refused_report, task=options.task(), run=src.run,
-                    recipe=_recipe_request(options), say=say)
+                    recipe=_recipe_request(options), floors=floors, parity_device=options.parity_device,
+                    parity_reference=options.parity_reference, pre_tokenizer=options.pre_tokenizer,
+                    parity_cache=options.parity_cache, say=say)
 
     if merged16 is not None and merged16.name.startswith("."):
         shutil.rmtree(merged16)  # the 16-bit intermediate of a 4-bit-only export

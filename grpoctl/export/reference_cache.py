@@ -14,17 +14,20 @@ of everything the results depend on:
   files (the greedy answer is decoded with them), the greedy length, where the reference ran (device, whether
   streamed) and the versions of torch, transformers and peft.
 
-A change to any of them is another key, so a stale reference is never served. ``GRPOCTL_PARITY_CACHE=0`` turns
-the cache off. The newest ``KEEP`` entries are kept (each holds the reference's log-probabilities over the whole
-vocabulary at every probe position: tens to hundreds of MiB).
+A change to any of them is another key, so a stale reference is never served. ``grpoctl export
+--no-parity-cache`` (or ``GRPOCTL_PARITY_CACHE=0``) turns the cache off. The newest ``KEEP`` entries are kept
+(each holds the reference's log-probabilities over the whole vocabulary at every probe position: tens to
+hundreds of MiB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +54,27 @@ class ReferenceResults:
     description: str
 
 
+_switch: list[bool] = []  # set by switched(): the export's --parity-cache/--no-parity-cache
+
+
 def enabled() -> bool:
+    """Whether the reference is kept and reused: the export's option when given, else ``$GRPOCTL_PARITY_CACHE``."""
+    if _switch:
+        return _switch[-1]
     return os.environ.get(ENV_CACHE, "1") not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def switched(on: bool | None) -> Iterator[None]:
+    """The cache turned on or off while the block runs (None: as the environment says)."""
+    if on is None:
+        yield
+        return
+    _switch.append(on)
+    try:
+        yield
+    finally:
+        _switch.pop()
 
 
 def root() -> Path:

@@ -42,8 +42,10 @@ from grpoctl.fsutil import (
     staged_file,
     updated_dir,
 )
+from grpoctl.manifests.ollama import TEMPLATE_MODES
 from grpoctl.models import config_dtype, has_tokenizer
 from grpoctl.names import safe_name
+from grpoctl.options import option
 from grpoctl.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -57,24 +59,32 @@ class SystemPromptRefused(UsageError):
 
 @dataclass
 class ManifestOptions:
-    """User overrides; everything else is derived from the run and the tokenizer."""
+    """What ``grpoctl manifests`` takes (each field is the flag of the same name); everything else is derived from
+    the run and the tokenizer."""
 
-    output_dir: Path | None = None  # default: the export directory
-    no_system: bool = False
-    chat_template: Path | None = None  # Jinja file, for tokenizers without a chat template
-    quant: str | None = None  # GGUF type the plain ``Modelfile`` uses
-    served_model_name: str | None = None
-    hub_repo: str | None = None  # serve the merged model from the Hub instead of the local folder
-    gpu_memory_utilization: float = 0.90  # bounds: VllmPlan, with the flags' names
+    output_dir: Path | None = option(help="Where gguf/ and vllm/ manifests go (default: the export directory).")
+    no_system: bool = option(False, help="Leave the training system prompt out of the Modelfile.")
+    chat_template: Path | None = option(metavar="FILE", help="Jinja chat template file, for a tokenizer that has none.")
+    quant: str | None = option(help="GGUF type the plain Modelfile uses (default: Q4_K_M if exported).")
+    served_model_name: str | None = option(help="Model name clients ask vLLM for (default: the GGUF name).")
+    hub_repo: str | None = option(help="Serve the merged model from this Hub repo instead of the folder.")
+    # bounds: VllmPlan, with the flags' names
+    gpu_memory_utilization: float = option(0.90, help="Share of each GPU's memory vLLM may take.")
     # None = derived from the run (see _parallelism): the GPUs it trained on, one full replica per GPU
-    tensor_parallel_size: int | None = None
-    data_parallel_size: int | None = None
-    port: int = 8000
-    force: bool = False  # replace changed manifests; with ollama_template "go", write a Go template failing the check
-    unchecked_ok: bool = False  # no Go toolchain: write the template marked unchecked instead of failing
+    tensor_parallel_size: int | None = option(help="GPUs one vLLM replica is split over (default: 1).")
+    data_parallel_size: int | None = option(help="vLLM replicas behind the endpoint (default: the run's training "
+                                            "process count divided by the tensor parallel size).")
+    port: int = option(8000, help="Port the vLLM server listens on.")
     # Modelfile TEMPLATE: "auto" (what Ollama >= 0.30 renders faithfully), "go" (the translated Go template,
     # for Ollama < 0.30), "native" (never; the GGUF's chat template)
-    ollama_template: str = "auto"
+    ollama_template: str = option("auto", choices=TEMPLATE_MODES, help="Modelfile TEMPLATE: auto = what Ollama "
+                                  "0.30+ renders exactly like the chat template (usually none: Ollama renders the "
+                                  "GGUF's own template); go = the checked Go translation, for Ollama before 0.30; "
+                                  "native = never.")
+    # replace changed manifests; with ollama_template "go", write a Go template failing the check
+    force: bool = option(False, help="Replace existing manifests, and write them even if the Ollama template check "
+                         "fails.")
+    unchecked_ok: bool = False  # no Go toolchain: write the template marked unchecked instead of failing
 
     def __post_init__(self) -> None:
         check_fields(self)

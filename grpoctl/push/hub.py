@@ -16,6 +16,7 @@ changed or was truncated after export is never published.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -29,6 +30,7 @@ from grpoctl.artifacts import ARTIFACTS_FILE, Artifacts, FileEntry, find_export
 from grpoctl.errors import HubError, InputNotFoundError, OfflineError, UsageError, VerificationError
 from grpoctl.exportlayout import GGUF_DIR, LORA_DIR, MERGED_4BIT_DIR, MERGED_DIR
 from grpoctl.fsutil import DISK_FULL, disk_full_error, human_bytes
+from grpoctl.options import option
 
 # kind -> (default repo suffix, directory prefix stripped from paths in the repo)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -301,10 +303,45 @@ def _offline() -> bool:
 
 
 # --- the push ---------------------------------------------------------------------------------------
+@dataclass
+class PushOptions:
+    """What ``grpoctl push`` takes besides the export: :func:`push`'s keyword arguments, each the flag of the same
+    name (``--repo-for``'s ``KIND=OWNER/NAME`` values are parsed here, once, into ``{kind: repo id}``)."""
+
+    repo: str = option(dataclasses.MISSING, metavar="OWNER/NAME", help="Repo of the merged model; the adapter goes "
+                       "to NAME-lora, GGUF files to NAME-GGUF, 4-bit weights to NAME-bnb-4bit.")
+    what: str | list[str] | None = option(metavar="KINDS", help="Comma-separated families to push: "
+                                          "merged,merged-4bit,lora,gguf (default: all in the export).")
+    repo_for: list[str] | dict[str, str] | None = option(multiple=True, metavar="KIND=OWNER/NAME",
+                                                         help="Override one family's repo, e.g. --repo-for "
+                                                         "gguf=alice/my-gguf (repeatable).")
+    private: bool = option(False, help="Create new repos as private (existing repos keep their visibility).")
+    revision: str | None = option(metavar="BRANCH", help="Existing branch to commit to (default: main).")
+    dry_run: bool = option(False, help="List what would go where, with sizes; needs no network or token.")
+    allow_stale: bool = option(False, help="Publish the export even though the run's adapter changed after it was "
+                               "made (e.g. trained further with --resume).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.repo_for, (list, tuple)):
+            self.repo_for = repo_overrides(self.repo_for) or None
+
+
+def repo_overrides(values: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["gguf=alice/q"]`` -> ``{"gguf": "alice/q"}``; UsageError for a value that is not KIND=OWNER/NAME."""
+    out = {}
+    for v in values:
+        kind, sep, repo_id = v.partition("=")
+        if not sep or not kind.strip() or not repo_id.strip():
+            raise UsageError(f"invalid value for --repo-for: {v!r} is not KIND=OWNER/NAME")
+        out[kind.strip().lower()] = repo_id.strip()
+    return out
+
+
 @checked
 def push(source: Path, repo: str, *, what: list[str] | str | None = None, private: bool = False,
          revision: str | None = None, dry_run: bool = False, token: str | None = None,
-         names: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False) -> PushReport:
+         repo_for: dict[str, str] | None = None, num_threads: int = 4, allow_stale: bool = False,
+         names: dict[str, str] | None = None) -> PushReport:
     """Publish an export (``RUN`` or ``RUN/export``) to the Hub, one repo per artifact family.
 
     Arguments:
@@ -315,7 +352,8 @@ def push(source: Path, repo: str, *, what: list[str] | str | None = None, privat
         revision: branch to commit to (must exist); default ``main``.
         dry_run: only plan: list repos, files and sizes, without network or token.
         token: Hub token; default ``HF_TOKEN`` or the token stored by ``hf auth login``.
-        names: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}``.
+        repo_for: per-family repo id overrides, e.g. ``{"gguf": "alice/q-gguf"}`` (``--repo-for``; ``names``
+            is its former spelling, still accepted).
         allow_stale: publish an export whose run's adapter changed since (trained further); refused otherwise.
     """
     artifacts = find_export(source)
@@ -323,7 +361,7 @@ def push(source: Path, repo: str, *, what: list[str] | str | None = None, privat
     if stale and not allow_stale:
         raise VerificationError(f"{stale}; pass --allow-stale to publish the old export anyway")
     kinds = parse_what(what, artifacts)
-    repos = repo_names(repo, kinds, names)
+    repos = repo_names(repo, kinds, repo_for if repo_for is not None else names)
     if revision is not None and (not revision.strip() or any(c.isspace() for c in revision) or ".." in revision):
         raise UsageError(f"invalid --revision {revision!r}: give a branch name")
     rev = revision or "main"

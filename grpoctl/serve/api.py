@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import click
+
 from grpoctl.argtypes import Range, check_fields
 from grpoctl.errors import ServeError, UsageError
 from grpoctl.exportlayout import VLLM_DIR
+from grpoctl.options import option
 from grpoctl.procs import termination_as_interrupt
-from grpoctl.serve import llamacpp, ollama
+from grpoctl.serve import llamacpp, ollama, vllm
 from grpoctl.serve.common import DEFAULT_PROBE, DEFAULT_SMOKE_MAX_TOKENS, default_model_name
 from grpoctl.serve.gguf_info import GGUFInfo, read_gguf_info
 from grpoctl.serve.source import ServeTarget, resolve_target
@@ -29,25 +32,41 @@ _ACCESS_LINE = re.compile(r'^INFO:\s+\S+ - "(GET|POST|PUT|DELETE|OPTIONS) ')
 
 @dataclass
 class ServeOptions:
+    """What ``grpoctl serve`` takes: ``source`` is its argument, every other field the flag of the same name."""
+
     source: Path
-    engine: str = "llamacpp"
-    quant: str | None = None
-    host: str | None = None
-    port: Annotated[int, Range(0, 65535)] = 8080  # 0: a free port
-    ctx: Annotated[int, Range(1)] | None = None
-    smoke: bool = False
-    detach: bool = False
-    name: str | None = None
-    prompt: str = DEFAULT_PROBE
-    max_tokens: Annotated[int, Range(1)] = DEFAULT_SMOKE_MAX_TOKENS
-    ready_timeout: Annotated[float, Range(0)] | None = None  # None: the engine's DEFAULT_READY_TIMEOUT
-    modelfile: Path | None = None
-    vllm_mode: str | None = None  # vllm: merged | merged-4bit | lora (default: the first the manifests wrote)
-    parity: bool = False  # vllm: measure the served model against export's PEFT reference
+    engine: str = option("llamacpp", choices=ENGINES, help="llama-cpp-python's OpenAI-compatible server, a running "
+                         "Ollama daemon, or vLLM (a CUDA GPU; the export's merged model or base + LoRA, as the vLLM "
+                         "manifests run it).")
+    quant: str | None = option(help="Which exported GGUF (e.g. q4_k_m); default: the only one, else q4_k_m.")
+    host: str | None = option(help="llamacpp/vllm: address to listen on [127.0.0.1]. ollama: daemon address "
+                              "[$OLLAMA_HOST or 127.0.0.1:11434].")
+    port: Annotated[int, Range(0, 65535)] = option(8080, help="llamacpp/vllm port (0: any free port; with --stop: "
+                                                   "which detached server).")
+    ctx: Annotated[int, Range(1)] | None = option(help="Context size; default: the run's max_seq_length, else the "
+                                                  "GGUF's (capped at 4096).")
+    name: str | None = option(help="Model name (Ollama model / llama.cpp alias); default from the GGUF.")
+    smoke: bool = option(False, help="Send one chat (training system prompt + a probe), print it, exit 0/1.")
+    prompt: str = option(DEFAULT_PROBE, show_default=False, help="Probe question for --smoke and the printed "
+                         "example (default: a short arithmetic question).")
+    max_tokens: Annotated[int, Range(1)] = option(DEFAULT_SMOKE_MAX_TOKENS, help="Token limit of the smoke chat.")
+    detach: bool = option(False, help="llamacpp/vllm: start in the background, write a pid file and return.")
+    modelfile: Path | None = option(click_type=click.Path(path_type=Path, dir_okay=False), help="ollama: Modelfile "
+                                    "to take TEMPLATE/PARAMETER/SYSTEM from (default: the export's).")
+    # None: the engine's DEFAULT_READY_TIMEOUT
+    ready_timeout: Annotated[float, Range(1)] | None = option(
+        aliases=("--timeout",), default_text=", ".join(f"{s:g} ({e})" for e, s in DEFAULT_READY_TIMEOUT.items()),
+        help="Seconds to wait for the server to answer.")
+    vllm_mode: str | None = option(choices=vllm.MODES, help="vllm: which of the export's vLLM manifests to run "
+                                   "(default: the first written).")
+    parity: bool = option(False, help="vllm: measure the served model's prompt log-probabilities against base + "
+                          "adapter applied by PEFT; exit 1 if it departs beyond the noise floor.")
 
     @property
     def timeout(self) -> float:
-        return self.ready_timeout if self.ready_timeout is not None else DEFAULT_READY_TIMEOUT.get(self.engine, 120.0)
+        if self.ready_timeout is not None:
+            return self.ready_timeout
+        return DEFAULT_READY_TIMEOUT.get(self.engine, DEFAULT_READY_TIMEOUT["llamacpp"])
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -273,7 +273,7 @@ class LlamaCppServer:
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServeError(f"{ENGINE_LABELS[self.ENGINE]} did not answer on {self.base_url}{READY_PATH} within "
-                                 f"{timeout:.0f}s (raise --timeout for large models); log tail: "
+                                 f"{timeout:.0f}s (raise --ready-timeout for large models); log tail: "
                                  f"{log_tail(self.log_text())} (full log: {self.log_path})")
             time.sleep(0.2)
 

@@ -12,13 +12,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from grpoctl.argtypes import check_fields
+from grpoctl.config import ColumnOptions
 from grpoctl.errors import InputNotFoundError, UsageError
 from grpoctl.fsutil import staged_file
+from grpoctl.options import option
 from grpoctl.rundir import EVAL_FILE, RunDir
 
 # Without a GPU a completion costs one forward pass per token; the run's own budget (often ~900 tokens:
 # what max_seq_length leaves after the prompt) would make 2 x 20 samples take most of an hour.
 CPU_MAX_NEW_TOKENS = 256
+
+
+@dataclasses.dataclass
+class EvalOptions(ColumnOptions):
+    """What ``grpoctl eval`` takes besides the run (each field is the flag of the same name); the column flags
+    override the run's column mapping, e.g. for another ``dataset``."""
+
+    samples: int = option(20, short="-n", help="Prompts to sample.")
+    max_new_tokens: int | None = option(help="Completion length (default: the run's max_completion_length, at most "
+                                        f"{CPU_MAX_NEW_TOKENS} without a GPU).")
+    seed: int = option(3407, help="Sampling and selection seed.")
+    dataset: str | None = option(short="-d", help="Evaluate on this dataset instead of the run's own.")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def _load(run: RunDir) -> tuple[Any, Any]:

@@ -24,10 +24,13 @@ def gguf_stand_in(monkeypatch):
 
     def export_gguf(model_dir, adapter_dir, out_dir, types_, *, name, artifacts, merged_dir=None,
                     llama_cpp_dir=None, parity_gate=True, system_prompt=None, imatrix=None, refused_report=None,
-                    task=None, run=None, recipe=None, say=print):
+                    task=None, run=None, recipe=None, floors=None, parity_device=None, parity_reference=None,
+                    pre_tokenizer=None, parity_cache=None, say=print):
         calls.append(dict(model_dir=model_dir, adapter_dir=adapter_dir, out_dir=out_dir, types=types_, name=name,
                           merged_dir=merged_dir, parity_gate=parity_gate, system_prompt=system_prompt, imatrix=imatrix,
-                          refused_report=refused_report, task=task, run=run, recipe=recipe,
+                          refused_report=refused_report, task=task, run=run, recipe=recipe, floors=floors,
+                          parity_device=parity_device, parity_reference=parity_reference, pre_tokenizer=pre_tokenizer,
+                          parity_cache=parity_cache,
                           adapter_sha256=sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
                           merged_exists=merged_dir is not None and (Path(merged_dir) / "config.json").is_file()))
         out_dir.mkdir(parents=True)
@@ -115,3 +118,19 @@ def test_quant_recipe_search_hands_a_recipe_request_to_the_gguf_stage(gguf_stand
                                     output_dir=tmp_path / "export", progress=False))
     (call,) = gguf_stand_in
     assert call["recipe"] == RecipeRequest(method="search") and call["imatrix"] is not None
+
+
+def test_parity_and_conversion_options_reach_the_gguf_stage(gguf_stand_in, qwen3_run, tmp_path):
+    export(qwen3_run, ExportOptions(gguf="q8_0", output_dir=tmp_path / "e1", progress=False))
+    [call] = gguf_stand_in
+    assert [call[k] for k in ("floors", "parity_device", "parity_reference", "pre_tokenizer", "parity_cache")] == \
+        [None] * 5  # not given: the stage reads the environment variables, else its defaults
+    export(qwen3_run, ExportOptions(gguf="q8_0", output_dir=tmp_path / "e2", progress=False, parity_device="cpu",
+                                    parity_reference="stream", pre_tokenizer="qwen2", parity_cache=False,
+                                    parity_floors="q8_0=0.5:0.5"))
+    call = gguf_stand_in[1]
+    assert (call["parity_device"], call["parity_reference"], call["pre_tokenizer"], call["parity_cache"]) == \
+        ("cpu", "stream", "qwen2", False)
+    assert (call["floors"]["q8_0"].top1, call["floors"]["q8_0"].kl) == (0.5, 0.5)
+    with pytest.raises(UsageError, match="--parity-reference"):
+        export(qwen3_run, ExportOptions(gguf="q8_0", output_dir=tmp_path / "e3", parity_reference="auto"))

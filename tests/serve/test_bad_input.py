@@ -166,7 +166,7 @@ def test_server_that_never_answers_times_out_with_its_log_tail_and_is_stopped(tm
 
     server = Hung(gguf=tmp_path / "x.gguf", port=free_port(), log_path=tmp_path / "hung.log")
     server.start()
-    with pytest.raises(ServeError, match=r"did not answer .* within 1s .*raise --timeout.*loading tensors 1/2"):
+    with pytest.raises(ServeError, match=r"did not answer .* within 1s .*raise --ready-timeout.*loading tensors 1/2"):
         server.wait_ready(timeout=1)
     assert server.proc.poll() is not None  # stopped, not left behind
 
