@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from grpoctl.argtypes import check_fields
 from grpoctl.errors import ConfigError, InputNotFoundError
@@ -370,6 +370,8 @@ def from_dict(values: dict[str, Any], origin: str = "config") -> TrainConfig:
 @dataclass
 class ColumnOptions:
     """Which dataset columns hold what: the usual ``data.*`` keys as flags (``grpoctl train`` and ``eval``)."""
+
+    config_class: ClassVar[type] = TrainConfig  # where the help finds the defaults of the config keys below
 
     prompt_field: str | None = option(metavar="COLUMN", config_key="data.prompt_field",
                                       help="Column with the question/prompt.")

@@ -125,17 +125,16 @@ class _Option(click.Option):
             self.opts = shown
 
 
-def config_default(key: str) -> Any:
-    """The training config's default for ``section.key`` (grpoctl.config)."""
-    from grpoctl.config import TrainConfig
-
-    value: Any = TrainConfig()
+def config_default(config_class: type, key: str) -> Any:
+    """The config's default for ``section.key``: ``config_class`` is the options class's ``config_class`` (the
+    training config for train's and eval's options), passed in so that this module imports no stage."""
+    value: Any = config_class()
     for part in key.split("."):
         value = getattr(value, part)
     return value
 
 
-def click_option(f: dataclasses.Field, hint: Any) -> Callable[[F], F]:
+def click_option(f: dataclasses.Field, hint: Any, config_class: type | None = None) -> Callable[[F], F]:
     """The click option generated from one field."""
     spec = spec_of(f)
     assert spec is not None, f.name
@@ -151,19 +150,25 @@ def click_option(f: dataclasses.Field, hint: Any) -> Callable[[F], F]:
                 decls.append(f" /{spec.off_short}")
         shown = spec.default_text
         if shown is None and spec.config_key is not None and spec.off:  # e.g. [default: on] from the config
-            shown = "on" if config_default(spec.config_key) else "off"
+            shown = "on" if config_default(_config(config_class, f), spec.config_key) else "off"
         kwargs.update(is_flag=True, default=default, show_default=False)
     else:
         kwargs.update(type=_click_type(spec, hint), multiple=spec.multiple,
                       default=None if spec.multiple or default in (None, [], ()) else default)
         shown = spec.default_text
         if shown is None and spec.config_key is not None:
-            cfg = config_default(spec.config_key)
+            cfg = config_default(_config(config_class, f), spec.config_key)
             shown = None if cfg is None else str(cfg)
         kwargs["show_default"] = shown is None and spec.show_default and kwargs["default"] is not None
     if shown is not None and spec.show_default:  # as click shows a default, without its parentheses
         kwargs["help"] = f"{spec.help}  [default: {shown}]"
     return click.option(*decls, f.name, **kwargs)
+
+
+def _config(config_class: type | None, f: dataclasses.Field) -> type:
+    if config_class is None:
+        raise TypeError(f"option {f.name} names a config key but its class declares no config_class")
+    return config_class
 
 
 def click_options(cls: type) -> Callable[[F], F]:
@@ -172,7 +177,7 @@ def click_options(cls: type) -> Callable[[F], F]:
 
     def decorate(fn: F) -> F:
         for f in reversed(cli_fields(cls)):
-            fn = click_option(f, hints[f.name])(fn)
+            fn = click_option(f, hints[f.name], getattr(cls, "config_class", None))(fn)
         return fn
 
     return decorate
