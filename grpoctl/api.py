@@ -100,7 +100,8 @@ class _Manifests:
         printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
         the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
         from grpoctl.export.merge import read_chat_template
-        from grpoctl.manifests.api import SystemPromptRefused, render_manifests
+        from grpoctl.manifests.api import render_manifests
+        from grpoctl.manifests.ollama import SystemPromptRefused
         from grpoctl.models import has_tokenizer
 
         # the trained tokenizer (adapter folder) first, else the export's own merged/lora copies, else the base's
