@@ -226,16 +226,15 @@ def quantize_recipe(src: Path, dst: Path, type_name: str, matrix: Path, recipe: 
                     threads: int | None = None) -> None:
     """llama-quantize --imatrix MATRIX --tensor-type-file RECIPE SRC DST TYPE, run in the matrix's folder so the
     file records the matrix by its name (as ``grpoctl.export.imatrix.quantize_with_matrix`` does)."""
-    from grpoctl.export.imatrix import _last_error, run_tool
-    from grpoctl.llamacpp_tools import tool
+    from grpoctl.llamacpp_tools import last_error, run_tool
 
-    cmd = [str(tool("llama-quantize")), "--imatrix", matrix.name, "--tensor-type-file", str(recipe.resolve()),
-           str(src.resolve()), str(dst.resolve()), TYPES[type_name].label, str(threads or default_threads())]
-    rc, lines = run_tool(cmd, matrix.parent)
+    rc, lines = run_tool("llama-quantize", ["--imatrix", matrix.name, "--tensor-type-file", str(recipe.resolve()),
+                                            str(src.resolve()), str(dst.resolve()), TYPES[type_name].label,
+                                            str(threads or default_threads())], matrix.parent)
     if rc != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
         raise ConversionError(f"llama-quantize failed to make {TYPES[type_name].label} from the recipe "
-                              f"{recipe.name} (exit {rc}): {_last_error(lines)}")
+                              f"{recipe.name} (exit {rc}): {last_error(lines)}")
 
 
 def splice(base: Path, donor: Path, names: set[str], dst: Path) -> None:
