@@ -36,6 +36,7 @@ from grpoctl.artifacts import (
     ImatrixGain,
     ImatrixSection,
     ImatrixTypeComparison,
+    ParityResult,
     QuantFigures,
 )
 from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
@@ -125,10 +126,10 @@ def check_request(request: ImatrixRequest) -> None:
 
 def probe_texts() -> list[str]:
     """The parity probes' own text: each whole text, each chat turn and each long line of them."""
-    from grpoctl.export import parity
+    from grpoctl.export.parity import probes
 
-    texts = [*parity.PROSE, *parity.MATH, *parity.CODE, parity.GREEDY_QUESTION]
-    texts += [turn for chat in parity.CHATS for turn in chat]
+    texts = [*probes.PROSE, *probes.MATH, *probes.CODE, probes.GREEDY_QUESTION]
+    texts += [turn for chat in probes.CHATS for turn in chat]
     lines = [ln.strip() for t in texts for ln in t.splitlines() if len(ln.strip()) >= _MIN_PROBE_LINE]
     return list(dict.fromkeys(texts + lines))
 
@@ -212,7 +213,7 @@ def sample_completions(model_dir: Path, adapter_dir: Path | None, tokenizer: Any
     import torch
     from tqdm.auto import tqdm
 
-    from grpoctl.export.parity import load_reference
+    from grpoctl.export.parity.reference import load_reference
 
     model = load_reference(model_dir, adapter_dir)
     model = model.to("cuda") if torch.cuda.is_available() else model.float()  # CPU matmuls are fastest in f32
@@ -480,8 +481,8 @@ class Imatrix:
             raise
         return dst
 
-    def compare(self, built: dict[str, Any], files: dict[str, dict[str, Any]], names: dict[str, str],
-                measure: Callable[[Path, str], dict[str, Any]]) -> ImatrixComparison:
+    def compare(self, built: dict[str, Any], files: dict[str, ParityResult], names: dict[str, str],
+                measure: Callable[[Path, str], ParityResult]) -> ImatrixComparison:
         """Plain vs imatrix for every type made with the matrix, on the same held-out probes."""
         types: dict[str, ImatrixTypeComparison] = {}
         for t in self.quants:
@@ -520,8 +521,8 @@ class Imatrix:
             threads=ran.get("threads"))
 
 
-def _figures(f: dict[str, Any]) -> QuantFigures:
-    return QuantFigures(top1=f["top1"], kl=f["kl"], kl_p99=f.get("kl_p99"))
+def _figures(f: ParityResult) -> QuantFigures:
+    return QuantFigures(top1=f.top1, kl=f.kl, kl_p99=f.kl_p99)
 
 
 def gains(plain: QuantFigures, mine: QuantFigures) -> ImatrixGain:

@@ -419,7 +419,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     refused_report(out).unlink(missing_ok=True)  # an earlier refusal's report no longer describes this export
     done = Artifacts.load(out)
     if done.parity is not None:
-        from grpoctl.export.parity import unchecked_template_note
+        from grpoctl.export.parity.report import unchecked_template_note
 
         if note := unchecked_template_note(done.parity.files):
             say(note)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.artifacts import QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
+from grpoctl.artifacts import ParityResult, QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
 from grpoctl.errors import ConversionError, UsageError
 from grpoctl.export.quantize import TYPES, default_threads
 
@@ -282,7 +282,7 @@ class CalibrationKL:
     fit ``_MAX_LOGPROB_FLOATS``."""
 
     def __init__(self, reference: Path, text: str, positions: int, n_ctx: int = 512) -> None:
-        from grpoctl.export.parity import open_gguf
+        from grpoctl.export.parity.llamacpp import open_gguf
 
         llm = open_gguf(reference, n_ctx)
         try:
@@ -311,7 +311,7 @@ class CalibrationKL:
     def measure(self, path: Path) -> Figures:
         import numpy as np
 
-        from grpoctl.export.parity import open_gguf
+        from grpoctl.export.parity.llamacpp import open_gguf
 
         llm = open_gguf(path, self.n_ctx)
         try:
@@ -535,10 +535,10 @@ def format_table(section: QuantRecipeSection, probe_positions: int) -> str:
     return "\n".join(lines)
 
 
-def row(variant: str, path: Path, figures: dict[str, Any], shipped: bool) -> QuantRow:
+def row(variant: str, path: Path, figures: ParityResult, shipped: bool) -> QuantRow:
     """A table row from parity's figures for one file (``grpoctl.export.parity.measure``)."""
-    return QuantRow(variant=variant, bytes=path.stat().st_size, top1=figures["top1"], kl=figures["kl"],
-                    kl_p99=figures.get("kl_p99"), shipped=shipped)
+    return QuantRow(variant=variant, bytes=path.stat().st_size, top1=figures.top1, kl=figures.kl,
+                    kl_p99=figures.kl_p99, shipped=shipped)
 
 
 def section(results: dict[str, RecipeType], calib: CalibrationKL, calibration_name: str, reference: str,
