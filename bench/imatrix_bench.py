@@ -137,11 +137,15 @@ def bench_run(label: str, run_dir: Path, work: Path, types: list[str], samples: 
 
     print("parity of every file on the held-out probes (not timed) ...", flush=True)
     from grpoctl.export import gguf as gg
-    from grpoctl.export import parity
+    from grpoctl.export.parity.measure import measure
+    from grpoctl.export.parity.reference import prepare_reference
+    from grpoctl.export.parity.scoring import FALLBACK_FLOOR
+    from grpoctl.jsonfiles import to_json
 
     view = out / "view"
-    ref = parity.prepare_reference(base, run.adapter_dir, view, run.system_prompt, gg.end_of_turn_ids(view))
-    figures = {t: {k: parity.measure(p, t, ref, parity.FALLBACK_FLOOR) for k, p in f.items()} for t, f in files.items()}
+    ref = prepare_reference(base, run.adapter_dir, view, run.system_prompt, gg.end_of_turn_ids(view))
+    # as the figures parity.json records
+    figures = {t: {k: to_json(measure(p, t, ref, FALLBACK_FLOOR)) for k, p in f.items()} for t, f in files.items()}
 
     by = {r["step"]: r for r in results}
     print(f"\n{label}: plain vs imatrix on {ref.noise['positions']} held-out probe positions "

@@ -3,7 +3,7 @@ memory and the largest difference between their log-probabilities, on a syntheti
 
     python bench/parity_reference.py WORK [--shape qwen3-1.7b] [--keep]
 
-Each mode runs ``parity.prepare_reference`` (probes in float32, the greedy answer, the bf16 noise floor) in
+Each mode runs ``prepare_reference`` (probes in float32, the greedy answer, the bf16 noise floor) in
 its own process with ``$GRPOCTL_PARITY_REFERENCE`` set, on the CPU unless ``$GRPOCTL_PARITY_DEVICE`` says
 otherwise; memory is the process's peak RSS and, within it, the anonymous part (file pages of the
 safetensors mappings aside). The in-memory mode needs the float32 model's size in RAM (twice the checkpoint).
@@ -29,10 +29,10 @@ from gpulib import default_tokenizer  # noqa: E402
 RUN = """
 import json, sys, time, torch
 from pathlib import Path
-from grpoctl.export import parity
+from grpoctl.export.parity.reference import prepare_reference
 base, adapter, out = Path({base!r}), Path({adapter!r}), Path({out!r})
 t = time.monotonic()
-ref = parity.prepare_reference(base, adapter, base, None, [])
+ref = prepare_reference(base, adapter, base, None, [])
 torch.save(ref.ref32, out)
 print(json.dumps({{"wall_s": round(time.monotonic() - t, 1), "reference": ref.description,
                    "noise": ref.noise, "answer": ref.answer}}))

@@ -124,7 +124,8 @@ class _Manifests:
         printed here say what each Ollama version renders instead. A machine without a Go toolchain only loses
         the template check (noted in artifacts.json; a Go template needed anyway is written marked unchecked)."""
         from grpoctl.export.merge import read_chat_template
-        from grpoctl.manifests.api import SystemPromptRefused, render_manifests
+        from grpoctl.manifests.api import render_manifests
+        from grpoctl.manifests.ollama import SystemPromptRefused
         from grpoctl.models import has_tokenizer
 
         candidates = [c for c in tokenizer_dirs(stage, source.tokenizer_dir, Path(source.base.path))

@@ -413,26 +413,19 @@ def staged_file(final: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def file_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` block.
-
-    The kernel drops the lock when the holder exits, however it exits, so a killed process never leaves a
-    stale lock behind. When another process holds it, ``waiting`` is printed once before blocking.
-    """
-    import fcntl  # POSIX only; imported here so that the rest of this module stays portable
-
+    """Hold the lock on ``path`` (:func:`try_lock`, the one lock every output and cache uses) for the ``with``
+    block, waiting for another holder; ``waiting`` is printed once before the wait, so a second process that
+    blocks says why."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                print(waiting, flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = try_lock(path)
+    if fd is None:
+        if waiting:
+            print(waiting, flush=True)
+        fd = try_lock(path, wait=True)
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- temporary work folders -------------------------------------------------------------------------

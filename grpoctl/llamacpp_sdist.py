@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from grpoctl.errors import DependencyError, OfflineError
 from grpoctl.fsutil import cache_dir, file_lock, sha256_file, staged_file
+from grpoctl.procs import run_captured
 
 DIST = "llama-cpp-python"
 VENDOR = ("vendor", "llama.cpp")
@@ -83,7 +83,7 @@ def fetch_sdist(version: str | None = None, hint: str = "") -> Sdist:
         with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                    "--disable-pip-version-check", "--quiet", "-d", tmp, f"{DIST}=={version}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = run_captured(cmd)
             found = list(Path(tmp).glob("*.tar.gz"))
             if proc.returncode != 0 or not found:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

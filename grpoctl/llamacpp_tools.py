@@ -1,4 +1,5 @@
-"""llama.cpp's own C++ tools (llama-quantize, llama-imatrix, llama-server, llama-perplexity), built once.
+"""llama.cpp's own C++ tools (llama-quantize, llama-imatrix, llama-server, llama-perplexity): built once, and
+every run of them (:func:`run_tool` to the end, :func:`llama_server` while a block runs).
 
 Some work needs the real command-line tools rather than the Python bindings: ``llama-quantize --imatrix`` reads an
 importance matrix file with llama.cpp's own loader (the C API takes the already loaded values: the loader, its
@@ -35,14 +36,14 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -51,6 +52,7 @@ from pathlib import Path
 from grpoctl.errors import DependencyError, InputNotFoundError, ToolBuildError, UsageError
 from grpoctl.fsutil import cache_dir, file_lock, staged_dir
 from grpoctl.llamacpp_sdist import DIST, Sdist, cached_sdist, extract_vendored, fetch_sdist, installed_version
+from grpoctl.procs import run_captured, run_child, start_child, stop_process_group
 from grpoctl.threads import default_threads
 
 ENV_BIN = "GRPOCTL_LLAMA_CPP_BIN"
@@ -266,10 +268,10 @@ def llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                 "-c", "256", "-t", "1", "--jinja", "--no-warmup",
-                                 *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = start_child([str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                            "-c", "256", "-t", "1", "--jinja", "--no-warmup",
+                            *(["--chat-template-file", str(chat_template_file)] if chat_template_file else [])],
+                           stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 300
@@ -288,12 +290,7 @@ def llama_server(gguf: Path, chat_template_file: Path | None = None) -> Iterator
                 time.sleep(0.3)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process_group(proc.pid, grace=30, wait=proc.wait)
 
 
 def apply_template(url: str, messages: list[dict[str, str]], kwargs: dict | None = None) -> tuple[str, str]:
@@ -310,6 +307,44 @@ def apply_template(url: str, messages: list[dict[str, str]], kwargs: dict | None
 
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only: never via a proxy
+
+
+# --- running a tool to the end ---------------------------------------------------------------------------
+
+def run_tool(name: str, args: list[str], cwd: Path, on_line: Callable[[str], None] | None = None
+             ) -> tuple[int, list[str]]:
+    """Run llama.cpp's tool ``name`` (built on first use) with ``args`` in ``cwd`` as grpoctl runs every child
+    (``grpoctl.procs.run_child``: its own process group, stopped on Ctrl-C, SIGTERM or any error, killed if
+    grpoctl dies); returns (exit code, stderr lines then stdout lines). ``on_line`` sees stderr (the log) as
+    it comes.
+
+    The two streams stay separate pipes: with both on one descriptor llama.cpp's logger wrote nothing here.
+    """
+    out: list[bytes] = []
+    lines: list[str] = []
+
+    def read(proc: subprocess.Popen) -> None:
+        reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
+        reader.start()
+        for line in proc.stderr or []:
+            lines.append(line.decode("utf-8", errors="replace").rstrip("\n"))
+            if on_line is not None:
+                on_line(lines[-1])
+        reader.join()
+
+    rc = run_child([str(tool(name)), *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   while_running=read)
+    return rc, lines + [ln.decode("utf-8", errors="replace").rstrip("\n") for ln in out]
+
+
+def last_error(lines: list[str]) -> str:
+    """The line of a tool's log that says what went wrong: the first of llama.cpp's error lines (later ones only
+    repeat that it failed), else the last line with text."""
+    text = [ln.strip() for ln in lines if ln.strip()]
+    errors = [ln for ln in text if re.match(r"[\d.]+ E ", ln)
+              or re.search(r"\b(error|failed|invalid|not a valid|cannot)\b", ln, re.I)]
+    picked = errors[0] if errors else (text or ["no output"])[-1]
+    return re.sub(r"^[\d.]+ [EWI] ", "", picked)[:300]
 
 
 # --- finding --------------------------------------------------------------------------------------------
@@ -356,7 +391,7 @@ def _reported_commit(bin_dir: Path) -> str | None:
         if not exe.is_file():
             continue
         try:
-            proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
+            proc = run_captured([str(exe), "--version"], timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             continue
         m = re.search(r"^version: .*?(?:commit )?([0-9a-f]{7,40})\)", proc.stdout + proc.stderr, re.M)
@@ -374,7 +409,7 @@ def _toolchain() -> tuple[str, str]:
     need = f"building llama.cpp's tools needs CMake >= {'.'.join(map(str, MIN_CMAKE))}"
     if cmake is None:
         raise DependencyError(f"cmake not found on PATH; {need}: pip install cmake (or apt install cmake){alternative}")
-    out = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout
+    out = run_captured([cmake, "--version"]).stdout
     m = re.search(r"version (\d+)\.(\d+)", out)
     if not m or (int(m.group(1)), int(m.group(2))) < MIN_CMAKE:
         have = out.splitlines()[0] if out else "not working"
@@ -429,7 +464,7 @@ def _build(root: Path, sdist: Sdist, cmake: str, cxx: str, jobs: int) -> Tools:
             "libraries": library_signature(lib_dir) if lib_dir is not None else None,
             "cmake_flags": flags,
             "generator": "Ninja" if generator else "default",
-            "cmake": subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.splitlines()[0],
+            "cmake": run_captured([cmake, "--version"]).stdout.splitlines()[0],
             "compiler": _first_line([compiler, "--version"]) or compiler,
             "compiler_path": compiler,
             "machine": platform.machine(),
@@ -499,35 +534,24 @@ def _run_logged(cmd: list[str], log, log_path: Path, step: str, progress: _Progr
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     env = os.environ | {"NINJA_STATUS": "[%f/%t] ", "CLICOLOR_FORCE": "0"}
-    # its own process group, so that stopping it reaches the build tool and the compilers under cmake
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, errors="replace", env=env, process_group=0)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+
+    def follow(proc: subprocess.Popen) -> None:
+        for raw in proc.stdout or []:
+            line = raw.decode("utf-8", errors="replace")
             log.write(line)
             if progress is not None:
                 progress.update(line)
-        rc = proc.wait()
-    finally:  # Ctrl-C or any error here: the compilers must not keep writing into a folder being removed
-        if proc.poll() is None:
-            _stop_group(proc)
+
+    # run_child: its own process group, so that Ctrl-C or any error here stops the build tool and the compilers
+    # under cmake too; they must not keep writing into a folder being removed
+    try:
+        rc = run_child(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, while_running=follow)
+    finally:
         log.flush()
     if rc != 0:
         tail = _tail(log_path, _BUILD_TAIL)
         raise ToolBuildError(f"llama.cpp's tools failed to {step} (exit {rc}); full log: {log_path}; last lines:\n"
                              + "\n".join(f"  {ln}" for ln in tail))
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 class _Progress:
@@ -592,7 +616,7 @@ def _cmake_cache(build: Path, key: str) -> str | None:
 
 def _first_line(cmd: Iterable[str]) -> str | None:
     try:
-        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30).stdout
+        out = run_captured(list(cmd), timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.splitlines()[0].strip() if out.strip() else None

@@ -4,9 +4,12 @@ SIGTERM (``docker stop``, Kubernetes, CI time-outs) and SIGHUP (a closed termina
 takes: they raise KeyboardInterrupt in the main thread, so every ``finally`` and ``except`` that cleans up
 after Ctrl-C cleans up after them too, and the CLI exits 128 + the signal's number (130, 143, 129).
 
-Children (the GGUF converter, a launcher) run in their own process group and die with grpoctl: when
-grpoctl is interrupted the whole group gets a signal and, after a grace period, SIGKILL; when grpoctl is
-killed outright (SIGKILL leaves it no chance), the kernel's parent-death signal stops the direct child.
+Children (the GGUF converter, a launcher, llama.cpp's tools, a server) run in their own process group and
+die with grpoctl: when grpoctl is interrupted the whole group gets a signal and, after a grace period,
+SIGKILL; when grpoctl is killed outright (SIGKILL leaves it no chance), the kernel's parent-death signal
+stops the direct child. Every child starts here: :func:`run_child` runs one to the end (:func:`run_captured`
+with its output kept), :func:`start_child` starts a long-lived one (a server) that the caller talks to and
+stops with :func:`stop_process_group`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
@@ -133,18 +137,30 @@ def stop_process_group(pid: int, grace: float = 10.0, wait: Callable[..., object
         wait()
 
 
+def start_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, stdout: Any = None, stderr: Any = None,
+                stdin: Any = subprocess.DEVNULL, cwd: Any = None, pass_fds: Sequence[int] = (),
+                on_parent_death: int | None = signal.SIGKILL) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group and return it running: for a child that outlives the call (a
+    server), which the caller stops with :func:`stop_process_group`. It gets ``on_parent_death`` if grpoctl
+    dies outright; None leaves it running then (a detached server)."""
+    return subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
+                            start_new_session=True, pass_fds=tuple(pass_fds),
+                            preexec_fn=parent_death_signal(on_parent_death) if on_parent_death is not None else None)
+
+
 def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, stdout: Any = None, stderr: Any = None,
               interrupt: int = signal.SIGTERM, grace: float = 10.0, on_parent_death: int = signal.SIGKILL,
-              while_running: Callable[[subprocess.Popen], None] | None = None, cwd: Any = None) -> int:
+              while_running: Callable[[subprocess.Popen], None] | None = None, cwd: Any = None,
+              stdin: Any = subprocess.DEVNULL) -> int:
     """Run ``cmd`` to the end in its own process group and return its exit code.
 
-    If anything interrupts the wait (Ctrl-C, SIGTERM, SIGHUP, an error in ``while_running``), the group gets
-    ``interrupt`` and then SIGKILL after ``grace`` seconds, and the child is reaped before the exception goes
-    on: nothing keeps writing into a folder the caller is about to remove. If grpoctl dies outright, the
-    child gets ``on_parent_death`` (a launcher that must stop its own workers wants SIGTERM).
+    If anything interrupts the wait (Ctrl-C, SIGTERM, SIGHUP, an error or a time-out in ``while_running``),
+    the group gets ``interrupt`` and then SIGKILL after ``grace`` seconds, and the child is reaped before the
+    exception goes on: nothing keeps writing into a folder the caller is about to remove. If grpoctl dies
+    outright, the child gets ``on_parent_death`` (a launcher that must stop its own workers wants SIGTERM).
     """
-    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=parent_death_signal(on_parent_death))
+    proc = start_child(cmd, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
+                       on_parent_death=on_parent_death)
     try:
         if while_running is not None:
             while_running(proc)
@@ -153,3 +169,27 @@ def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, stdout: 
         if proc.poll() is None:
             stop_process_group(proc.pid, grace, wait=proc.wait, first=interrupt)
         raise
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A finished child's exit code and output (decoded as UTF-8, undecodable bytes replaced)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_captured(cmd: Sequence[str], *, input: str | None = None, timeout: float | None = None,
+                 env: dict[str, str] | None = None, cwd: Any = None) -> Captured:
+    """:func:`run_child` with ``input`` on its stdin and its stdout and stderr kept: a short command whose answer
+    is its output (a version, a rendered template). Past ``timeout`` seconds the group is stopped and
+    ``subprocess.TimeoutExpired`` raised; a command that does not exist raises OSError."""
+    out: list[bytes] = [b"", b""]
+
+    def talk(proc: subprocess.Popen) -> None:
+        out[:] = proc.communicate(None if input is None else input.encode("utf-8"), timeout=timeout)
+
+    code = run_child(cmd, env=env, cwd=cwd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, while_running=talk, grace=5.0)
+    return Captured(code, *(b.decode("utf-8", errors="replace") for b in out))

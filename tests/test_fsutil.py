@@ -237,6 +237,30 @@ def test_output_through_a_symlink_and_its_target_share_one_lock(tmp_path):
         assert try_lock(tmp_path / ".target.lock") is None  # a writer of the target would be refused
 
 
+def test_file_lock_waits_for_a_holder_of_the_same_lock_and_says_so_once(tmp_path, capsys):
+    import os
+    import threading
+
+    from grpoctl.fsutil import file_lock, try_lock
+
+    path = tmp_path / ".cache.lock"
+    held = try_lock(path)  # another owner, as output_lock and serve's port lock take it
+    entered = threading.Event()
+
+    def second() -> None:
+        with file_lock(path, waiting="waiting for the other owner"):
+            entered.set()
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    assert not entered.wait(0.5)
+    os.close(held)
+    waiter.join(10)
+    assert entered.is_set()
+    assert capsys.readouterr().out == "waiting for the other owner\n"
+    assert try_lock(path) is not None  # released when the block ended
+
+
 def test_a_staging_leftover_that_is_a_symlink_is_removed_not_followed(tmp_path, monkeypatch):
     import subprocess
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -95,3 +96,56 @@ run_child([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True
 
 def test_run_child_returns_the_exit_code():
     assert run_child([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+
+
+def test_run_captured_feeds_stdin_and_keeps_both_streams():
+    from grpoctl.procs import run_captured
+
+    code = "import sys; print(sys.stdin.read().upper()); print('note', file=sys.stderr); raise SystemExit(2)"
+    ran = run_captured([sys.executable, "-c", code], input="héllo")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (2, "HÉLLO\n", "note\n")
+
+
+def test_run_captured_past_its_timeout_stops_the_whole_process_group(tmp_path):
+    """A short command that hangs (a Go build, a tool's --version) is stopped with everything it started."""
+    from grpoctl.procs import run_captured
+
+    pids = tmp_path / "pids"
+    code = ("import os, subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(600)']); open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{p.pid}}'); time.sleep(600)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_captured([sys.executable, "-c", code], timeout=3)
+    child, grandchild = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 10
+    while not (_gone(child) and _gone(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(child) and _gone(grandchild)
+
+
+def test_started_child_has_its_own_group_and_dies_with_a_killed_parent_unless_detached():
+    """A server started with start_child: its own process group (stop_process_group reaches what it spawns), the
+    parent-death signal when attached, none when detached (a server meant to outlive grpoctl)."""
+    script = f"""
+import subprocess, sys
+sys.path.insert(0, {str(ROOT)!r})
+from grpoctl.procs import start_child
+sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+attached, detached = start_child(sleeper), start_child(sleeper, on_parent_death=None)
+print(attached.pid, detached.pid, flush=True)
+sys.stdin.read()
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    attached, detached = map(int, parent.stdout.readline().split())
+    try:
+        assert os.getpgid(attached) == attached and os.getpgid(detached) == detached
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(attached) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(attached)
+        time.sleep(0.5)
+        assert not _gone(detached)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(detached, signal.SIGKILL)

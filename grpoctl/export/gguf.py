@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from grpoctl import quiet
-from grpoctl.artifacts import Artifacts, ParitySection
+from grpoctl.artifacts import Artifacts, ParityResult
 from grpoctl.errors import ConversionError, DiskFullError, GrpoctlError, InputNotFoundError, ParityError, UsageError
-from grpoctl.export import parity, pretokenizer, reference_cache
+from grpoctl.export import pretokenizer, reference_cache
 from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
+from grpoctl.export.parity.llamacpp import open_gguf
+from grpoctl.export.parity.measure import measure
+from grpoctl.export.parity.reference import prepare_reference, reference_device, streams
+from grpoctl.export.parity.report import format_table, report, write_report
+from grpoctl.export.parity.scoring import ENV_FLOORS, FALLBACK_FLOOR, Floor, parse_floors
 from grpoctl.export.quantize import quantize
 from grpoctl.export.recipe import RecipeRequest
 from grpoctl.export.taskparity import TaskParity, TaskRequest
@@ -36,7 +41,6 @@ from grpoctl.export.taskparity import format_rows as format_task_rows
 from grpoctl.exportlayout import PARITY_FILE
 from grpoctl.fsutil import DISK_FULL, check_free_space, disk_full_cause, no_space_left, scratch_dir
 from grpoctl.gguftypes import SIXTEEN_BIT, TYPES, estimate_gguf_bytes
-from grpoctl.jsonfiles import from_json, to_json
 from grpoctl.models import TOKENIZER_FILES, config_dtype, has_tokenizer, tokenizer_bytes
 from grpoctl.procs import run_child
 from grpoctl.rundir import RunDir
@@ -54,7 +58,7 @@ def gguf_filename(name: str, type_name: str) -> str:
 def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types: list[str], *, name: str,
                 artifacts: Artifacts, merged_dir: Path | None = None, llama_cpp_dir: Path | None = None,
                 parity_gate: bool = True, system_prompt: str | None = None,
-                floors: dict[str, parity.Floor] | None = None, imatrix: ImatrixRequest | None = None,
+                floors: dict[str, Floor] | None = None, imatrix: ImatrixRequest | None = None,
                 refused_report: Path | None = None, task: TaskRequest | None = None, run: RunDir | None = None,
                 recipe: RecipeRequest | None = None, parity_device: str | None = None,
                 parity_reference: str | None = None, pre_tokenizer: str | None = None, parity_cache: bool | None = None,
@@ -100,7 +104,7 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
     # types written now replace their earlier files; the export's other GGUFs and their parity records stay
     kept = {n: f for n, f in (artifacts.parity.files if artifacts.parity else {}).items()
             if any(Path(e.path).name == n for q, e in artifacts.ggufs().items() if q not in types)}
-    floors = floors if floors is not None else parity.parse_floors(os.environ.get(parity.ENV_FLOORS))
+    floors = floors if floors is not None else parse_floors(os.environ.get(ENV_FLOORS))
 
     with tempfile.TemporaryDirectory(prefix=".gguf-work-", dir=out_dir) as work_str:
         work = Path(work_str)
@@ -121,52 +125,51 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 built["_intermediate"].unlink(missing_ok=True)
 
         for t in types:  # a file llama.cpp cannot load fails the export before anything else is spent on it
-            parity.open_gguf(built[t], 64).close()
+            open_gguf(built[t], 64).close()
 
         what = "base + adapter applied by PEFT" if adapter_dir else "the model"
-        device = parity_device or parity.reference_device()
+        device = parity_device or reference_device()
         ref_plan = (device, parity_reference == "stream" if parity_reference else
-                    parity.streams(model_dir, Path(adapter_dir) if adapter_dir else None, device))
+                    streams(model_dir, Path(adapter_dir) if adapter_dir else None, device))
         how = "weights streamed layer by layer" if ref_plan[1] else "in memory"
         say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")
         tasks = TaskParity.prepare(task, run, view, streamed=ref_plan[1], device=ref_plan[0])
         with reference_cache.switched(parity_cache):
-            ref = parity.prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                           eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
+            ref = prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
+                                    eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
         if ref.reused:
             say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
                 "adapter and probes")
-        files: dict[str, dict[str, Any]] = {}
+        files: dict[str, ParityResult] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)
             say(f"parity: {fname} in llama.cpp (file {i}/{len(types)}, {len(ref.probes)} probes)")
-            files[fname] = parity.measure(built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
+            files[fname] = measure(built[t], t, ref, floors.get(t, FALLBACK_FLOOR))
         if tasks is not None:
             tasks.measure(files, {gguf_filename(name, t): built[t] for t in types}, say)
-        rep = parity.report(ref, files)
+        rep = report(ref, files)
         if tasks is not None:
-            rep["task"] = tasks.section()
-        rep["conversion"] = built.get("_info", {})
-        say("\n".join([parity.format_table(rep), *format_task_rows(rep)]))
+            rep.task = tasks.section()
+        conversion = built.get("_info", {})
+        say("\n".join([format_table(rep), *format_task_rows(rep)]))
         if plan is not None:
-            def probe(path: Path, t: str) -> dict[str, Any]:
-                return parity.measure(path, t, ref, parity.FALLBACK_FLOOR)
+            def probe(path: Path, t: str) -> ParityResult:
+                return measure(path, t, ref, FALLBACK_FLOOR)
 
             matrix_files = {**files, **{gguf_filename(name, t): probe(built[f"imatrix:{t}"], t)
                                         for t in types if f"imatrix:{t}" in built}}
             comparison = plan.compare(built, matrix_files, {t: gguf_filename(name, t) for t in types}, probe)
-            rep["imatrix"] = to_json(comparison)
+            rep.imatrix = comparison
             say(format_comparison(comparison, ref.noise["positions"]))
             if searched:
                 for t, found in searched.items():
                     fname = gguf_filename(name, t)
                     mine = files[fname] if found.record.shipped else probe(found.path, t)
                     if found.record.shipped and not recipes.confirm_held_out(
-                            found.record, mine["kl"], matrix_files[fname]["kl"]):
+                            found.record, mine.kl, matrix_files[fname].kl):
                         built[t] = built.pop(f"imatrix:{t}")  # the importance-matrix quant ships after all
-                        files[fname] = rep["files"][fname] = parity.measure(
-                            built[t], t, ref, floors.get(t, parity.FALLBACK_FLOOR))
+                        files[fname] = rep.files[fname] = measure(built[t], t, ref, floors.get(t, FALLBACK_FLOOR))
                         say(f"quant recipe {TYPES[t].label}: not shipped, {found.record.reason}")
                     shipped = found.record.shipped
                     rows = [recipes.row("imatrix", built[f"imatrix:{t}"] if shipped else built[t],
@@ -180,14 +183,14 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                                                      name, built["_info"]["intermediate"]), recipe)
                 say(recipes.format_table(recipe_section, ref.noise["positions"]))
         elif artifacts.parity is not None and artifacts.parity.imatrix is not None:
-            rep["imatrix"] = to_json(artifacts.parity.imatrix)  # the kept matrix quants' comparison stays with them
-        rep["files"] = {**{n: to_json(f) for n, f in kept.items()}, **rep["files"]}
-        rep["passed"] = all(f["passed"] for f in rep["files"].values())
+            rep.imatrix = artifacts.parity.imatrix  # the kept matrix quants' comparison stays with them
+        rep.files = {**kept, **rep.files}
+        rep.passed = all(f.passed for f in rep.files.values())
 
         written: list[tuple[Path, str]] = []
         for t in types:
             fname = gguf_filename(name, t)
-            if parity_gate and not files[fname]["passed"]:
+            if parity_gate and not files[fname].passed:
                 continue  # a file that fails its gate is not left looking like a finished artifact
             final = out_dir / fname
             os.replace(built[t], final)
@@ -201,12 +204,12 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
                 os.replace(found.recipe, final)
                 found.record.sha256 = artifacts.add_file(final, "recipe").sha256
                 recipe_files[t] = final.name
-    parity.write_report(rep, out_dir / PARITY_FILE)
+    write_report(rep, out_dir / PARITY_FILE, conversion)
 
     artifacts.files = [f for f in artifacts.files if f.kind not in {f"gguf:{t}" for t in types}]
     for path, t in written:
         f = files[path.name]
-        artifacts.add_file(path, f"gguf:{t}", top1=f["top1"], kl=f["kl"], passed=f["passed"],
+        artifacts.add_file(path, f"gguf:{t}", top1=f.top1, kl=f.kl, passed=f.passed,
                            imatrix=plan.matrix_name if plan is not None and t in plan.quants else None,
                            recipe=recipe_files.get(t))
     artifacts.files = [f for f in artifacts.files if not (f.kind == "recipe" and not any(
@@ -221,35 +224,34 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         if not kept_recipes:
             artifacts.quant_recipe = None
     artifacts.add_file(out_dir / PARITY_FILE, "report")
-    artifacts.parity = from_json(ParitySection, {k: v for k, v in rep.items() if k != "conversion"},
-                                 out_dir / PARITY_FILE, "")
+    artifacts.parity = rep
 
-    failed = [n for n, f in files.items() if not f["passed"]]
+    failed = [n for n, f in files.items() if not f.passed]
     if failed and parity_gate:
         kept_at = out_dir / PARITY_FILE
         if refused_report is not None:
-            kept_at = parity.write_report(rep, Path(refused_report))
+            kept_at = write_report(rep, Path(refused_report), conversion)
         raise ParityError(f"{', '.join(failed)} below the parity floor ({_why(files[failed[0]])}); see "
                           f"{kept_at}; pass --no-parity-gate to keep such files anyway")
     return [p for p, _ in written]
 
 
-def _why(f: dict[str, Any]) -> str:
-    tok = f["tokenizer"]
+def _why(f: ParityResult) -> str:
+    tok = f.tokenizer
     if not tok.get("ok", True):
         bad = [k for k in ("bos_once", "chat_ids_match", "template_matches") if tok.get(k) is False]
         template = tok.get("template") if isinstance(tok.get("template"), dict) else {}
         bad += [f"chat template departs on {d['name']!r}" for d in template.get("departures", [])]
         bad += [f"{t} not end-of-generation" for t, ok in tok.get("eog", {}).items() if not ok]
         return "tokenizer: " + ", ".join(bad)
-    fl, task = f["floor"], f.get("task")
-    below = (fl["top1"] is not None and f["top1"] < fl["top1"]) or (fl["kl"] is not None and f["kl"] > fl["kl"])
-    if task and not task["passed"] and not below:
-        d = task["difference"]
-        return (f"task parity: mean reward {task['mean_reward']:.3f}, {d['mean']:+.3f} against the reference "
-                f"(95% interval {d['low']:+.3f} to {d['high']:+.3f})")
-    return (f"top-1 {f['top1'] * 100:.1f}%" + (f" vs >= {fl['top1'] * 100:.1f}%" if fl["top1"] is not None else "")
-            + f", mean KL {f['kl']:.4f}" + (f" vs <= {fl['kl']:g}" if fl["kl"] is not None else ""))
+    fl, task = f.floor, f.task
+    below = (fl.top1 is not None and f.top1 < fl.top1) or (fl.kl is not None and f.kl > fl.kl)
+    if task and not task.passed and not below:
+        d = task.difference
+        return (f"task parity: mean reward {task.mean_reward:.3f}, {d.mean:+.3f} against the reference "
+                f"(95% interval {d.low:+.3f} to {d.high:+.3f})")
+    return (f"top-1 {f.top1 * 100:.1f}%" + (f" vs >= {fl.top1 * 100:.1f}%" if fl.top1 is not None else "")
+            + f", mean KL {f.kl:.4f}" + (f" vs <= {fl.kl:g}" if fl.kl is not None else ""))
 
 
 # --- conversion ----------------------------------------------------------------------------------

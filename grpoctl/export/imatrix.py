@@ -23,8 +23,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ from grpoctl.artifacts import (
     ImatrixGain,
     ImatrixSection,
     ImatrixTypeComparison,
+    ParityResult,
     QuantFigures,
 )
 from grpoctl.errors import ConversionError, DataError, InputNotFoundError, UsageError
@@ -129,10 +128,10 @@ def check_request(request: ImatrixRequest) -> None:
 
 def probe_texts() -> list[str]:
     """The parity probes' own text: each whole text, each chat turn and each long line of them."""
-    from grpoctl.export import parity
+    from grpoctl.export.parity import probes
 
-    texts = [*parity.PROSE, *parity.MATH, *parity.CODE, parity.GREEDY_QUESTION]
-    texts += [turn for chat in parity.CHATS for turn in chat]
+    texts = [*probes.PROSE, *probes.MATH, *probes.CODE, probes.GREEDY_QUESTION]
+    texts += [turn for chat in probes.CHATS for turn in chat]
     lines = [ln.strip() for t in texts for ln in t.splitlines() if len(ln.strip()) >= _MIN_PROBE_LINE]
     return list(dict.fromkeys(texts + lines))
 
@@ -216,7 +215,7 @@ def sample_completions(model_dir: Path, adapter_dir: Path | None, tokenizer: Any
     import torch
     from tqdm.auto import tqdm
 
-    from grpoctl.export.parity import load_reference
+    from grpoctl.export.parity.reference import load_reference
 
     model = load_reference(model_dir, adapter_dir)
     model = model.to("cuda") if torch.cuda.is_available() else model.float()  # CPU matmuls are fastest in f32
@@ -264,23 +263,23 @@ def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, 
     The calibration file and the matrix are named relative to their folder, so the matrix records the
     calibration's file name (not a temporary path) and the quants record the matrix's.
     """
-    from grpoctl.llamacpp_tools import tool
+    from grpoctl.llamacpp_tools import last_error, run_tool
 
     n_ctx = chunk_size(tokens)
     chunks = tokens // n_ctx  # what llama.cpp will count, give or take its own tokenization
     threads = threads or default_threads()
     say(f"importance matrix: llama-imatrix over {calibration.name} (~{tokens} tokens, about {chunks} chunks of "
         f"{n_ctx}, {threads} threads)")
-    cmd = [str(tool("llama-imatrix")), "-m", str(model_gguf.resolve()), "-f", _relative(calibration, out.parent),
-           "-o", out.name, "--parse-special", "--no-ppl", "-c", str(n_ctx), "-t", str(threads),
-           "--output-frequency", "1000000"]  # one write at the end: never a half-computed matrix under that name
+    args = ["-m", str(model_gguf.resolve()), "-f", _relative(calibration, out.parent), "-o", out.name,
+            "--parse-special", "--no-ppl", "-c", str(n_ctx), "-t", str(threads),
+            "--output-frequency", "1000000"]  # one write at the end: never a half-computed matrix under that name
     start = time.monotonic()
     ticker = _Ticker(start, say)
-    rc, lines = run_tool(cmd, out.parent, ticker.line)
+    rc, lines = run_tool("llama-imatrix", args, out.parent, ticker.line)
     seconds = time.monotonic() - start
     if rc != 0 or not out.is_file():
         out.unlink(missing_ok=True)
-        raise ConversionError(f"llama-imatrix failed (exit {rc}): {_last_error(lines)}")
+        raise ConversionError(f"llama-imatrix failed (exit {rc}): {last_error(lines)}")
     say(f"  {out.name}: {seconds:.1f} s")
     return {"tool": "llama-imatrix", "chunk_tokens": n_ctx, **matrix_metadata(out), "seconds": round(seconds, 2),
             "threads": threads}
@@ -289,15 +288,15 @@ def compute_matrix(model_gguf: Path, calibration: Path, out: Path, tokens: int, 
 def matrix_entries(path: Path) -> int:
     """How many tensors a matrix file has entries for; a file llama.cpp's own loader cannot read (GGUF or
     legacy .dat) is one line, exit 4."""
-    from grpoctl.llamacpp_tools import tool
+    from grpoctl.llamacpp_tools import last_error, run_tool
 
     # --show-statistics loads only the matrix: the model argument is required by the parser but never opened.
     # Its exit code is the verdict; its log may be cut short when it exits this fast, so it only adds detail.
-    rc, lines = run_tool([str(tool("llama-imatrix")), "-m", os.devnull, "--in-file", str(Path(path).resolve()),
-                          "--show-statistics"], Path(path).resolve().parent)
+    rc, lines = run_tool("llama-imatrix", ["-m", os.devnull, "--in-file", str(Path(path).resolve()),
+                                           "--show-statistics"], Path(path).resolve().parent)
     entries = _count_entries(Path(path)) if rc == 0 else 0
     if entries <= 0:
-        detail = f" ({_last_error(lines)})" if lines else ""
+        detail = f" ({last_error(lines)})" if lines else ""
         raise DataError(f"{path} is not an importance matrix llama.cpp can read{detail}; give a file written by "
                         "llama-imatrix (GGUF, or the legacy .dat)")
     return entries
@@ -331,17 +330,16 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
     """llama-quantize --imatrix: ``src`` into ``dst`` as ``type_name``; returns the tensor types written and the
     tensors the matrix had no entry for. A matrix that does not fit the model is one line, exit 4, naming the
     matrix as ``shown_as`` (the file the user gave) or by its name."""
-    from grpoctl.llamacpp_tools import tool
+    from grpoctl.llamacpp_tools import last_error, run_tool
 
     gtype = TYPES[type_name]
-    cmd = [str(tool("llama-quantize")), "--imatrix", matrix.name, str(src.resolve()), str(dst.resolve()),
-           gtype.label, str(threads or default_threads())]
-    rc, lines = run_tool(cmd, matrix.parent)
+    rc, lines = run_tool("llama-quantize", ["--imatrix", matrix.name, str(src.resolve()), str(dst.resolve()),
+                                            gtype.label, str(threads or default_threads())], matrix.parent)
     text = "\n".join(lines)
     shown_as = shown_as or matrix.name
     if rc != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
-        why = _last_error(lines)
+        why = last_error(lines)
         if "imatrix" in why:
             raise DataError(f"the importance matrix {shown_as} does not fit this model: {why}")
         raise ConversionError(f"llama-quantize failed to make {gtype.label} (exit {rc}): {why}")
@@ -362,41 +360,6 @@ def quantize_with_matrix(src: Path, dst: Path, type_name: str, matrix: Path, thr
     if note := fallback_note(lines, type_name):
         say(note)
     return {"tensor_types": written, "without_matrix": missing}
-
-
-def run_tool(cmd: list[str], cwd: Path, on_line: Callable[[str], None] | None = None) -> tuple[int, list[str]]:
-    """Run one of llama.cpp's tools as grpoctl runs every child (``grpoctl.procs.run_child``: its own process
-    group, stopped on Ctrl-C, SIGTERM or any error, killed if grpoctl dies); returns (exit code, stderr lines
-    then stdout lines). ``on_line`` sees stderr (the log) as it comes.
-
-    The two streams stay separate pipes: with both on one descriptor llama.cpp's logger wrote nothing here.
-    """
-    from grpoctl.procs import run_child
-
-    out: list[str] = []
-    lines: list[str] = []
-
-    def read(proc: subprocess.Popen) -> None:
-        reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
-        reader.start()
-        for line in proc.stderr or []:
-            lines.append(line.decode("utf-8", errors="replace").rstrip("\n"))
-            if on_line is not None:
-                on_line(lines[-1])
-        reader.join()
-
-    rc = run_child(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, while_running=read)
-    return rc, lines + [ln.decode("utf-8", errors="replace").rstrip("\n") for ln in out]
-
-
-def _last_error(lines: list[str]) -> str:
-    """The line that says what went wrong: the first of llama.cpp's error lines (later ones only repeat that
-    it failed), else the last line with text."""
-    text = [ln.strip() for ln in lines if ln.strip()]
-    errors = [ln for ln in text if re.match(r"[\d.]+ E ", ln)
-              or re.search(r"\b(error|failed|invalid|not a valid|cannot)\b", ln, re.I)]
-    picked = errors[0] if errors else (text or ["no output"])[-1]
-    return re.sub(r"^[\d.]+ [EWI] ", "", picked)[:300]
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -520,8 +483,8 @@ class Imatrix:
             raise
         return dst
 
-    def compare(self, built: dict[str, Any], files: dict[str, dict[str, Any]], names: dict[str, str],
-                measure: Callable[[Path, str], dict[str, Any]]) -> ImatrixComparison:
+    def compare(self, built: dict[str, Any], files: dict[str, ParityResult], names: dict[str, str],
+                measure: Callable[[Path, str], ParityResult]) -> ImatrixComparison:
         """Plain vs imatrix for every type made with the matrix, on the same held-out probes."""
         types: dict[str, ImatrixTypeComparison] = {}
         for t in self.quants:
@@ -560,8 +523,8 @@ class Imatrix:
             threads=ran.get("threads"))
 
 
-def _figures(f: dict[str, Any]) -> QuantFigures:
-    return QuantFigures(top1=f["top1"], kl=f["kl"], kl_p99=f.get("kl_p99"))
+def _figures(f: ParityResult) -> QuantFigures:
+    return QuantFigures(top1=f.top1, kl=f.kl, kl_p99=f.kl_p99)
 
 
 def gains(plain: QuantFigures, mine: QuantFigures) -> ImatrixGain:

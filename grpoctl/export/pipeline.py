@@ -53,7 +53,8 @@ if TYPE_CHECKING:
 
 MERGED_KINDS = ("16bit", "4bit")
 DTYPES = ("auto", "bf16", "fp16")
-REFERENCE_MODES = ("memory", "stream")  # how the parity reference holds the base (grpoctl.export.parity.streams)
+# how the parity reference holds the base (grpoctl.export.parity.reference.streams)
+REFERENCE_MODES = ("memory", "stream")
 
 
 @dataclass
@@ -243,7 +244,7 @@ def _validate(options: ExportOptions) -> tuple[list[str], dict | None]:
         raise UsageError(f"--parity-reference {options.parity_reference} is not one of {', '.join(REFERENCE_MODES)}")
     floors = None
     if options.parity_floors is not None:
-        from grpoctl.export.parity import parse_floors
+        from grpoctl.export.parity.scoring import parse_floors
 
         floors = parse_floors(options.parity_floors)
     types = list(options.gguf)
@@ -472,7 +473,7 @@ def export(source: Path, options: ExportOptions, log: Callable[[str], None] | No
     refused_report(out).unlink(missing_ok=True)  # an earlier refusal's report no longer describes this export
     done = Artifacts.load(out)
     if done.parity is not None:
-        from grpoctl.export.parity import unchecked_template_note
+        from grpoctl.export.parity.report import unchecked_template_note
 
         if note := unchecked_template_note(done.parity.files):
             say(note)

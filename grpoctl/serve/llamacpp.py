@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from typing import ClassVar
 
 from grpoctl.errors import ServeError
 from grpoctl.fsutil import cache_dir, lock_owner, staged_file, try_lock, write_lock_owner
-from grpoctl.procs import alive, parent_death_signal, stop_process_group
+from grpoctl.procs import alive, start_child, stop_process_group
 from grpoctl.serve.common import RecordedAnswer, SmokeResult, chat_messages
 
 # The chat handler llama-cpp-python registers for the GGUF's tokenizer.chat_template.
@@ -241,9 +242,8 @@ class LlamaCppServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             env = {k: v for k, v in os.environ.items() if k.upper() not in _OVERRIDING_ENV}
             with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                             pass_fds=(lock,), preexec_fn=None if detached else parent_death_signal())
+                self.proc = start_child(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        pass_fds=(lock,), on_parent_death=None if detached else signal.SIGTERM)
             write_lock_owner(lock, pid=self.proc.pid, what=ENGINE_LABELS[self.ENGINE])
             if detached:
                 write_pid_file(self)

@@ -60,7 +60,7 @@ class ServeTarget:
     @property
     def recorded_answer(self) -> RecordedAnswer | None:
         """The greedy answer the export's parity check recorded for this file, to hold the served one to."""
-        from grpoctl.export.parity import DEFAULT_SYSTEM_PROMPT, GREEDY_QUESTION, GREEDY_TOKENS
+        from grpoctl.export.parity.probes import DEFAULT_SYSTEM_PROMPT, GREEDY_QUESTION, GREEDY_TOKENS
 
         parity = self.artifacts.parity if self.artifacts is not None else None
         measured = parity.files.get(self.gguf.name) if parity is not None else None

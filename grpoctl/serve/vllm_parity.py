@@ -1,7 +1,7 @@
 """Parity through a running vLLM server: its prompt log-probabilities on export's probes, against PEFT.
 
-The reference is export's (:func:`grpoctl.export.parity.prepare_reference`): the base in transformers with the
-adapter applied by PEFT, unmerged, in float32 - an implementation independent of the served one. vLLM returns,
+The reference is export's (:func:`grpoctl.export.parity.reference.prepare_reference`): the base in transformers
+with the adapter applied by PEFT, unmerged, in float32 - an implementation independent of the served one. vLLM returns,
 for every prompt position, the log-probabilities of its ``k`` most likely tokens (``prompt_logprobs``; the prompt
 is sent as token ids, so no tokenizer stands between the two). From them:
 
@@ -115,7 +115,8 @@ def compare_served(ref32: list[Any], served: list[list[dict[int, float] | None]]
 
 
 def measure_served(base_url: str, model: str, mode: str, ref: Any) -> ServedParity:
-    """``ref``: export's :class:`grpoctl.export.parity.ParityReference` for the same base, adapter and tokenizer."""
+    """``ref``: export's :class:`grpoctl.export.parity.reference.ParityReference` for the same base, adapter and
+    tokenizer."""
     served = [prompt_logprobs(base_url, model, p.ids) for p in ref.probes]
     top1, kl, n = compare_served(ref.ref32, served)
     floor = max(NOISE_MULTIPLE * float(ref.noise["kl"]), MIN_KL_FLOOR)
@@ -125,7 +126,7 @@ def measure_served(base_url: str, model: str, mode: str, ref: Any) -> ServedPari
 
 def reference_for(target: Any) -> Any:
     """Export's PEFT reference for the model ``target`` (a :class:`grpoctl.serve.vllm.VllmTarget`) serves."""
-    from grpoctl.export.parity import prepare_reference
+    from grpoctl.export.parity.reference import prepare_reference
 
     art = target.artifacts
     base = art.provenance.base_model

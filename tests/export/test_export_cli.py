@@ -231,7 +231,7 @@ def test_export_without_llama_tools_says_in_its_summary_that_the_template_was_no
 
 def test_no_template_note_when_every_template_was_checked_or_is_absent():
     from grpoctl.artifacts import ParityFloor, ParityResult
-    from grpoctl.export.parity import unchecked_template_note
+    from grpoctl.export.parity.report import unchecked_template_note
 
     def result(template):
         return ParityResult(type="q8_0", top1=1.0, kl=0.0, positions=10, floor=ParityFloor(top1=0.9, kl=0.1),

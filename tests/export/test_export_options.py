@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from grpoctl.cli import cli
 from grpoctl.errors import ConversionError, UsageError
 from grpoctl.export import gguf as gg
-from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
+from grpoctl.export.parity import reference, scoring
 from grpoctl.export.pipeline import ExportOptions
 from tests.conftest import make_run
 
@@ -93,7 +93,7 @@ def test_the_converter_runs_quietly_under_quiet(tiny_models, tmp_path, monkeypat
 
 
 def test_parity_floors_flag_gates_like_its_environment_variable(tiny_qwen3, tmp_path, monkeypatch):
-    monkeypatch.delenv(parity.ENV_FLOORS, raising=False)
+    monkeypatch.delenv(scoring.ENV_FLOORS, raising=False)
     run = make_run(tmp_path / "run", tiny_qwen3)
     res = CliRunner().invoke(cli, ["export", str(run), "-o", str(tmp_path / "e"), "--gguf", "f16", "-q",
                                    "--parity-floors", "f16=1.0:0"])  # a floor no converted file meets
@@ -107,8 +107,8 @@ def test_parity_floors_flag_gates_like_its_environment_variable(tiny_qwen3, tmp_
 def test_parity_reference_and_device_flags_choose_where_and_how_the_reference_runs(qwen3_run, tmp_path, monkeypatch):
     from grpoctl.api import export
 
-    monkeypatch.setenv(parity.ENV_REFERENCE, "memory")  # the flag wins over the variable
-    monkeypatch.setenv(parity.ENV_DEVICE, "cuda:7")  # a device this machine does not have: must not be used
+    monkeypatch.setenv(reference.ENV_REFERENCE, "memory")  # the flag wins over the variable
+    monkeypatch.setenv(reference.ENV_DEVICE, "cuda:7")  # a device this machine does not have: must not be used
     lines: list[str] = []
     export(qwen3_run, ExportOptions(gguf="f16", output_dir=tmp_path / "e", parity_reference="stream",
                                     parity_device="cpu", progress=False, manifests=False), log=lines.append)

@@ -11,8 +11,11 @@ import pytest
 from grpoctl.artifacts import Artifacts
 from grpoctl.errors import ConversionError, DataError, DiskFullError, ParityError, UsageError
 from grpoctl.export import gguf as gg
-from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
+from grpoctl.export.parity.llamacpp import open_gguf
+from grpoctl.export.parity.measure import measure
+from grpoctl.export.parity.reference import ENV_REFERENCE, load_reference, prepare_reference
+from grpoctl.export.parity.scoring import DEFAULT_FLOORS, MIN_CONFIDENCE, Floor, parse_floors
 from grpoctl.gguftypes import parse_types
 from tests.export import adapters
 from tests.export.adapters import VARIANTS, peft_merged_folder
@@ -69,10 +72,10 @@ def test_fused_gguf_equals_converting_peft_merged_folder_and_passes_parity(conve
     # the merge hooked in (that the adapter moves the model is shown by the 16-bit test of the same variant)
     assert info["fused"]["merged"] >= 1 and not info["fused"]["missing"]
     assert info["fused"].get("direct_f16", 0) >= 15 if outtype == "f16" else "direct_f16" not in info["fused"]
-    reference = parity.prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
+    reference = prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
     assert "PEFT" in reference.description
-    result = parity.measure(fused, outtype, reference, parity.DEFAULT_FLOORS[outtype])
-    assert result["passed"] and result["kl"] < 0.001, result
+    result = measure(fused, outtype, reference, DEFAULT_FLOORS[outtype])
+    assert result.passed and result.kl < 0.001, result
 
 
 @pytest.fixture(scope="module")
@@ -107,19 +110,19 @@ def test_parity_gate_fails_a_gguf_with_the_base_lm_head_a_dropped_module_or_a_wr
     adapter; the reference is PEFT on the true adapter, so each falls below the f16 floor and the right one passes,
     with the reference held in memory or streamed layer by layer.
     (A reference merged by grpoctl's own merge code passes the base-lm_head file: top-1 99.8%, KL 0.000001.)"""
-    monkeypatch.setenv(parity.ENV_REFERENCE, mode)
+    monkeypatch.setenv(ENV_REFERENCE, mode)
     base = tiny_models["llama"]
     eot = gg.end_of_turn_ids(base)
-    reference = parity.prepare_reference(base, wrong_adapters["good"], base, None, eot)
+    reference = prepare_reference(base, wrong_adapters["good"], base, None, eot)
     results = {}
     for what, adapter in wrong_adapters.items():
         path = tmp_path / f"{what.replace(' ', '-')}.gguf"
         _convert(converter, base, path, "f16", adapter=adapter)
-        results[what] = parity.measure(path, "f16", reference, parity.DEFAULT_FLOORS["f16"])
-    assert results.pop("good")["passed"]
-    floor = parity.DEFAULT_FLOORS["f16"].kl
-    assert {what: r["passed"] for what, r in results.items()} == dict.fromkeys(results, False)
-    assert all(r["kl"] > 1.5 * floor for r in results.values()), {w: r["kl"] for w, r in results.items()}
+        results[what] = measure(path, "f16", reference, DEFAULT_FLOORS["f16"])
+    assert results.pop("good").passed
+    floor = DEFAULT_FLOORS["f16"].kl
+    assert {what: r.passed for what, r in results.items()} == dict.fromkeys(results, False)
+    assert all(r.kl > 1.5 * floor for r in results.values()), {w: r.kl for w, r in results.items()}
 
 
 @pytest.mark.parametrize("mode", ["memory", "stream"])
@@ -128,7 +131,7 @@ def test_a_wrong_merged_folder_fails_the_gate_because_the_reference_is_peft(tiny
     """export_gguf converts an existing merged/ folder instead of merging again, but measures it against PEFT's
     base + adapter, never against that folder: a folder that lost the trained lm_head fails, whether the reference
     is held in memory or streamed layer by layer."""
-    monkeypatch.setenv(parity.ENV_REFERENCE, mode)
+    monkeypatch.setenv(ENV_REFERENCE, mode)
     base = tiny_models["llama"]
     wrong = peft_merged_folder(base, wrong_adapters["base lm_head"], tmp_path / "merged")
     with pytest.raises(ParityError, match="below the parity floor"):
@@ -153,7 +156,7 @@ def test_each_architecture_converts_and_runs_in_llama_cpp(converter, tiny_models
     assert meta["tokenizer.ggml.pre"] == "qwen2"
     assert meta["general.name"] == "tiny"
     assert meta["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
-    llm = parity.open_gguf(out, 256)
+    llm = open_gguf(out, 256)
     try:
         text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,
                                        add_generation_prompt=True)
@@ -207,7 +210,7 @@ def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_ada
     assert rep["probes"]["positions"] >= 300 and rep["probes"]["kinds"]["chat"] == 3
     assert rep["probes"]["system_prompt"] == "Answer with a number."
     # random weights: the reference is too flat for argmax agreement to mean anything, so only KL is gated
-    assert rep["reference_confidence"] < parity.MIN_CONFIDENCE and rep["top1_gated"] is False
+    assert rep["reference_confidence"] < MIN_CONFIDENCE and rep["top1_gated"] is False
     for name, f in rep["files"].items():
         assert f["tokenizer"]["chat_ids_match"] and f["tokenizer"]["template_matches"], name
         assert f["tokenizer"]["bos_count"] == 0  # the template has no BOS, so llama.cpp must add none
@@ -228,7 +231,7 @@ def test_export_all_types_from_one_conversion_with_parity(tiny_models, qwen3_ada
 def test_gate_fails_and_keeps_no_failing_file(tiny_models, tmp_path):
     out = tmp_path / "gguf"
     manifest = Artifacts(root=tmp_path)
-    impossible = {**parity.DEFAULT_FLOORS, "q8_0": parity.Floor(0.0, 0.0)}  # any quantization error is too much
+    impossible = {**DEFAULT_FLOORS, "q8_0": Floor(0.0, 0.0)}  # any quantization error is too much
     with pytest.raises(ParityError) as err:
         gg.export_gguf(tiny_models["llama"], None, out, ["bf16", "q8_0"], name="tiny", artifacts=manifest,
                        floors=impossible)
@@ -255,11 +258,11 @@ def test_parity_catches_a_broken_gguf(converter, tiny_models, tmp_path):
     emb.data[...] = rows[np.random.default_rng(0).permutation(rows.shape[0])]
     reader.data.flush()
     del reader
-    ref = parity.prepare_reference(model, None, model, None, gg.end_of_turn_ids(model))
-    ok = parity.measure(good, "f16", ref, parity.DEFAULT_FLOORS["f16"])
-    bad = parity.measure(broken, "f16", ref, parity.DEFAULT_FLOORS["f16"])
-    assert ok["passed"] and ok["kl"] < 0.005
-    assert not bad["passed"] and bad["kl"] > 0.05
+    ref = prepare_reference(model, None, model, None, gg.end_of_turn_ids(model))
+    ok = measure(good, "f16", ref, DEFAULT_FLOORS["f16"])
+    bad = measure(broken, "f16", ref, DEFAULT_FLOORS["f16"])
+    assert ok.passed and ok.kl < 0.005
+    assert not bad.passed and bad.kl > 0.05
 
 
 def test_gguf_that_llama_cpp_cannot_load_is_a_conversion_error(converter, tiny_models, tmp_path):
@@ -268,7 +271,7 @@ def test_gguf_that_llama_cpp_cannot_load_is_a_conversion_error(converter, tiny_m
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated, as after a crash or a full disk
     with pytest.raises(ConversionError, match="cannot load"):
-        parity.open_gguf(path, 128)
+        open_gguf(path, 128)
 
 
 def test_not_enough_disk_is_refused_before_converting(tiny_models, tmp_path, monkeypatch):
@@ -316,7 +319,7 @@ def test_end_of_turn_token_other_than_eos_becomes_eot(converter, tiny_models, tm
     assert meta["tokenizer.ggml.eot_token_id"] == im_end == info["eot_token_id"]
     import llama_cpp
 
-    llm = parity.open_gguf(out, 128)
+    llm = open_gguf(out, 128)
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         assert llama_cpp.llama_vocab_is_eog(vocab, im_end) and llama_cpp.llama_vocab_is_eog(vocab, eot)
@@ -325,11 +328,11 @@ def test_end_of_turn_token_other_than_eos_becomes_eot(converter, tiny_models, tm
 
 
 def test_parity_floors_are_configurable():
-    floors = parity.parse_floors("q4_k_m=0.9:0.1, q8_0=0.97")
-    assert floors["q4_k_m"] == parity.Floor(0.9, 0.1) and floors["q8_0"] == parity.Floor(0.97, None)
-    assert floors["f16"] == parity.DEFAULT_FLOORS["f16"]
+    floors = parse_floors("q4_k_m=0.9:0.1, q8_0=0.97")
+    assert floors["q4_k_m"] == Floor(0.9, 0.1) and floors["q8_0"] == Floor(0.97, None)
+    assert floors["f16"] == DEFAULT_FLOORS["f16"]
     with pytest.raises(UsageError, match="TYPE=TOP1"):
-        parity.parse_floors("q4_k_m:0.9")
+        parse_floors("q4_k_m:0.9")
 
 
 def test_export_from_an_already_merged_folder_single_pass(tiny_models, qwen3_adapter, tmp_path):
@@ -357,5 +360,5 @@ def test_export_fails_when_llama_cpp_cannot_load_the_result(tiny_models, tmp_pat
     assert list(out.iterdir()) == []  # nothing under a final name, no work dir left behind
     # nor would transformers be allowed to re-initialise the mismatched weights and serve as the reference
     with pytest.raises(DataError, match="config does not match its weights") as err:
-        parity.load_reference(model, None)
+        load_reference(model, None)
     assert err.value.exit_code == 4

@@ -8,6 +8,7 @@ import pytest
 
 from grpoctl.artifacts import Artifacts
 from grpoctl.export import gguf as gg
+from grpoctl.export.parity.scoring import DEFAULT_FLOORS
 from tests.export.gguf_support import make_adapter, read_gguf
 
 
@@ -61,8 +62,8 @@ def test_bf16_file_is_gated_below_bf16s_own_rounding_noise(smollm2_dir, smollm2_
                             artifacts=Artifacts(root=tmp_path / "export"), parity_gate=False)
     rep = json.loads((out / "parity.json").read_text())
     f = rep["files"][path.name]
-    floor = gg.parity.DEFAULT_FLOORS["bf16"]
+    floor = DEFAULT_FLOORS["bf16"]
     assert rep["top1_gated"]
     assert floor.top1 <= rep["noise_floor"]["top1"], (floor, rep["noise_floor"])
-    assert floor.kl == gg.parity.DEFAULT_FLOORS["f16"].kl
+    assert floor.kl == DEFAULT_FLOORS["f16"].kl
     assert f["passed"] and f["kl"] <= floor.kl

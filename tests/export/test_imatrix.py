@@ -136,20 +136,20 @@ def test_corrupt_matrix_files_are_one_line_exit_4_before_any_work(qwen3_run, tin
 
 
 def test_calibration_text_with_probe_text_is_refused(qwen3_run, tmp_path):
-    from grpoctl.export import parity
+    from grpoctl.export.parity.probes import PROSE
 
     cal = tmp_path / "cal.txt"
-    cal.write_text("Some text about arithmetic.\n" * 50 + parity.PROSE[1] + "\n")
+    cal.write_text("Some text about arithmetic.\n" * 50 + PROSE[1] + "\n")
     result = _run(qwen3_run, "-o", tmp_path / "e", "--gguf", "q4_k_m", "--calibration", cal)
     _one_clean_line(result, 2, "contains parity probe text", "Photosynthesis")
 
 
 def test_probe_hits_finds_every_probe_text_and_nothing_else():
-    from grpoctl.export import parity
+    from grpoctl.export.parity.probes import CHATS, CODE, MATH, PROSE
 
-    for text in [*parity.PROSE, *parity.MATH, *parity.CODE, *(t for chat in parity.CHATS for t in chat)]:
+    for text in [*PROSE, *MATH, *CODE, *(t for chat in CHATS for t in chat)]:
         assert im.probe_hits(f"before {text} after"), text
-    assert im.probe_hits(parity.MATH[0].splitlines()[0])  # one long line of a probe is enough
+    assert im.probe_hits(MATH[0].splitlines()[0])  # one long line of a probe is enough
     assert not im.probe_hits("Ana had 31 stamps and gave away 8. How many stamps are left?")
 
 
@@ -300,13 +300,13 @@ def test_training_rows_holding_probe_text_stay_out_of_the_calibration_set(tiny_q
     with the chat template and the training system prompt, each followed by a sampled completion."""
     from transformers import AutoTokenizer
 
-    from grpoctl.export import parity
+    from grpoctl.export.parity.probes import CHATS
     from grpoctl.rundir import RunDir
 
     data = tmp_path / "data.jsonl"
     rows = [{"question": f"Budi has {n} apples and eats 2. How many are left?", "answer": f"{n} - 2\n#### {n - 2}"}
             for n in range(5, 11)]
-    rows.insert(3, {"question": parity.CHATS[0][0], "answer": "#### 19"})
+    rows.insert(3, {"question": CHATS[0][0], "answer": "#### 19"})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = make_run(tmp_path / "run", tiny_qwen3)
     meta = json.loads((run_dir / "run.json").read_text())
@@ -318,7 +318,7 @@ def test_training_rows_holding_probe_text_stay_out_of_the_calibration_set(tiny_q
     info = im.build_calibration(request, tiny_qwen3, run_dir / "adapter", tok, gg.end_of_turn_ids(tiny_qwen3), dest)
     text = dest.read_text()
     assert info["rows"] == 7 and info["rows_with_probe_text"] == 1 and info["documents"] == 6
-    assert im.probe_hits(text) == [] and parity.CHATS[0][0] not in text
+    assert im.probe_hits(text) == [] and CHATS[0][0] not in text
     assert text.count("You are a careful math tutor.") == 6 and text.count("<|im_start|>assistant\n<think>\n") == 6
     assert "Budi has 7 apples" in text and info["completions"] == "sampled from the trained model"
 
@@ -416,13 +416,15 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
 
     from grpoctl.artifacts import Artifacts
     from grpoctl.config import DEFAULT_SYSTEM_PROMPT
-    from grpoctl.export import parity
+    from grpoctl.export.parity.measure import measure
+    from grpoctl.export.parity.reference import prepare_reference
+    from grpoctl.export.parity.scoring import FALLBACK_FLOOR
     from grpoctl.rundir import RunDir
     from tests.export.gguf_support import make_adapter as small_adapter
 
     refs = []
-    real_prepare = parity.prepare_reference
-    monkeypatch.setattr(parity, "prepare_reference", lambda *a, **k: refs.append(real_prepare(*a, **k)) or refs[-1])
+    real_prepare = prepare_reference
+    monkeypatch.setattr(gg, "prepare_reference", lambda *a, **k: refs.append(real_prepare(*a, **k)) or refs[-1])
     run_dir = tmp_path / "run"
     small_adapter(smollm2_dir, run_dir / "adapter", r=8, alpha=16, std=0.002)
     (run_dir / "run.json").write_text(json.dumps({
@@ -453,6 +455,6 @@ def test_smollm2_run_imatrix_auto_beats_the_plain_quants_and_a_broken_matrix_doe
         bad = tmp_path / f"{label}-imatrix.gguf"
         _rewrite_matrix(matrix, bad, lambda n, v, edit=edit: edit(v) if n.endswith(".in_sum2") else None)
         im.quantize_with_matrix(bf16, tmp_path / f"{label}-q2_k.gguf", "q2_k", bad)
-        kl[label] = parity.measure(tmp_path / f"{label}-q2_k.gguf", "q2_k", refs[-1], parity.FALLBACK_FLOOR)["kl"]
+        kl[label] = measure(tmp_path / f"{label}-q2_k.gguf", "q2_k", refs[-1], FALLBACK_FLOOR).kl
     assert figures["q2_k"]["imatrix"]["kl"] < kl["uniform"], (figures["q2_k"], kl)
     assert kl["inverted"] > figures["q2_k"]["plain"]["kl"], (figures["q2_k"], kl)

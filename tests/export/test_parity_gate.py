@@ -16,7 +16,10 @@ import pytest
 from grpoctl.artifacts import Artifacts
 from grpoctl.errors import ParityError
 from grpoctl.export import gguf as gg
-from grpoctl.export import parity
+from grpoctl.export.parity.llamacpp import open_gguf, served_ids
+from grpoctl.export.parity.measure import measure
+from grpoctl.export.parity.reference import prepare_reference
+from grpoctl.export.parity.scoring import DEFAULT_FLOORS, ENV_FLOORS, following_noise, parse_floors
 from tests.conftest import make_run
 from tests.export.adapters import make_adapter
 from tests.tinymodels import BOS, build_tiny_model
@@ -51,12 +54,12 @@ def test_template_writing_its_own_bos_is_sent_with_one_bos_as_llama_server_sends
     tok = AutoTokenizer.from_pretrained(bos_model)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text.startswith(BOS)
-    llm = parity.open_gguf(path, 128)
+    llm = open_gguf(path, 128)
     try:
         assert llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
         naive = llm.tokenize(text.encode(), add_bos=True, special=True)
         assert naive[:2] == [tok.bos_token_id] * 2  # the fixture is the case: two BOS when both add one
-        assert parity.served_ids(llm, text) == tok(text, add_special_tokens=False)["input_ids"]
+        assert served_ids(llm, text) == tok(text, add_special_tokens=False)["input_ids"]
     finally:
         llm.close()
     f = json.loads((out / "parity.json").read_text())["files"][path.name]
@@ -67,9 +70,9 @@ def test_template_writing_its_own_bos_is_sent_with_one_bos_as_llama_server_sends
     broken = tmp_path / "broken-bos.gguf"
     shutil.copy(path, broken)
     _set_scalar(broken, "tokenizer.ggml.bos_token_id", tok.convert_tokens_to_ids("<|im_start|>"))
-    ref = parity.prepare_reference(bos_model, None, bos_model, None, gg.end_of_turn_ids(bos_model))
-    bad = parity.measure(broken, "f16", ref, parity.DEFAULT_FLOORS["f16"])
-    assert not bad["tokenizer"]["chat_ids_match"] and not bad["passed"]
+    ref = prepare_reference(bos_model, None, bos_model, None, gg.end_of_turn_ids(bos_model))
+    bad = measure(broken, "f16", ref, DEFAULT_FLOORS["f16"])
+    assert not bad.tokenizer["chat_ids_match"] and not bad.passed
 
 
 # --- near ties: a trained head whose rows come in pairs ---------------------------------------------
@@ -108,7 +111,7 @@ def test_near_tie_head_f16_passes_at_the_noise_this_run_measures_and_swapped_tie
     rep = json.loads((out / "parity.json").read_text())
     f = rep["files"][path.name]
     assert rep["top1_gated"] and rep["noise_floor"]["top1"] < 0.98
-    assert f["top1"] < parity.DEFAULT_FLOORS["f16"].top1 and f["kl"] < 1e-3  # the old floor failed this file
+    assert f["top1"] < DEFAULT_FLOORS["f16"].top1 and f["kl"] < 1e-3  # the old floor failed this file
     assert f["passed"] and f["floor"]["basis"] == "noise" and f["floor"]["top1"] <= f["top1"]
 
     broken = tmp_path / "swapped.gguf"
@@ -119,22 +122,22 @@ def test_near_tie_head_f16_passes_at_the_noise_this_run_measures_and_swapped_tie
     head.data[0::2], head.data[1::2] = rows[1::2], rows[0::2]
     reader.data.flush()
     del reader
-    ref = parity.prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
-    bad = parity.measure(broken, "f16", ref, parity.DEFAULT_FLOORS["f16"])
-    assert bad["top1"] < bad["floor"]["top1"] and not bad["passed"]
+    ref = prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
+    bad = measure(broken, "f16", ref, DEFAULT_FLOORS["f16"])
+    assert bad.top1 < bad.floor.top1 and not bad.passed
 
 
 def test_floors_follow_the_measured_noise_and_a_given_floor_is_kept():
     noise = {"top1": 0.979, "kl": 0.002}  # a flat 262k-vocabulary model's bf16 rounding noise
-    f16, basis = parity.following_noise(parity.DEFAULT_FLOORS["f16"], noise, 0.00037)
+    f16, basis = following_noise(DEFAULT_FLOORS["f16"], noise, 0.00037)
     assert basis == "noise" and 0.99 > f16.top1 > 0.95  # F16 at 99.2% passes
-    q8, _ = parity.following_noise(parity.DEFAULT_FLOORS["q8_0"], noise, 0.0102)
-    assert 0.932 > q8.top1 and q8.kl == parity.DEFAULT_FLOORS["q8_0"].kl  # Q8_0 at 93.2%, KL 0.0102 passes
+    q8, _ = following_noise(DEFAULT_FLOORS["q8_0"], noise, 0.0102)
+    assert 0.932 > q8.top1 and q8.kl == DEFAULT_FLOORS["q8_0"].kl  # Q8_0 at 93.2%, KL 0.0102 passes
     quiet = {"top1": 0.999, "kl": 0.0001}  # a model with hardly any near ties keeps the defaults
-    assert parity.following_noise(parity.DEFAULT_FLOORS["q8_0"], quiet, 0.004) == (parity.DEFAULT_FLOORS["q8_0"],
+    assert following_noise(DEFAULT_FLOORS["q8_0"], quiet, 0.004) == (DEFAULT_FLOORS["q8_0"],
                                                                                     "default")
-    given = parity.parse_floors("q8_0=0.99:0.001")["q8_0"]
-    assert parity.following_noise(given, noise, 0.0102) == (given, "given")
+    given = parse_floors("q8_0=0.99:0.001")["q8_0"]
+    assert following_noise(given, noise, 0.0102) == (given, "given")
 
 
 # --- a refused export keeps its report --------------------------------------------------------------
@@ -143,7 +146,7 @@ def test_refused_export_keeps_its_parity_report_where_the_message_says(tiny_qwen
     from grpoctl.export.pipeline import ExportOptions, export, refused_report
 
     run = make_run(tmp_path / "run", tiny_qwen3)
-    monkeypatch.setenv(parity.ENV_FLOORS, "f16=1.0:0")  # a floor no converted file meets
+    monkeypatch.setenv(ENV_FLOORS, "f16=1.0:0")  # a floor no converted file meets
     out = tmp_path / "export"
     with pytest.raises(ParityError) as err:
         export(run, ExportOptions(gguf="f16", output_dir=out, progress=False))
@@ -154,6 +157,6 @@ def test_refused_export_keeps_its_parity_report_where_the_message_says(tiny_qwen
     [f] = rep["files"].values()
     assert f["passed"] is False and f["type"] == "f16"
 
-    monkeypatch.delenv(parity.ENV_FLOORS)
+    monkeypatch.delenv(ENV_FLOORS)
     export(run, ExportOptions(gguf="f16", output_dir=out, progress=False))
     assert (out / "gguf" / "parity.json").is_file() and not kept.exists()  # the refusal's report went with it

@@ -7,15 +7,25 @@ from __future__ import annotations
 import pytest
 
 from grpoctl.errors import DataError, UsageError
-from grpoctl.export import parity
+from grpoctl.export.parity import reference as reference_module
+from grpoctl.export.parity.probes import DEFAULT_SYSTEM_PROMPT, build_probes
+from grpoctl.export.parity.reference import (
+    ENV_REFERENCE,
+    _float32_bytes,
+    load_reference,
+    prepare_reference,
+    reference_logprobs,
+    streams,
+)
+from grpoctl.export.parity.report import report
 from tests.export.adapters import VARIANTS
 
 
 def _logprobs(model_dir, adapter, stream: bool):
     from transformers import AutoTokenizer
 
-    probes = parity.build_probes(AutoTokenizer.from_pretrained(model_dir), parity.DEFAULT_SYSTEM_PROMPT)
-    return parity.reference_logprobs(parity.load_reference(model_dir, adapter, "cpu", stream), probes, "cpu")
+    probes = build_probes(AutoTokenizer.from_pretrained(model_dir), DEFAULT_SYSTEM_PROMPT)
+    return reference_logprobs(load_reference(model_dir, adapter, "cpu", stream), probes, "cpu")
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -33,7 +43,7 @@ def test_streamed_reference_holds_one_layer_at_a_time(tiny_models, qwen3_adapter
     its weights: memory is bounded by one layer (and the embedding and the head), not the model."""
     import torch
 
-    model = parity.load_reference(tiny_models["qwen3"], qwen3_adapter, "cpu", stream=True)
+    model = load_reference(tiny_models["qwen3"], qwen3_adapter, "cpu", stream=True)
     assert all(p.device.type == "meta" for p in model.parameters())
     layers = [m for m in model.modules() if type(m).__name__ == "Qwen3DecoderLayer"]
     held_while_running = []
@@ -51,17 +61,17 @@ def test_streamed_reference_holds_one_layer_at_a_time(tiny_models, qwen3_adapter
 
 def test_reference_streams_when_the_float32_model_does_not_fit(tiny_models, monkeypatch):
     model = tiny_models["qwen3"]
-    need = parity._float32_bytes(model, None)
-    monkeypatch.delenv(parity.ENV_REFERENCE, raising=False)
-    monkeypatch.setattr(parity, "_available_bytes", lambda device: need + 4 * 2**30)
-    assert not parity.streams(model, None, "cpu")
-    monkeypatch.setattr(parity, "_available_bytes", lambda device: need)
-    assert parity.streams(model, None, "cpu")
-    monkeypatch.setenv(parity.ENV_REFERENCE, "memory")
-    assert not parity.streams(model, None, "cpu")
-    monkeypatch.setenv(parity.ENV_REFERENCE, "sometimes")
+    need = _float32_bytes(model, None)
+    monkeypatch.delenv(ENV_REFERENCE, raising=False)
+    monkeypatch.setattr(reference_module, "_available_bytes", lambda device: need + 4 * 2**30)
+    assert not streams(model, None, "cpu")
+    monkeypatch.setattr(reference_module, "_available_bytes", lambda device: need)
+    assert streams(model, None, "cpu")
+    monkeypatch.setenv(ENV_REFERENCE, "memory")
+    assert not streams(model, None, "cpu")
+    monkeypatch.setenv(ENV_REFERENCE, "sometimes")
     with pytest.raises(UsageError, match="GRPOCTL_PARITY_REFERENCE must be memory, stream or auto"):
-        parity.streams(model, None, "cpu")
+        streams(model, None, "cpu")
 
 
 def test_streamed_reference_refuses_a_config_that_does_not_match_the_weights(tiny_models, tmp_path):
@@ -75,7 +85,7 @@ def test_streamed_reference_refuses_a_config_that_does_not_match_the_weights(tin
     cfg["intermediate_size"] *= 2
     (model / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DataError, match="config does not match its weights") as err:
-        parity.load_reference(model, None, "cpu", stream=True)
+        load_reference(model, None, "cpu", stream=True)
     assert err.value.exit_code == 4
 
 
@@ -86,7 +96,7 @@ def test_streamed_reference_of_a_model_folder_without_weights_is_bad_data(tiny_m
     shutil.copytree(tiny_models["qwen3"], model)
     (model / "model.safetensors").unlink()
     with pytest.raises(DataError, match="holds no safetensors weights") as err:
-        parity.load_reference(model, None, "cpu", stream=True)
+        load_reference(model, None, "cpu", stream=True)
     assert err.value.exit_code == 4
 
 
@@ -101,7 +111,7 @@ def test_adapter_that_peft_cannot_put_on_the_base_is_bad_data(tiny_models, qwen3
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["no_such_proj"]}))
     with pytest.raises(DataError, match="PEFT cannot load the adapter") as err:
-        parity.load_reference(tiny_models["qwen3"], adapter, "cpu", stream)
+        load_reference(tiny_models["qwen3"], adapter, "cpu", stream)
     assert err.value.exit_code == 4
 
 
@@ -117,7 +127,7 @@ def test_adapter_file_missing_weights_is_bad_data(tiny_models, qwen3_adapter, tm
     dropped = sorted(weights)[0]
     save_file({k: v for k, v in weights.items() if k != dropped}, adapter / "adapter_model.safetensors")
     with pytest.raises(DataError, match="adapter weights missing") as err:
-        parity.load_reference(tiny_models["qwen3"], adapter, "cpu")
+        load_reference(tiny_models["qwen3"], adapter, "cpu")
     assert err.value.exit_code == 4
 
 
@@ -128,7 +138,7 @@ def _plain_peft_logprobs(model_dir, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    probes = parity.build_probes(AutoTokenizer.from_pretrained(model_dir), parity.DEFAULT_SYSTEM_PROMPT)
+    probes = build_probes(AutoTokenizer.from_pretrained(model_dir), DEFAULT_SYSTEM_PROMPT)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, adapter).to(torch.float32).eval()
     with torch.no_grad():
@@ -170,8 +180,8 @@ def test_a_100kb_system_prompt_keeps_the_probes_and_llama_cpps_context_small(tin
     from grpoctl.export import gguf as gg
 
     huge = "Follow every rule below.\n" + "Rule: show your work, then write #### N.\n" * 2500  # ~100 KB
-    ref = parity.prepare_reference(tiny_qwen3, None, tiny_qwen3, huge, gg.end_of_turn_ids(tiny_qwen3))
+    ref = prepare_reference(tiny_qwen3, None, tiny_qwen3, huge, gg.end_of_turn_ids(tiny_qwen3))
     assert huge.startswith(ref.system_prompt) and len(ref.system_prompt) < 1000
     assert len(ref.prompt_ids) < 1024  # what sizes llama.cpp's context in measure()
-    probes = parity.report(ref, {})["probes"]
+    probes = report(ref, {}).probes
     assert probes["system_prompt_cut"] == f"the first {len(ref.system_prompt)} of {len(huge)} characters"

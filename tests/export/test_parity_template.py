@@ -13,8 +13,12 @@ import pytest
 
 from grpoctl import llamacpp_tools
 from grpoctl.export import gguf as gg
-from grpoctl.export import parity
 from grpoctl.export.converter import find_converter
+from grpoctl.export.parity.llamacpp import template_check
+from grpoctl.export.parity.measure import measure
+from grpoctl.export.parity.reference import prepare_reference
+from grpoctl.export.parity.report import format_table, report, template_lines
+from grpoctl.export.parity.scoring import DEFAULT_FLOORS
 from tests.export.gguf_support import read_gguf
 from tests.tinymodels import CHAT_TEMPLATE
 
@@ -47,7 +51,7 @@ def good_gguf(converter, tiny_models, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_models):
     model = tiny_models["qwen3"]
-    return parity.prepare_reference(model, None, model, "Be brief.", gg.end_of_turn_ids(model))
+    return prepare_reference(model, None, model, "Be brief.", gg.end_of_turn_ids(model))
 
 
 def with_template(converter, gguf: Path, template: str, out: Path) -> Path:
@@ -69,22 +73,22 @@ def test_gguf_whose_chat_template_departs_fails_parity_naming_the_conversation(c
     with both renders; the unedited export passes with no departure at all."""
     template, departing = BROKEN[broken]
     bad_path = with_template(converter, good_gguf, template, tmp_path / "broken.gguf")
-    floor = parity.DEFAULT_FLOORS["f16"]
-    good = parity.measure(good_gguf, "f16", reference, floor)
-    bad = parity.measure(bad_path, "f16", reference, floor)
+    floor = DEFAULT_FLOORS["f16"]
+    good = measure(good_gguf, "f16", reference, floor)
+    bad = measure(bad_path, "f16", reference, floor)
 
-    check = good["tokenizer"]["template"]
-    assert good["passed"] and good["tokenizer"]["template_matches"] is True
+    check = good.tokenizer["template"]
+    assert good.passed and good.tokenizer["template_matches"] is True
     assert check["departures"] == [] and check["engine_departures"] == []
     assert {"whitespace", "reasoning-in-history-whitespace-after-end", "think-on-user", "think-off-multi-turn",
             "system+user"} <= set(check["conversations"])
 
-    check = bad["tokenizer"]["template"]
-    assert not bad["passed"] and bad["tokenizer"]["template_matches"] is False and not bad["tokenizer"]["ok"]
+    check = bad.tokenizer["template"]
+    assert not bad.passed and bad.tokenizer["template_matches"] is False and not bad.tokenizer["ok"]
     assert {d["name"] for d in check["departures"]} == departing
     assert all(d["expected"] != d["got"] for d in check["departures"]) and check["engine_departures"] == []
-    assert bad["kl"] < 0.005  # the weights are fine: the template alone fails it
-    shown = parity.format_table(parity.report(reference, {"broken.gguf": bad}))
+    assert bad.kl < 0.005  # the weights are fine: the template alone fails it
+    shown = format_table(report(reference, {"broken.gguf": bad}))
     assert f"chat template departs from transformers on conversation {sorted(departing)[0]!r}" in shown
     assert "departs on " + repr(sorted(departing)[0]) in gg._why(bad)
 
@@ -110,9 +114,9 @@ def test_gguf_whose_template_dropped_the_date_fails_naming_the_conversations(con
     template lost that line: every conversation departs and is named; the file with the line passes."""
     with_date = dated(CHAT_TEMPLATE, "'Today: ' + strftime_now('%d %b %Y')")
     tok = tokenizer_with(tiny_models["qwen3"], with_date)
-    right = parity.template_check(with_template(converter, good_gguf, with_date, tmp_path / "right.gguf"), tok,
+    right = template_check(with_template(converter, good_gguf, with_date, tmp_path / "right.gguf"), tok,
                                   "Be brief.", add_bos=False)
-    wrong = parity.template_check(with_template(converter, good_gguf, CHAT_TEMPLATE, tmp_path / "wrong.gguf"), tok,
+    wrong = template_check(with_template(converter, good_gguf, CHAT_TEMPLATE, tmp_path / "wrong.gguf"), tok,
                                   "Be brief.", add_bos=False)
     assert right["passed"] is True and right["departures"] == right["engine_departures"] == []
     assert wrong["passed"] is False and wrong["engine_departures"] == []
@@ -129,12 +133,12 @@ def test_llama_cpp_departure_for_the_trained_template_too_is_reported_not_failed
     template = dated(CHAT_TEMPLATE, "'Date: ' + (date_string if date_string is defined else 'unknown')")
     tok = tokenizer_with(tiny_models["qwen3"], template)
     path = with_template(converter, good_gguf, template, tmp_path / "dated.gguf")
-    check = parity.template_check(path, tok, "Be brief.", add_bos=False)
+    check = template_check(path, tok, "Be brief.", add_bos=False)
     assert check["passed"] is True and check["departures"] == []
     assert {d["name"] for d in check["engine_departures"]} == set(check["conversations"])
     assert all("Date: unknown" in d["expected"] and "Date: unknown" not in d["got"]
                for d in check["engine_departures"])
-    shown = parity.template_lines(check)
+    shown = template_lines(check)
     assert shown and all("for the trained template too" in line for line in shown)
 
 
@@ -144,10 +148,10 @@ def test_template_check_says_it_was_skipped_when_llama_tools_are_not_built(good_
     rendered by llama.cpp's engine: the report says so by name and why, rather than counting it as a match."""
     monkeypatch.delenv(llamacpp_tools.ENV_BIN, raising=False)
     monkeypatch.setattr(llamacpp_tools, "cached_root", lambda version=None: tmp_path / "no-tools")
-    result = parity.measure(good_gguf, "f16", reference, parity.DEFAULT_FLOORS["f16"])
-    check = result["tokenizer"]["template"]
-    assert result["tokenizer"]["template_matches"] is None and "departures" not in check
+    result = measure(good_gguf, "f16", reference, DEFAULT_FLOORS["f16"])
+    check = result.tokenizer["template"]
+    assert result.tokenizer["template_matches"] is None and "departures" not in check
     assert "not built" in check["skipped"] and "grpoctl doctor --build-llama-tools" in check["skipped"]
-    shown = parity.format_table(parity.report(reference, {"good.gguf": result}))
+    shown = format_table(report(reference, {"good.gguf": result}))
     assert "good.gguf: chat template not rendered by llama.cpp's engine: llama.cpp's tools are not built" in shown
     assert "not checked" in shown

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from grpoctl.export import parity, reference_cache
+from grpoctl.export import reference_cache
 from grpoctl.export.gguf import end_of_turn_ids
+from grpoctl.export.parity.reference import ParityReference, prepare_reference
 from tests.export.adapters import make_adapter
 
 
@@ -36,11 +37,11 @@ def adapter(base, tmp_path) -> Path:
     return make_adapter(base, tmp_path / "adapter", save_tokenizer=True)
 
 
-def _reference(base: Path, adapter: Path, system: str = "Be brief.") -> parity.ParityReference:
-    return parity.prepare_reference(base, adapter, adapter, system, end_of_turn_ids(adapter), plan=("cpu", False))
+def _reference(base: Path, adapter: Path, system: str = "Be brief.") -> ParityReference:
+    return prepare_reference(base, adapter, adapter, system, end_of_turn_ids(adapter), plan=("cpu", False))
 
 
-def _same(a: parity.ParityReference, b: parity.ParityReference) -> bool:
+def _same(a: ParityReference, b: ParityReference) -> bool:
     import torch
 
     return all(torch.equal(x, y) for x, y in zip(a.ref32, b.ref32, strict=True)) and a.noise == b.noise \

@@ -11,7 +11,9 @@ import pytest
 from grpoctl.artifacts import Artifacts
 from grpoctl.config import DataConfig, RewardsConfig
 from grpoctl.export import gguf as gg
-from grpoctl.export import parity
+from grpoctl.export.parity.measure import measure
+from grpoctl.export.parity.reference import prepare_reference
+from grpoctl.export.parity.scoring import DEFAULT_FLOORS
 from grpoctl.export.pipeline import ExportOptions, export
 from grpoctl.export.taskparity import TaskParity, TaskRequest, TaskSet, bootstrap_interval, compare
 from grpoctl.rundir import RunDir
@@ -111,7 +113,7 @@ def test_wrong_end_of_generation_id_passes_the_kl_gate_and_fails_the_task_gate(s
     adapter = smol_run / "adapter"
     tasks = TaskParity.prepare(TaskRequest(prompts=PROMPTS, gate=True), RunDir(smol_run), adapter, streamed=False,
                                device="cpu")
-    ref = parity.prepare_reference(smollm2_dir, adapter, adapter, SYSTEM, gg.end_of_turn_ids(adapter),
+    ref = prepare_reference(smollm2_dir, adapter, adapter, SYSTEM, gg.end_of_turn_ids(adapter),
                                    with_model=tasks.reference_hook())
     tok = AutoTokenizer.from_pretrained(adapter)
     common = set.intersection(*(set(tok(a, add_special_tokens=False)["input_ids"]) for a in tasks.ref_answers))
@@ -120,18 +122,18 @@ def test_wrong_end_of_generation_id_passes_the_kl_gate_and_fails_the_task_gate(s
     shutil.copy(good, broken)
     _set_scalar(broken, "tokenizer.ggml.eos_token_id", min(common))
 
-    files = {"broken": parity.measure(broken, "f16", ref, parity.DEFAULT_FLOORS["f16"])}
-    assert files["broken"]["passed"] and files["broken"]["tokenizer"]["ok"]  # the KL gate passes it
+    files = {"broken": measure(broken, "f16", ref, DEFAULT_FLOORS["f16"])}
+    assert files["broken"].passed and files["broken"].tokenizer["ok"]  # the KL gate passes it
     tasks.measure(files, {"broken": broken}, lambda _line: None)
-    bad = files["broken"]["task"]
-    assert bad["significant_drop"] and not bad["passed"] and not files["broken"]["passed"]
-    assert bad["difference"]["high"] < 0 and bad["agreement"] < 1
+    bad = files["broken"].task
+    assert bad.significant_drop and not bad.passed and not files["broken"].passed
+    assert bad.difference.high < 0 and bad.agreement < 1
     assert "task parity: mean reward" in gg._why(files["broken"])
 
 
 def test_a_run_without_held_out_prompts_skips_task_parity_and_says_how_to_give_some(qwen3_run, tmp_path):
     tasks = TaskParity.prepare(TaskRequest(), RunDir(qwen3_run), qwen3_run / "adapter", streamed=False, device="cpu")
-    assert tasks.task is None and "--eval-data" in tasks.section()["skipped"]
+    assert tasks.task is None and "--eval-data" in tasks.section().skipped
     assert TaskParity.prepare(TaskRequest(prompts=0), RunDir(qwen3_run), qwen3_run / "adapter", streamed=False,
                               device="cpu") is None
     held = tmp_path / "eval.jsonl"

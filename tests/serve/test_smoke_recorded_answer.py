@@ -31,14 +31,15 @@ def recorded(smollm2_dir, smol_gguf) -> str:
     question, on the ids transformers renders for it with the run's system prompt."""
     from transformers import AutoTokenizer
 
-    from grpoctl.export import parity
+    from grpoctl.export.parity.llamacpp import greedy_gguf, open_gguf
+    from grpoctl.export.parity.probes import GREEDY_QUESTION, conversation, render
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    text = parity._render(tok, parity._conversation(SYSTEM_PROMPT, parity.GREEDY_QUESTION), True)
+    text = render(tok, conversation(SYSTEM_PROMPT, GREEDY_QUESTION), True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    llm = parity.open_gguf(smol_gguf, 512)
+    llm = open_gguf(smol_gguf, 512)
     try:
-        return parity.greedy_gguf(llm, ids)
+        return greedy_gguf(llm, ids)
     finally:
         llm.close()
 
