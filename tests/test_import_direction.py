@@ -114,15 +114,27 @@ def test_the_root_import_walk_sees_the_version_read_from_the_root(tmp_path):
                                  "grpoctl/export/pipeline.py:2: grpoctl.export.pipeline imports grpoctl"]
 
 
-def _module_graph(package: Path) -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
+def _type_only(tree: ast.AST) -> set[ast.AST]:
+    """The import nodes under ``if TYPE_CHECKING:``: annotations only, never run."""
+    guards = [node for node in ast.walk(tree)
+              if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"]
+    return {n for guard in guards for stmt in guard.body for n in ast.walk(stmt)}
+
+
+def _module_graph(package: Path, runtime_only: bool = False) -> tuple[dict[str, dict[str, int]], dict[str, Path]]:
     """module -> {module it imports: first line}, every import counted (module level and inside functions); a
-    ``from grpoctl.train import backends`` is an import of ``grpoctl.train.backends``."""
+    ``from grpoctl.train import backends`` is an import of ``grpoctl.train.backends``. ``runtime_only`` leaves
+    out the imports under ``if TYPE_CHECKING:``."""
     paths = {_module_name(path, package): path for path in sorted(package.rglob("*.py"))}
     graph: dict[str, dict[str, int]] = {}
     for module, path in paths.items():
         package_of = module if path.name == "__init__.py" else module.rpartition(".")[0]
         edges: dict[str, int] = {}
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        skipped = _type_only(tree) if runtime_only else set()
+        for node in ast.walk(tree):
+            if node in skipped:
+                continue
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -143,8 +155,9 @@ def _module_graph(package: Path) -> tuple[dict[str, dict[str, int]], dict[str, P
 def import_circles(package: Path = PACKAGE) -> list[str]:
     """Every circle of imports among the modules of one stage (or among the shared modules), as
     ``a -> b -> a`` with the file and line of each import: a circle that only works because one of its imports
-    sits inside a function still ties those modules into one."""
-    graph, paths = _module_graph(package)
+    sits inside a function still ties those modules into one. Imports for annotations only (under
+    ``if TYPE_CHECKING:``) never run and close no circle."""
+    graph, paths = _module_graph(package, runtime_only=True)
     circles: list[str] = []
 
     def walk(start: str, module: str, trail: list[str]) -> None:
@@ -167,6 +180,20 @@ def import_circles(package: Path = PACKAGE) -> list[str]:
 
 def test_no_import_circle_inside_a_stage():
     assert import_circles() == []
+
+
+def test_a_circle_closed_only_for_annotations_is_none_but_the_same_import_at_run_time_is(tmp_path):
+    pkg = tmp_path / "grpoctl"
+    files = {"__init__.py": "", "manifests/__init__.py": "", "manifests/api.py": "from . import context\n",
+             "manifests/context.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                     "    from grpoctl.manifests.api import Options\n"}
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    assert import_circles(pkg) == []
+    (pkg / "manifests/context.py").write_text("from grpoctl.manifests.api import Options\n")
+    assert import_circles(pkg) == ["grpoctl.manifests.api -> grpoctl.manifests.context -> grpoctl.manifests.api "
+                                   "(grpoctl/manifests/api.py:1, grpoctl/manifests/context.py:1)"]
 
 
 def test_the_circle_walk_sees_a_circle_closed_inside_a_function(tmp_path):
