@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from grpoctl.errors import DependencyError, ServeError
-from grpoctl.procs import parent_death_signal, stop_process_group
+from grpoctl.procs import start_child, stop_process_group
 
 HEALTH_PATH = "/health"
 LOG_NAME = "vllm-server.log"
@@ -68,8 +68,7 @@ def running_server(model: str, gpu: str, log: Path, *, gpu_memory_utilization: f
     log.parent.mkdir(parents=True, exist_ok=True)
     say(f"grpoctl: starting the vLLM generation server on GPU {gpu} ({base}, log {log})", flush=True)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=parent_death_signal())
+        proc = start_child(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         started = time.monotonic()
         while True:
