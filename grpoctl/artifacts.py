@@ -350,8 +350,10 @@ class RecipeGroup:
     chosen: str  # base | higher | lower
     higher_bytes: int | None = None  # None: no higher type on its ladder
     higher_kl: float | None = None  # mean KL on the calibration text with only this group one step higher
+    higher_se: float | None = None  # standard error of its change from the importance-matrix quant's KL
     lower_bytes: int | None = None
     lower_kl: float | None = None
+    lower_se: float | None = None
 
 
 @dataclass
