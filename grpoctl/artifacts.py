@@ -186,7 +186,8 @@ class TaskReference:
     mean_reward: float
     rewards: dict[str, float]
     examples: list[str]
-    seconds: float | None = None
+    seconds: float | None = None  # what answering and scoring cost this export (scoring alone when kept)
+    kept: bool = False  # the answers were kept from an earlier export of the same base, adapter and prompts
 
 
 @dataclass
