@@ -2,7 +2,7 @@
 type on the held-out probes, and the search timed against the plain quantizations, on the SmolLM2 demo run.
 
     python bench/recipe_bench.py [--work /tmp/grpoctl-recipe-bench] [--run RUN] [--types q4_k_m,q3_k_m]
-                                 [--completions sampled|solutions] [--bands 8] [--positions 512]
+                                 [--completions sampled|solutions] [--bands 8] [--positions 2048] [--reuse]
 
 The run is `grpoctl train --config examples/demo.toml` into the work folder once (or ``--run``). Then, as
 `grpoctl export --gguf TYPES --imatrix auto --quant-recipe search` does it:
@@ -15,6 +15,9 @@ The run is `grpoctl train --config examples/demo.toml` into the work folder once
      (llama-quantize --imatrix), and the recipe search from it (grpoctl.export.recipe.search: one llama-quantize
      --tensor-type-file run and one llama.cpp pass over the calibration positions per group and direction)
   5. the three files of each type against the trained model on the parity probes (not timed)
+
+``--reuse`` keeps steps 1-3 from an earlier run in the same work folder (they do not depend on the search; the
+output says which were kept and leaves them untimed).
 
 Every timed step runs in its own subprocess (wall time and peak RSS of it and its children, as in
 gguf_bench.py). Prints the table per type, the target (searched mean KL / importance-matrix mean KL on the
@@ -36,14 +39,25 @@ from imatrix_bench import _code, demo_run
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: int, positions: int) -> dict:
+def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: int, positions: int,
+          reuse: bool = False) -> dict:
     from grpoctl.rundir import RunDir
 
     run = RunDir(run_dir)
     base = Path(run.base_model.path)
     out = work / "smollm2"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    inter = out / "model-BF16.gguf"
+    cal = out / "bench-calibration.txt"
+    matrix = out / "bench-imatrix.gguf"
+    kept = [p for p in (inter, cal, Path(str(cal) + ".json"), matrix, out / "view") if p.exists()] if reuse else []
+    if reuse and len(kept) == 5:
+        for p in out.iterdir():
+            if p not in kept:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    else:
+        kept = []
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     print(f"\n== smollm2: {run_dir} (base {run.base_model.id}); types {','.join(types)}; calibration completions "
           f"{completions}; {bands} bands, {positions} positions", flush=True)
@@ -55,15 +69,16 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
         run = RunDir(Path({str(run_dir)!r})); base = Path({str(base)!r}); out = Path({str(out)!r})
         adapter = run.adapter_dir
         """
-    inter = out / "model-BF16.gguf"
-    cal = out / "bench-calibration.txt"
-    step("convert base + adapter -> 16-bit GGUF", _code(common, f"""
+    if kept:
+        print(f"reused from an earlier run (not timed): {', '.join(p.name for p in kept)}", flush=True)
+    if not kept:
+        step("convert base + adapter -> 16-bit GGUF", _code(common, f"""
         from grpoctl.export.converter import find_converter
         view = gg.model_view(base, adapter, out / "view")
         gg.convert(find_converter(fetch=False), view, adapter, Path({str(inter)!r}), gg.source_16bit_type(view),
                    name="bench", metadata=gg.gguf_metadata("bench", base, adapter))
         """), results)
-    step(f"calibration text ({completions})", _code(common, f"""
+        step(f"calibration text ({completions})", _code(common, f"""
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(out / "view")
         req = im.ImatrixRequest(run=run, completions={completions!r})
@@ -76,7 +91,8 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
     from grpoctl.llamacpp_tools import find_tools
 
     find_tools(build=True)  # llama-imatrix and llama-quantize, built once (not timed)
-    step(f"llama-imatrix ({tokens} tokens)", _code(common, f"""
+    if not kept:
+        step(f"llama-imatrix ({tokens} tokens)", _code(common, f"""
         im.compute_matrix(Path({str(inter)!r}), Path({str(cal)!r}), out / "bench-imatrix.gguf", {tokens})
         """), results)
     files: dict[str, dict[str, Path]] = {}
@@ -151,7 +167,7 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
               f"/ the importance-matrix quantization: {search['wall_s'] / imx['wall_s']:.1f}x; peak RSS "
               f"{search['peak_rss_mib']} MiB vs {plain['peak_rss_mib']} MiB")
     return {"label": "smollm2", "steps": results, "types": types, "completions": completions, "bands": bands,
-            "positions": positions, "sizes": sizes,
+            "positions": positions, "reused": [p.name for p in kept], "sizes": sizes,
             "figures": {t: {k: {m: f[m] for m in ("top1", "kl", "kl_p99")} for k, f in v.items()}
                         for t, v in figures.items()},
             "search": {t: r["record"] for t, r in records.items()}, "noise": ref.noise}
@@ -164,15 +180,18 @@ def main() -> None:
     ap.add_argument("--types", default="q4_k_m,q3_k_m")
     ap.add_argument("--completions", choices=("sampled", "solutions"), default="sampled")
     ap.add_argument("--bands", type=int, default=8)
-    ap.add_argument("--positions", type=int, default=512)
+    ap.add_argument("--positions", type=int, help="calibration positions (default: the export's)")
+    ap.add_argument("--reuse", action="store_true", help="keep the 16-bit GGUF, calibration text and matrix of an "
+                    "earlier run in --work")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the grpoctl command sets it (bench/cpu_threads.md)
     sys.path.insert(0, str(ROOT))
+    from grpoctl.export.recipe import RecipeRequest
     from grpoctl.gguftypes import parse_types
 
     args.work.mkdir(parents=True, exist_ok=True)
     result = bench(args.run or demo_run(args.work), args.work, parse_types(args.types), args.completions,
-                   args.bands, args.positions)
+                   args.bands, args.positions or RecipeRequest().positions, args.reuse)
     print(json.dumps(result))
 
 

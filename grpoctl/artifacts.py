@@ -179,7 +179,8 @@ class TaskReference:
     mean_reward: float
     rewards: dict[str, float]
     examples: list[str]
-    seconds: float | None = None
+    seconds: float | None = None  # what answering and scoring cost this export (scoring alone when kept)
+    kept: bool = False  # the answers were kept from an earlier export of the same base, adapter and prompts
 
 
 @dataclass
@@ -343,8 +344,10 @@ class RecipeGroup:
     chosen: str  # base | higher | lower
     higher_bytes: int | None = None  # None: no higher type on its ladder
     higher_kl: float | None = None  # mean KL on the calibration text with only this group one step higher
+    higher_se: float | None = None  # standard error of its change from the importance-matrix quant's KL
     lower_bytes: int | None = None
     lower_kl: float | None = None
+    lower_se: float | None = None
 
 
 @dataclass

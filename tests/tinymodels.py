@@ -3,6 +3,7 @@
 The tokenizer is a byte-level BPE trained on the shipped math problems, with ChatML specials and
 ``<think>``/``</think>`` as added tokens, and a Qwen3-style chat template whose generation prompt can
 pre-fill ``<think>``. Weights are random but deterministic (seed 0), saved as bf16 safetensors.
+``vocab=N`` grows the vocabulary to N tokens (Gemma 3's 262k, Llama 3's 128k) with merges of trained tokens.
 """
 
 from __future__ import annotations
@@ -41,10 +42,32 @@ def _corpus() -> list[str]:
 BOS = "<bos>"
 
 
-def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True, bos: bool = False):
+def _grown(tok, size: int):
+    """``tok`` with merges of pairs of its trained tokens appended until it has ``size`` tokens: a vocabulary as big
+    as a real model's, still a valid byte-level BPE (every new token is the merge of two existing ones, ranked after
+    the trained merges) that transformers and llama.cpp tokenize alike."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    vocab, merges = model["vocab"], model["merges"]
+    specials = {t["content"] for t in spec["added_tokens"]}
+    trained = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t not in specials]
+    pairs = ((a, b) for a in trained for b in trained)
+    while len(vocab) < size:
+        a, b = next(pairs)
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append([a, b] if merges and isinstance(merges[0], list) else f"{a} {b}")
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True, bos: bool = False,
+                    vocab: int | None = None):
     """The fixture tokenizer, saved to ``out``; ``chat_template=False``: without a chat template, as many base
     (not instruct) models ship; ``bos``: a BOS token that the tokenizer adds to text itself and the chat template
-    writes too (Gemma, Llama 3): a server that tokenizes the rendered prompt with the BOS added must not send two."""
+    writes too (Gemma, Llama 3): a server that tokenizes the rendered prompt with the BOS added must not send two;
+    ``vocab``: the vocabulary grown to that many tokens (``_grown``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,6 +80,8 @@ def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS + ([BOS] if bos else []),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
+    if vocab is not None:
+        tok = _grown(tok, vocab)
     if bos:
         bos_id = tok.token_to_id(BOS)
         tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
@@ -75,17 +100,20 @@ def build_tokenizer(out: Path, vocab_size: int = 800, chat_template: bool = True
 
 
 def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool = False,
-                     chat_template: bool = True, bos: bool = False) -> Path:
+                     chat_template: bool = True, bos: bool = False, vocab: int | None = None,
+                     head_scale: float = 1.0) -> Path:
     """Write a tiny random ``arch`` (llama | qwen2 | qwen3) model with the fixture tokenizer to ``out``;
     ``tied``: lm_head shares the input embedding (tie_word_embeddings, no lm_head.weight saved);
     ``chat_template=False``: its tokenizer has none (a base model); ``bos``: the tokenizer adds a BOS and the
-    chat template writes it (``build_tokenizer``)."""
+    chat template writes it (``build_tokenizer``); ``vocab``: that many tokens (``build_tokenizer``);
+    ``head_scale``: the output head (with ``tied``, the shared embedding, whose scale the first norm undoes for
+    the input) multiplied by it, so that random weights still give a confident argmax over a big vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, chat_template=chat_template, bos=bos)
+    tok = build_tokenizer(out, chat_template=chat_template, bos=bos, vocab=vocab)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   initializer_range=0.1, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -100,6 +128,8 @@ def build_tiny_model(out: Path, arch: str = "qwen3", seed: int = 0, tied: bool =
         raise ValueError(f"unknown tiny arch {arch}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_scale)
     model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=tok.pad_token_id,
                                                do_sample=True, temperature=0.7, top_p=0.95)

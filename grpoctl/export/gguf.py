@@ -137,10 +137,13 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
         tasks = TaskParity.prepare(task, run, view, streamed=ref_plan[1], device=ref_plan[0])
         with reference_cache.switched(parity_cache):
             ref = prepare_reference(model_dir, Path(adapter_dir) if adapter_dir else None, view, system_prompt,
-                                    eot_ids, plan=ref_plan, with_model=tasks.reference_hook() if tasks else None)
+                                    eot_ids, plan=ref_plan, work=tasks.reference_work() if tasks else None)
         if ref.reused:
             say("parity: the reference's results (and its noise floor) kept from an earlier export of the same base, "
                 "adapter and probes")
+        if tasks is not None and tasks.ref_kept:
+            say("task parity: the reference's answers kept from an earlier export of the same base, adapter and "
+                "prompts (scored again with the run's rewards)")
         files: dict[str, ParityResult] = {}
         for i, t in enumerate(types, 1):
             fname = gguf_filename(name, t)

@@ -7,14 +7,21 @@
         on the calibration text (llama.cpp); its tensors come from two llama-quantize --imatrix
         --tensor-type-file runs (every group higher / every group lower), spliced into the
         importance-matrix quant by gguf-py
+    each measurement paired with the importance-matrix quant's position by position: the change in mean KL and
+    its standard error (over blocks of positions; the KL is heavy-tailed and a few positions move it)
     greedy allocation: upgrade the group with the most KL saved per byte, paid for by downgrading the groups
-    that cost the least KL per byte saved, while the trade pays and the tensor bytes stay within the budget
+    that cost the least KL per byte saved, while the trade pays by more than the measurements' standard errors
+    and the tensor bytes stay within the budget; bytes left over go to the upgrades that measured a gain
       -> <name>-<QUANT>.recipe.txt: one PATTERN=TYPE line per tensor (llama-quantize --tensor-type-file)
       -> the file made from it, checked tensor by tensor against the recipe, shipped as <name>-<QUANT>.gguf
          when its calibration KL is lower than the importance-matrix quant's, it is no larger than the
          plain or the importance-matrix quant of the type, and its KL on the held-out parity probes is
          lower too (``confirm_held_out``: the probes never steer the search, they refuse a file that fitted
          the calibration text)
+
+A change smaller than its standard error is not taken as a gain: on 512 positions of SmolLM2 a downgrade
+"lowered" the KL by noise and an upgrade "saved" 23%, and a recipe built on those fitted the text it was
+measured on (probe KL 1.21x the importance-matrix quant's). Fewer bits are never counted as free.
 
 Every step of a group is one step on the ladder of each of its tensors: the K-quants for rows that are a
 multiple of 256 wide, the 32-wide block types otherwise (llama.cpp would fall back to those anyway, so the
@@ -30,7 +37,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +53,11 @@ Say = Callable[[str], None]
 # the two type ladders, cheapest first (ggml type names as llama-quantize spells them)
 K_LADDER = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0")  # rows a multiple of 256 wide
 BLOCK32_LADDER = ("q4_0", "iq4_nl", "q5_0", "q5_1", "q8_0")  # other rows a multiple of 32 wide
-_MAX_LOGPROB_FLOATS = 64 * 2**20  # the reference's log-probabilities kept in memory: 256 MiB of float32
+_MAX_LOGPROB_FLOATS = 128 * 2**20  # the reference's log-probabilities kept in memory: 512 MiB of float32
+# how many standard errors of its paired difference a measured change must clear to count as a gain (an
+# upgrade's) or be charged as a cost (a downgrade's, at the upper end)
+MARGIN_SE = 1.0
+SE_BLOCK = 64  # positions per block for the standard error: neighbouring positions of a text are not independent
 
 
 def check_request(method: str | None, with_calibration_text: bool) -> None:
@@ -64,7 +75,9 @@ def check_request(method: str | None, with_calibration_text: bool) -> None:
 class RecipeRequest:
     method: str = SEARCH
     bands: int = 8  # layers are searched in at most this many bands of consecutive layers
-    positions: int = 512  # calibration tokens the KL is measured on (one chunk of llama-imatrix's size)
+    # calibration tokens the KL is measured on (four chunks of llama-imatrix's size): on 512 the per-group
+    # changes were mostly noise (bench/recipe.md)
+    positions: int = 2048
 
 
 # --- the tensors of a file ------------------------------------------------------------------------------
@@ -273,6 +286,20 @@ class Figures:
     kl: float
     kl_p99: float
     top1: float
+    kls: Any = field(default=None, repr=False, compare=False)  # the KL at each position, for paired differences
+
+
+def paired(base: Figures, other: Figures, block: int = SE_BLOCK) -> tuple[float, float]:
+    """``other``'s mean KL minus ``base``'s on the same positions, and the standard error of that difference over
+    blocks of ``block`` consecutive positions (0 when there are fewer than two blocks)."""
+    import numpy as np
+
+    diff = np.asarray(other.kls, dtype=np.float64) - np.asarray(base.kls, dtype=np.float64)
+    n = len(diff) // block
+    if n < 2:
+        return float(diff.mean()), 0.0
+    means = diff[: n * block].reshape(n, block).mean(-1)
+    return float(diff.mean()), float(means.std(ddof=1) / math.sqrt(n))
 
 
 class CalibrationKL:
@@ -292,37 +319,38 @@ class CalibrationKL:
             self.chunks = [ids[i:i + n_ctx] for i in range(0, limit, n_ctx)]
             self.chunks = [c for c in self.chunks if len(c) >= 2]
             self.n_ctx = n_ctx
-            self.reference = self._logprobs(llm)
+            self.reference = [self._logprobs(llm, c) for c in self.chunks]
         finally:
             llm.close()
         self.positions = sum(len(c) for c in self.chunks)
 
-    def _logprobs(self, llm: Any) -> list[Any]:
+    @staticmethod
+    def _logprobs(llm: Any, chunk: list[int]) -> Any:
         import numpy as np
 
-        out = []
-        for chunk in self.chunks:
-            llm.reset()
-            llm.eval(chunk)
-            scores = np.array(llm.scores[: len(chunk)], dtype=np.float32)
-            scores -= scores.max(-1, keepdims=True)
-            out.append(scores - np.log(np.exp(scores).sum(-1, keepdims=True)))
-        return out
+        llm.reset()
+        llm.eval(chunk)
+        scores = np.array(llm.scores[: len(chunk)], dtype=np.float32)
+        scores -= scores.max(-1, keepdims=True)
+        return scores - np.log(np.exp(scores).sum(-1, keepdims=True))
 
     def measure(self, path: Path) -> Figures:
+        """``path``'s KL to the reference at every position, one chunk in memory at a time."""
         import numpy as np
 
         from grpoctl.export.parity.llamacpp import open_gguf
 
         llm = open_gguf(path, self.n_ctx)
+        kls, agree = [], 0
         try:
-            test = self._logprobs(llm)
+            for r, chunk in zip(self.reference, self.chunks, strict=True):
+                t = self._logprobs(llm, chunk)
+                kls.append(np.clip((np.exp(r) * (r - t)).sum(-1), 0, None))
+                agree += int((r.argmax(-1) == t.argmax(-1)).sum())
         finally:
             llm.close()
-        kls = np.concatenate([np.clip((np.exp(r) * (r - t)).sum(-1), 0, None) for r, t in zip(self.reference, test,
-                                                                                                 strict=True)])
-        agree = sum(int((r.argmax(-1) == t.argmax(-1)).sum()) for r, t in zip(self.reference, test, strict=True))
-        return Figures(kl=float(kls.mean()), kl_p99=float(np.quantile(kls, 0.99)), top1=agree / len(kls))
+        kl = np.concatenate(kls)
+        return Figures(kl=float(kl.mean()), kl_p99=float(np.quantile(kl, 0.99)), top1=agree / len(kl), kls=kl)
 
 
 # --- the search -----------------------------------------------------------------------------------------
@@ -334,6 +362,16 @@ class _Move:
     types: dict[str, str]
     delta_bytes: int  # bytes added (negative: saved)
     kl: float | None = None
+    se: float = 0.0  # standard error of the change in mean KL, paired with the importance-matrix quant
+
+    def gain(self, base_kl: float) -> float:
+        """KL an upgrade saves, counted only beyond ``MARGIN_SE`` standard errors (never negative)."""
+        return max(0.0, base_kl - self.kl - MARGIN_SE * self.se)
+
+    def cost(self, base_kl: float) -> float:
+        """KL a downgrade adds, charged at ``MARGIN_SE`` standard errors above the measurement (never negative:
+        fewer bits are not a gain, whatever one measurement says)."""
+        return max(0.0, self.kl - base_kl + MARGIN_SE * self.se)
 
 
 @dataclass
@@ -382,11 +420,13 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
     began = time.monotonic()
     for i, move in enumerate(moves, 1):
         splice(base_file, donors[move.direction], {t.name for t in move.group.tensors}, variant)
-        move.kl = calib.measure(variant).kl
+        delta, move.se = paired(base, calib.measure(variant))
+        move.kl = base.kl + delta
         variant.unlink()
         left = (time.monotonic() - began) / i * (len(moves) - i)
         say(f"  {i}/{len(moves)} {move.group.name} {'higher' if move.direction > 0 else 'lower'} "
-            f"({move.delta_bytes / 2**10:+.0f} KiB): mean KL {move.kl:.5f}; ETA {_clock(left)}")
+            f"({move.delta_bytes / 2**10:+.0f} KiB): mean KL {move.kl:.5f} ({delta:+.5f} +- {move.se:.5f}); "
+            f"ETA {_clock(left)}")
     for donor in donors.values():
         donor.unlink()
 
@@ -420,7 +460,9 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
             name=g.name, tensors=len(g.tensors), bytes=sum(t.bytes(alignment=alignment) for t in g.tensors),
             chosen="base" if pick is None else ("higher" if pick.direction > 0 else "lower"),
             higher_bytes=up.delta_bytes if up else None, higher_kl=_r(up.kl) if up else None,
-            lower_bytes=down.delta_bytes if down else None, lower_kl=_r(down.kl) if down else None))
+            higher_se=_r(up.se) if up else None,
+            lower_bytes=down.delta_bytes if down else None, lower_kl=_r(down.kl) if down else None,
+            lower_se=_r(down.se) if down else None))
     seconds = round(time.monotonic() - start, 1)
     say(f"quant recipe {label}: {sum(final_types[n] != base_types[n] for n in base_types)} tensors changed, "
         f"calibration mean KL {mine.kl:.5f} (importance-matrix quant {base.kl:.5f}, predicted {predicted:.5f}), "
@@ -435,21 +477,25 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
 
 
 def allocate(moves: list[_Move], base_kl: float, room: int) -> tuple[dict[str, _Move], float]:
-    """Greedy: upgrades in order of KL saved per byte, each paid for (when ``room`` does not cover it) by the
-    downgrades that cost the least KL per byte saved; an upgrade is taken only when it saves more KL than its
-    downgrades cost. Downgrades that lower the KL are taken first, for free. Returns {group: move} and the KL
-    the measurements predict, summed as if the groups were independent."""
-    ups = [m for m in moves if m.direction > 0 and m.kl is not None and m.kl < base_kl]
-    downs = [m for m in moves if m.direction < 0 and m.kl is not None and m.delta_bytes < 0]
-    ups.sort(key=lambda m: (base_kl - m.kl) / max(m.delta_bytes, 1), reverse=True)
-    downs.sort(key=lambda m: (m.kl - base_kl) / -m.delta_bytes)
+    """Greedy, on gains and costs net of their standard errors (``_Move.gain``, ``_Move.cost``): upgrades in order
+    of KL saved per byte, each paid for (when ``room`` does not cover it) by the downgrades that cost the least KL
+    per byte saved; an upgrade is taken only when it saves more than its downgrades cost. Bytes still left then go
+    to the remaining upgrades whose measured change is a gain at all, best per byte first (more bits do not cost
+    KL). Returns {group: move} and the KL the measurements predict, summed as if the groups were independent."""
+    measured = [m for m in moves if m.kl is not None]
+    ups = sorted((m for m in measured if m.direction > 0 and m.gain(base_kl) > 0),
+                 key=lambda m: m.gain(base_kl) / max(m.delta_bytes, 1), reverse=True)
+    downs = sorted((m for m in measured if m.direction < 0 and m.delta_bytes < 0),
+                   key=lambda m: m.cost(base_kl) / -m.delta_bytes)
     chosen: dict[str, _Move] = {}
     kl = base_kl
-    for d in downs:
-        if d.kl <= base_kl:  # cheaper and no worse on the calibration text
-            chosen[d.group.name] = d
-            room -= d.delta_bytes
-            kl += d.kl - base_kl
+
+    def take(m: _Move) -> None:
+        nonlocal room, kl
+        chosen[m.group.name] = m
+        room -= m.delta_bytes
+        kl += m.kl - base_kl
+
     for u in ups:
         if u.group.name in chosen:
             continue
@@ -462,13 +508,15 @@ def allocate(moves: list[_Move], base_kl: float, room: int) -> tuple[dict[str, _
                 continue
             pay.append(d)
             need += d.delta_bytes
-        cost = sum(d.kl - base_kl for d in pay)
-        if need > 0 or cost >= base_kl - u.kl:
+        if need > 0 or sum(d.cost(base_kl) for d in pay) >= u.gain(base_kl):
             continue
         for m in [u, *pay]:
-            chosen[m.group.name] = m
-            room -= m.delta_bytes
-            kl += m.kl - base_kl
+            take(m)
+    rest = sorted((m for m in measured if m.direction > 0 and m.kl < base_kl and m.group.name not in chosen),
+                  key=lambda m: (base_kl - m.kl) / max(m.delta_bytes, 1), reverse=True)
+    for u in rest:
+        if u.delta_bytes <= room:
+            take(u)
     return chosen, kl
 
 
@@ -547,9 +595,10 @@ def section(results: dict[str, RecipeType], calib: CalibrationKL, calibration_na
     return QuantRecipeSection(
         method=(f"greedy allocation over {request.bands} bands of layers (attention, MLP) + token embedding + "
                 "output head, each measured one type step higher and lower by llama-quantize --tensor-type-file "
-                "with the importance matrix; KL of llama.cpp's next-token distributions against the 16-bit GGUF"),
+                "with the importance matrix; KL of llama.cpp's next-token distributions against the 16-bit GGUF, "
+                f"each change paired with the importance-matrix quant's and counted net of {MARGIN_SE:g} standard "
+                f"error over blocks of {SE_BLOCK} positions"),
         calibration=calibration_name, positions=calib.positions, reference=reference, types=results)
-
 
 
 def search_types(built: dict[str, Any], plan: Any, types: list[str], work: Path, name: str, request: RecipeRequest,

@@ -14,6 +14,11 @@ of everything the results depend on:
   files (the greedy answer is decoded with them), the greedy length, where the reference ran (device, whether
   streamed) and the versions of torch, transformers and peft.
 
+Work done on the loaded reference model for another check (task parity's greedy answers to the held-out
+prompts: ``ModelWork``) is kept in the same entry, under the sha256 of what it depends on beyond the entry's key
+(the prompts, the answer length): a re-export of an unchanged run reuses the answers instead of loading the model
+again, and an edited adapter, being another entry, answers again.
+
 A change to any of them is another key, so a stale reference is never served. ``grpoctl export
 --no-parity-cache`` (or ``GRPOCTL_PARITY_CACHE=0``) turns the cache off. The newest ``KEEP`` entries are kept
 (each holds the reference's log-probabilities over the whole vocabulary at every probe position: tens to
@@ -27,7 +32,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,45 @@ class ReferenceResults:
     confidence: float
     answer: str
     description: str
+
+
+@dataclass
+class ModelWork:
+    """Work on the float32 reference model while it is loaded, whose result (JSON) is kept with the reference.
+
+    ``key``: what the result depends on beyond the reference's own key; ``compute(model, tokenizer, eot_ids,
+    device)`` returns the result; ``use(result, tokenizer, kept)`` receives it, computed now or kept."""
+
+    name: str
+    key: dict[str, Any]
+    compute: Callable[[Any, Any, list[int], str], Any]
+    use: Callable[[Any, Any, bool], None]
+
+
+def _work_file(key: str, work: ModelWork) -> Path:
+    digest = hashlib.sha256(json.dumps({"name": work.name, **work.key}, sort_keys=True).encode()).hexdigest()
+    return root() / key / f"{work.name}-{digest}.json"
+
+
+def load_work(key: str | None, work: ModelWork) -> tuple[Any] | None:
+    """``(result,)`` kept for ``work`` in the entry ``key``, or None."""
+    if key is None:
+        return None
+    try:
+        return (json.loads(_work_file(key, work).read_text())["result"],)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_work(key: str | None, work: ModelWork, result: Any) -> None:
+    """Keep ``result`` in the entry ``key`` (which ``store`` wrote first; written whole or not at all)."""
+    if key is None or not (root() / key).is_dir():
+        return
+    try:
+        with staged_file(_work_file(key, work)) as tmp:
+            tmp.write_text(json.dumps({"key": work.key, "result": result}))
+    except OSError:
+        return
 
 
 _switch: list[bool] = []  # set by switched(): the export's --parity-cache/--no-parity-cache

@@ -28,6 +28,7 @@ from typing import Any
 
 from grpoctl.artifacts import ParityResult, ParitySection, RewardDifference, TaskReference, TaskResult, TaskSection
 from grpoctl.errors import ConfigError, DataError, UsageError
+from grpoctl.export.reference_cache import ModelWork
 from grpoctl.rundir import RunDir
 
 CPU_PROMPTS = 8  # greedy answers on 2 CPU cores: each prompt costs one pass per answer token on every side
@@ -268,9 +269,13 @@ def compare(task: TaskSet, ref_answers: list[str], ref_scores: dict[str, list[fl
 
 # --- one export's task parity ----------------------------------------------------------------------
 
+ANSWERS_FORMAT = 1  # of the reference's answers kept with the parity reference; a new format is another key
+
+
 class TaskParity:
-    """Task parity for one GGUF export: the reference answers while the parity reference is loaded
-    (``reference_hook``), then each file answers (``measure``); ``section`` is what parity.json records."""
+    """Task parity for one GGUF export: the reference answers while the parity reference is loaded, or its answers
+    are kept from an earlier export of the same base, adapter and prompts (``reference_work``), then each file
+    answers (``measure``); ``section`` is what parity.json records."""
 
     def __init__(self, request: TaskRequest, task: TaskSet | None, skipped: str | None) -> None:
         self.request, self.task, self.skipped = request, task, skipped
@@ -278,6 +283,7 @@ class TaskParity:
         self.ref_scores: dict[str, list[float]] = {}
         self.tokenizer: Any = None
         self.ref_seconds = 0.0
+        self.ref_kept = False
 
     @classmethod
     def prepare(cls, request: TaskRequest | None, run: RunDir | None, tokenizer_dir: Path, streamed: bool,
@@ -293,21 +299,32 @@ class TaskParity:
         found = load_task_set(request, run, tokenizer_dir, cuda)
         return cls(request, None, found) if isinstance(found, str) else cls(request, found, None)
 
-    def reference_hook(self) -> Callable[[Any, Any, list[int], str], None] | None:
+    def reference_work(self) -> ModelWork | None:
+        """The reference's greedy answers as work on the loaded parity reference, kept with it in the cache: they
+        depend on the model, tokenizer and end-of-turn ids (the reference's key) and on the prompts and the answer
+        length (this key). The scores are not kept: the run's rewards (plugins included) score them each time."""
         if self.task is None:
             return None
+        task = self.task
+        start = time.perf_counter()
 
-        def answer(model: Any, tokenizer: Any, eot_ids: list[int], device: str) -> None:
+        def compute(model: Any, tokenizer: Any, eot_ids: list[int], device: str) -> list[str]:
+            nonlocal start
             start = time.perf_counter()
-            self.tokenizer = tokenizer
-            self.ref_answers = reference_answers(model, tokenizer, self.task, eot_ids, device)
+            return reference_answers(model, tokenizer, task, eot_ids, device)
+
+        def use(answers: list[str], tokenizer: Any, kept: bool) -> None:
+            scoring = time.perf_counter()
+            self.tokenizer, self.ref_answers, self.ref_kept = tokenizer, list(answers), kept
             try:
-                self.ref_scores = score(self.task, self.ref_answers, tokenizer)
+                self.ref_scores = score(task, self.ref_answers, tokenizer)
             except Exception as err:  # a plugin's own failure: the export does not depend on task parity
                 self.task, self.skipped = None, f"a reward function failed on the answers: {type(err).__name__}: {err}"
-            self.ref_seconds = round(time.perf_counter() - start, 2)
+            self.ref_seconds = round(time.perf_counter() - (scoring if kept else start), 2)
 
-        return answer
+        return ModelWork(name="task-answers", key={"format": ANSWERS_FORMAT, "prompts": task.prompts,
+                                                   "max_new_tokens": task.max_new_tokens},
+                         compute=compute, use=use)
 
     def measure(self, files: dict[str, ParityResult], paths: dict[str, Path], say: Callable[[str], None]) -> None:
         """Answer with every file and add its ``task`` record to ``files`` (gated: ``passed`` too)."""
@@ -337,7 +354,8 @@ class TaskParity:
                            max_new_tokens_note=t.budget_note, weights=dict(zip(t.names, t.weights, strict=True)),
                            level=LEVEL, resamples=BOOTSTRAP_RESAMPLES, gate=self.request.gate,
                            reference=TaskReference(**summary(t, self.ref_scores),
-                                                   examples=self.ref_answers[:EXAMPLES], seconds=self.ref_seconds),
+                                                   examples=self.ref_answers[:EXAMPLES], seconds=self.ref_seconds,
+                                                   kept=self.ref_kept),
                            questions=[p[-1]["content"] for p in t.prompts[:EXAMPLES]])
 
 

@@ -1,8 +1,9 @@
 """The parity gate passes faithful files of models unlike the embedded one, and still fails broken ones.
 
 Fixtures that SmolLM2 is not: a tokenizer that adds its own BOS under a template that writes it too (Gemma,
-Llama 3), and a trained ``modules_to_save`` head whose rows come in near-identical pairs, so that the argmax
-sits on a near tie at most positions and rounding alone flips it.
+Llama 3), a trained ``modules_to_save`` head whose rows come in near-identical pairs, so that the argmax
+sits on a near tie at most positions and rounding alone flips it, and a 262k-token vocabulary (Gemma 3's) with
+tied embeddings, where rounding flips ~1% of the argmaxes among that many candidates.
 """
 
 from __future__ import annotations
@@ -138,6 +139,62 @@ def test_floors_follow_the_measured_noise_and_a_given_floor_is_kept():
                                                                                     "default")
     given = parse_floors("q8_0=0.99:0.001")["q8_0"]
     assert following_noise(given, noise, 0.0102) == (given, "given")
+
+
+# --- a 262k vocabulary, tied embeddings, a template that writes its own BOS -------------------------
+
+BIG_VOCAB = 262144
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory) -> tuple[Path, Path]:
+    """A Llama with Gemma 3's vocabulary size, the output head tied to the embedding and scaled so that the argmax
+    is gated (mean top-1 probability ~0.7) yet flips under rounding among 262k candidates, its tokenizer adding a
+    BOS that its template writes too; and a LoRA on it (float32 deltas: the F16 file rounds the merge)."""
+    root = tmp_path_factory.mktemp("big-vocab")
+    base = build_tiny_model(root / "llama-262k", "llama", tied=True, bos=True, vocab=BIG_VOCAB, head_scale=6.0)
+    return base, make_adapter(base, root / "adapter")
+
+
+def _swap_row_blocks(path: Path, dst: Path, tensor: str, rows: int) -> Path:
+    """``path`` with the last two blocks of ``rows`` rows of ``tensor`` swapped, in place in a copy (any type: a row
+    of a quantized tensor is its bytes)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    shutil.copy(path, dst)
+    reader = GGUFReader(dst, "r+")
+    t = next(t for t in reader.tensors if t.name == tensor)
+    a, b = slice(-2 * rows, -rows), slice(-rows, None)
+    first, second = np.array(t.data[a]), np.array(t.data[b])
+    t.data[a], t.data[b] = second, first
+    reader.data.flush()
+    del reader
+    return dst
+
+
+def test_big_vocabulary_tied_f16_and_q8_0_pass_and_a_swapped_head_row_block_fails(big_vocab, tmp_path):
+    """Faithful F16 and Q8_0 files of the 262k-vocabulary model pass: the F16 file flips ~1% of the argmaxes (below
+    the 99.5% the fixed floor asked, as the 270M Gemma 3's F16 did) because bf16 rounding flips that many here too;
+    the server sends one BOS. The same files with two blocks of 16384 rows of the tied head swapped fail."""
+    base, adapter = big_vocab
+    out = tmp_path / "gguf"
+    paths = gg.export_gguf(base, adapter, out, ["f16", "q8_0"], name="big", artifacts=Artifacts(root=tmp_path))
+    rep = json.loads((out / "parity.json").read_text())
+    assert rep["top1_gated"] and rep["noise_floor"]["top1"] < 0.995  # rounding alone flips argmaxes here
+    for path in paths:
+        f = rep["files"][path.name]
+        assert f["passed"] and f["tokenizer"]["bos_count"] == 1 and f["tokenizer"]["chat_ids_match"]
+    f16 = rep["files"][paths[0].name]
+    assert f16["type"] == "f16" and f16["top1"] < DEFAULT_FLOORS["f16"].top1  # the fixed floor refused it
+
+    ref = prepare_reference(base, adapter, base, None, gg.end_of_turn_ids(base))
+    assert ref.ref32[0].shape[-1] == BIG_VOCAB
+    for path in paths:
+        t = rep["files"][path.name]["type"]
+        broken = _swap_row_blocks(path, tmp_path / f"swapped-{path.name}", "token_embd.weight", 16384)
+        bad = measure(broken, t, ref, DEFAULT_FLOORS[t])
+        assert not bad.passed and (bad.kl > bad.floor.kl or bad.top1 < bad.floor.top1), bad
 
 
 # --- a refused export keeps its report --------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 Adding a quant to an export measures it against the reference the first export computed (PEFT in transformers,
 and its bf16 noise floor); another adapter, a base edited in place, another system prompt or tokenizer is
-another key, and the reference is computed again.
+another key, and the reference is computed again. Task parity's reference answers are kept with it: a re-export
+of an unchanged run answers nothing again, an edited adapter does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from grpoctl.export import reference_cache
 from grpoctl.export.gguf import end_of_turn_ids
+from grpoctl.export.parity import reference as reference_module
 from grpoctl.export.parity.reference import ParityReference, prepare_reference
 from tests.export.adapters import make_adapter
 
@@ -37,8 +40,9 @@ def adapter(base, tmp_path) -> Path:
     return make_adapter(base, tmp_path / "adapter", save_tokenizer=True)
 
 
-def _reference(base: Path, adapter: Path, system: str = "Be brief.") -> ParityReference:
-    return prepare_reference(base, adapter, adapter, system, end_of_turn_ids(adapter), plan=("cpu", False))
+def _reference(base: Path, adapter: Path, system: str = "Be brief.", work=None) -> ParityReference:
+    return prepare_reference(base, adapter, adapter, system, end_of_turn_ids(adapter), plan=("cpu", False),
+                             work=work)
 
 
 def _same(a: ParityReference, b: ParityReference) -> bool:
@@ -105,3 +109,47 @@ def test_the_cache_can_be_turned_off(cache, base, adapter, monkeypatch):
     monkeypatch.setenv(reference_cache.ENV_CACHE, "0")
     _reference(base, adapter)
     assert not _reference(base, adapter).reused and not cache.exists()
+
+
+def test_task_answers_are_kept_with_the_reference_and_an_edited_adapter_answers_again(cache, base, adapter, tmp_path,
+                                                                                      monkeypatch):
+    """A re-export of the same run loads no model: the reference's greedy answers to the held-out prompts come from
+    the cache and are scored again by the run's rewards. Other prompts answer again on the kept reference; an
+    adapter edited in place is another key, so the reference and its answers are computed again."""
+    from grpoctl.export import taskparity
+    from grpoctl.export.taskparity import TaskParity, TaskRequest
+
+    held = tmp_path / "eval.jsonl"
+    held.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(3)))
+    answered, loaded = [], []
+    real_answers, real_load = taskparity.reference_answers, reference_module.load_reference
+    monkeypatch.setattr(taskparity, "reference_answers", lambda *a: answered.append(1) or real_answers(*a))
+    monkeypatch.setattr(reference_module, "load_reference", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+
+    def tasks(prompts: int = 2) -> TaskParity:
+        t = TaskParity.prepare(TaskRequest(eval_data=held, prompts=prompts), None, adapter, streamed=False,
+                               device="cpu")
+        t.task.max_new_tokens = 6
+        return t
+
+    first = tasks()
+    _reference(base, adapter, work=first.reference_work())
+    assert (len(answered), len(loaded)) == (1, 1) and not first.ref_kept and len(first.ref_answers) == 2
+    again = tasks()
+    ref = _reference(base, adapter, work=again.reference_work())
+    assert ref.reused and again.ref_kept and (len(answered), len(loaded)) == (1, 1)  # nothing loaded or answered
+    assert again.ref_answers == first.ref_answers and again.ref_scores == first.ref_scores
+    assert again.section()["reference"]["kept"]
+
+    more = tasks(prompts=3)  # other prompts: the kept reference, the model loaded for the answers alone
+    ref = _reference(base, adapter, work=more.reference_work())
+    assert ref.reused and not more.ref_kept and (len(answered), len(loaded)) == (2, 2)
+    assert more.ref_answers[:2] == first.ref_answers
+
+    other = make_adapter(base, tmp_path / "other", seed=5, std=0.5)
+    shutil.copy2(other / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+    edited = tasks()
+    ref = _reference(base, adapter, work=edited.reference_work())
+    assert not ref.reused and not edited.ref_kept and (len(answered), len(loaded)) == (3, 3)
+    assert edited.ref_answers != first.ref_answers  # the edited adapter's own answers, not the kept ones

@@ -114,7 +114,7 @@ def test_wrong_end_of_generation_id_passes_the_kl_gate_and_fails_the_task_gate(s
     tasks = TaskParity.prepare(TaskRequest(prompts=PROMPTS, gate=True), RunDir(smol_run), adapter, streamed=False,
                                device="cpu")
     ref = prepare_reference(smollm2_dir, adapter, adapter, SYSTEM, gg.end_of_turn_ids(adapter),
-                                   with_model=tasks.reference_hook())
+                            work=tasks.reference_work())
     tok = AutoTokenizer.from_pretrained(adapter)
     common = set.intersection(*(set(tok(a, add_special_tokens=False)["input_ids"]) for a in tasks.ref_answers))
     assert common, tasks.ref_answers

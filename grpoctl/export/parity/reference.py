@@ -319,11 +319,12 @@ def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool
 
 def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path, system_prompt: str | None,
                       eot_ids: list[int], plan: tuple[str, bool] | None = None,
-                      with_model: Any = None) -> ParityReference:
+                      work: reference_cache.ModelWork | None = None) -> ParityReference:
     """The reference's log-probabilities on the probes, its greedy answer and the bf16 noise floor: computed, or
     kept from an earlier export of the same base, adapter and probes (``grpoctl.export.reference_cache``).
-    ``with_model(model, tokenizer, eot_ids, device)`` runs on the float32 reference before it is rounded for the
-    noise floor (task parity's answers), so the model is loaded once; it needs the model, so it computes."""
+    ``work`` (task parity's answers) runs on the float32 reference before it is rounded for the noise floor, so
+    the model is loaded once, or its result is kept with the reference; when only the reference is kept, the
+    model is loaded for the work alone."""
     from transformers import AutoTokenizer
 
     from grpoctl.chatprobes import probe_system_prompt
@@ -338,13 +339,27 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
     key = reference_cache.reference_key(model_dir, adapter_dir, tokenizer_dir, [p.ids for p in probes], prompt_ids,
                                         eot_ids, system_prompt, {"device": device, "stream": stream,
                                                                  "greedy_tokens": GREEDY_TOKENS})
-    done = reference_cache.load(key) if with_model is None else None
+    done = reference_cache.load(key)
     reused = done is not None
     if done is None:
+        result: list[Any] = []
         done = _compute_reference(model_dir, adapter_dir, tokenizer, probes, prompt_ids, eot_ids, device, stream,
-                                  with_model)
+                                  None if work is None else lambda *a: result.append(work.compute(*a)))
         reference_cache.store(key, done)
+        if work is not None:
+            reference_cache.store_work(key, work, result[0])
+            work.use(result[0], tokenizer, False)
     else:
+        if work is not None:
+            kept = reference_cache.load_work(key, work)
+            if kept is None:
+                model = load_reference(model_dir, adapter_dir, device, stream)
+                kept = (work.compute(model, tokenizer, eot_ids, device),)
+                del model
+                reference_cache.store_work(key, work, kept[0])
+                work.use(kept[0], tokenizer, False)
+            else:
+                work.use(kept[0], tokenizer, True)
         done.description += " (kept from an earlier export of the same base, adapter and probes)"
     return ParityReference(probes=probes, ref32=done.ref32, noise=done.noise, confidence=done.confidence,
                            answer=done.answer, prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt,
