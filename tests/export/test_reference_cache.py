@@ -140,7 +140,7 @@ def test_task_answers_are_kept_with_the_reference_and_an_edited_adapter_answers_
     ref = _reference(base, adapter, work=again.reference_work())
     assert ref.reused and again.ref_kept and (len(answered), len(loaded)) == (1, 1)  # nothing loaded or answered
     assert again.ref_answers == first.ref_answers and again.ref_scores == first.ref_scores
-    assert again.section()["reference"]["kept"]
+    assert again.section().reference.kept
 
     more = tasks(prompts=3)  # other prompts: the kept reference, the model loaded for the answers alone
     ref = _reference(base, adapter, work=more.reference_work())
