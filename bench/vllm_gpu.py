@@ -224,7 +224,7 @@ def run_script(script: Path, port: int, log: Path, model: str, system: str, time
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def cmd_serve(out: Path, deadline: float) -> None:
+def cmd_serve(out: Path, deadline: float, modes: list[str]) -> None:
     from tests.conftest import make_run
 
     start = time.time()
@@ -243,7 +243,10 @@ def cmd_serve(out: Path, deadline: float) -> None:
         return
     results["argv_parsed_by_vllm"] = parse_with_vllm(manifest_argvs(export))
     write_json(out / "serve.json", results)
-    for mode in ("merged", "lora"):
+    for mode in modes:
+        if left() < 60:
+            results[f"grpoctl_serve_{mode}"] = {"rc": "not run: no time left"}
+            continue
         name = f"grpoctl_serve_{mode}"
         results[name] = run_logged(name, grpoctl("serve", run, "--engine", "vllm", "--vllm-mode", mode, "--port", 0,
                                                  "--smoke", "--parity"), out, min(300, left()), env=env())
@@ -252,7 +255,8 @@ def cmd_serve(out: Path, deadline: float) -> None:
     system = json.loads((run / "run.json").read_text())["config"]["data"]["system_prompt"]
     art = json.loads((export / "artifacts.json").read_text())
     names = {m["mode"]: m["argv"] for m in art["manifests"]["vllm"]["modes"]}
-    for mode, script in (("merged", "serve.sh"), ("lora", "serve-lora.sh")):
+    for mode in modes:
+        script = "serve.sh" if mode == "merged" else f"serve-{mode}.sh"
         if left() < 60:
             results[f"script_{mode}"] = {"ok": False, "error": "no time left"}
             continue
@@ -368,6 +372,7 @@ def main() -> None:
     ap.add_argument("--completion", type=int, default=128,
                     help="tokens per completion; 0 = the tutorial's max_seq_length minus the prompt budget")
     ap.add_argument("--deadline-s", type=float, default=560)
+    ap.add_argument("--modes", default="merged,lora", help="serve: the vLLM modes to run, in this order")
     a = ap.parse_args()
     if a.what == "report":
         report(a.out)
@@ -383,7 +388,7 @@ def main() -> None:
         write_json(out / "models.json", {"shape": shape, "tiny": str(tiny_model()),
                                          "built_s": round(time.time() - t, 1)})
     elif a.what == "serve":
-        cmd_serve(out, a.deadline_s)
+        cmd_serve(out, a.deadline_s, a.modes.split(","))
     else:
         cmd_train(out, a.backend, a.steps, a.completion, a.deadline_s, a.engines.split(","))
 
