@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from grpoctl.artifacts import OllamaSection
 from grpoctl.errors import DependencyError, UsageError, VerificationError
+from grpoctl.exportlayout import GGUF_DIR
 from grpoctl.manifests.context import ManifestContext
 
 if TYPE_CHECKING:
@@ -438,7 +439,7 @@ def modelfiles(ctx: ManifestContext, tok: Any) -> tuple[dict[Path, str], OllamaS
             except VerificationError as baked:
                 raise SystemPromptRefused(str(baked)) from None
             section.update(system_in_template=True, template_written=True)
-    gguf_out = ctx.out_dir / "gguf"
+    gguf_out = ctx.out_dir / GGUF_DIR
     base = ctx.artifacts.provenance.base_model
     license_ = base.license if base else None
     params = _sampling_parameters(ctx.run)

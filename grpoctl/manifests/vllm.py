@@ -23,7 +23,7 @@ import yaml
 
 from grpoctl.artifacts import VllmMode, VllmSection
 from grpoctl.errors import UsageError
-from grpoctl.exportlayout import MERGED_4BIT_DIR, MERGED_DIR
+from grpoctl.exportlayout import LORA_DIR, MERGED_4BIT_DIR, MERGED_DIR, VLLM_DIR
 from grpoctl.manifests.context import ManifestContext
 from grpoctl.models import config_dtype, has_tokenizer
 from grpoctl.names import safe_name
@@ -464,10 +464,10 @@ def _plans(ctx: ManifestContext, tok: Any, tokenizer_has_template: bool) -> list
                  export_dir=".." if inside else str(ctx.export_dir.resolve()))
     plans = []
     if ctx.artifacts.by_kind("merged") or o.hub_repo:
-        plans.append(VllmPlan(mode="merged", model=o.hub_repo or "merged", model_is_ref=bool(o.hub_repo),
+        plans.append(VllmPlan(mode="merged", model=o.hub_repo or MERGED_DIR, model_is_ref=bool(o.hub_repo),
                               dtype=_dtype(ctx), **common, **extra))
     elif ctx.artifacts.by_kind("merged-4bit"):
-        plans.append(VllmPlan(mode="merged-4bit", model="merged-4bit", quantization="bitsandbytes",
+        plans.append(VllmPlan(mode="merged-4bit", model=MERGED_4BIT_DIR, quantization="bitsandbytes",
                               dtype=_dtype(ctx), **common, **extra))
     lora = ctx.artifacts.by_kind("lora")
     adapter_cfg = _exported_adapter_config(ctx)
@@ -486,9 +486,9 @@ def _plans(ctx: ManifestContext, tok: Any, tokenizer_has_template: bool) -> list
                 f"The base model is the local folder {location}: serve.sh uses it in place, Compose mounts it at "
                 f"{BASE_MOUNT}, Kubernetes expects a copy in the claim (subPath base)."]
             # the base's tokenizer may carry another chat template than the one trained with
-            tokenizer = "lora" if has_tokenizer(ctx.export_dir / "lora") else None
+            tokenizer = LORA_DIR if has_tokenizer(ctx.export_dir / LORA_DIR) else None
             plans.append(VllmPlan(mode="lora", model=location, model_is_ref=True, base_is_local=local,
-                                  base_served_name=base_name, revision=revision, lora_path="lora",
+                                  base_served_name=base_name, revision=revision, lora_path=LORA_DIR,
                                   tokenizer=tokenizer, lora_rank=_lora_rank(ctx, adapter_cfg), dtype=_dtype(ctx),
                                   notes=notes, **common, **extra))
     return plans
@@ -511,7 +511,7 @@ def _lora_base(ctx: ManifestContext) -> tuple[str, bool, str, str | None] | None
 def _exported_adapter_config(ctx: ManifestContext) -> dict[str, Any]:
     from grpoctl.jsonfiles import adapter_config
 
-    lora = ctx.export_dir / "lora"
+    lora = ctx.export_dir / LORA_DIR
     return adapter_config(lora) if (lora / "adapter_config.json").is_file() else {}
 
 
@@ -534,7 +534,7 @@ def vllm_files(ctx: ManifestContext, tok: Any, tokenizer_has_template: bool) -> 
                          f"for vLLM's --enable-lora with `{ctx.artifacts.export_command('--lora')}` (the manifests "
                          "are written again with it)")
         return {}, VllmSection(written=False)
-    vdir = ctx.out_dir / "vllm"
+    vdir = ctx.out_dir / VLLM_DIR
     files: dict[Path, str] = {}
     if not tokenizer_has_template:
         files[vdir / "chat_template.jinja"] = tok.chat_template
