@@ -31,7 +31,7 @@ from grpoctl.export.converter import Converter, find_converter
 from grpoctl.export.imatrix import Imatrix, ImatrixRequest, check_types, format_comparison
 from grpoctl.export.parity.llamacpp import open_gguf
 from grpoctl.export.parity.measure import measure
-from grpoctl.export.parity.reference import prepare_reference, reference_device, streams
+from grpoctl.export.parity.reference import prepare_reference, reference_plan
 from grpoctl.export.parity.report import format_table, report, write_report
 from grpoctl.export.parity.scoring import ENV_FLOORS, FALLBACK_FLOOR, Floor, parse_floors
 from grpoctl.export.quantize import quantize
@@ -128,9 +128,8 @@ def export_gguf(model_dir: Path, adapter_dir: Path | None, out_dir: Path, types:
             open_gguf(built[t], 64).close()
 
         what = "base + adapter applied by PEFT" if adapter_dir else "the model"
-        device = parity_device or reference_device()
-        ref_plan = (device, parity_reference == "stream" if parity_reference else
-                    streams(model_dir, Path(adapter_dir) if adapter_dir else None, device))
+        ref_plan = reference_plan(model_dir, Path(adapter_dir) if adapter_dir else None, parity_device,
+                                  parity_reference)
         how = "weights streamed layer by layer" if ref_plan[1] else "in memory"
         say(f"parity: running {what} in transformers (float32 reference on {ref_plan[0]}, {how}; bf16 noise floor; "
             "a bar per pass)")

@@ -311,10 +311,14 @@ class ParityReference:
     reused: bool = False  # kept from an earlier export of the same base, adapter and probes
 
 
-def reference_plan(model_dir: Path, adapter_dir: Path | None) -> tuple[str, bool]:
-    """Where the reference runs and whether it streams its weights: (device, stream)."""
-    device = reference_device()
-    return device, streams(Path(model_dir), adapter_dir, device)
+def reference_plan(model_dir: Path, adapter_dir: Path | None, device: str | None = None,
+                   mode: str | None = None) -> tuple[str, bool]:
+    """Where the reference runs and whether it streams its weights: (device, stream). ``device`` and ``mode``
+    ("memory" | "stream") are ``grpoctl export``'s ``--parity-device``/``--parity-reference``; None: their
+    environment variables, else the first GPU and what fits its free memory."""
+    device = device or reference_device()
+    stream = mode == "stream" if mode else streams(Path(model_dir), adapter_dir, device)
+    return device, stream
 
 
 def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: Path, system_prompt: str | None,
