@@ -94,6 +94,9 @@ class TrainerConfig:
     backend: str = "auto"
     generation: str = "auto"  # vllm | hf | auto (vLLM when a CUDA GPU and vLLM are there): grpoctl.train.generation
     vllm_mode: str = "auto"  # TRL: colocate | server (a vLLM server on a spare GPU) | auto
+    # TRL's correction of the loss for vLLM's sampling log-probabilities; None = the backend's default (TRL: on,
+    # Unsloth: off). On, the trainer also logs vLLM's gap to the trained policy (metrics' vllm_logp_diff)
+    vllm_importance_sampling_correction: bool | None = None
     learning_rate: float = 5e-6
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1

@@ -302,8 +302,17 @@ def _start_generation_server(stack: contextlib.ExitStack, cfg: TrainConfig, gen:
 
 def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list, reward_weights: list[float],
                    optim: str, out: Path, gen: Generation, server_url: str | None = None) -> Any:
-    import torch
     from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(**_grpo_args(cfg, loaded, data, reward_weights, optim, out, gen, server_url))
+    return GRPOTrainer(model=loaded.model, processing_class=loaded.tokenizer, reward_funcs=reward_funcs,
+                       args=args, train_dataset=data.dataset)
+
+
+def _grpo_args(cfg: TrainConfig, loaded: Any, data: Any, reward_weights: list[float], optim: str, out: Path,
+               gen: Generation, server_url: str | None = None) -> dict[str, Any]:
+    """The GRPOConfig arguments of a run: the config's values, the generation engine's, the device's."""
+    import torch
 
     t = cfg.trainer
     on_gpu = torch.cuda.is_available()
@@ -341,15 +350,15 @@ def _build_trainer(cfg: TrainConfig, loaded: Any, data: Any, reward_funcs: list,
     )
     if gen.engine == "vllm":
         kwargs["use_vllm"] = True
+        if t.vllm_importance_sampling_correction is not None:
+            kwargs["vllm_importance_sampling_correction"] = t.vllm_importance_sampling_correction
         if loaded.backend == "trl":
             kwargs.update(vllm_mode=gen.mode, vllm_max_model_length=cfg.model.max_seq_length)
             if gen.mode == "server":
                 kwargs["vllm_server_base_url"] = server_url
             else:
                 kwargs["vllm_gpu_memory_utilization"] = cfg.model.gpu_memory_utilization
-    args = GRPOConfig(**kwargs)
-    return GRPOTrainer(model=loaded.model, processing_class=loaded.tokenizer, reward_funcs=reward_funcs,
-                       args=args, train_dataset=data.dataset)
+    return kwargs
 
 
 def _save_checkpoint_if_needed(trainer: Any) -> None:

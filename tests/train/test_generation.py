@@ -144,3 +144,38 @@ def test_a_server_that_dies_first_gives_its_reason_and_log(stub_command, tmp_pat
                                         say=lambda *a, **k: None):
             pass
     assert str(log) in str(e.value)
+
+
+
+def _trainer_args(overrides: list[str], gen) -> object:
+    """The GRPOConfig a run would build, made by TRL's own class from grpoctl's arguments."""
+    from types import SimpleNamespace
+
+    import torch
+    from trl import GRPOConfig
+
+    from grpoctl.config import load_config
+    from grpoctl.train.run import _grpo_args
+
+    loaded = SimpleNamespace(model=torch.nn.Linear(2, 2), backend="trl")
+    data = SimpleNamespace(max_completion_length=16)
+    return GRPOConfig(**_grpo_args(load_config(overrides=overrides), loaded, data, [1.0], "adamw_torch",
+                                   Path("/nonexistent"), gen))
+
+
+def test_vllm_importance_sampling_correction_reaches_trl_only_when_set():
+    """Unset keeps the backend's own default (Unsloth turns it off); set, TRL's config carries it, so a run can
+    ask for the vllm_logp_diff metric, which the trainer computes only with the correction on."""
+    from trl import GRPOConfig
+
+    from grpoctl.train.generation import Generation
+
+    vllm = Generation("vllm", "colocate", "test")
+    default = GRPOConfig.__dataclass_fields__["vllm_importance_sampling_correction"].default
+    assert _trainer_args([], vllm).vllm_importance_sampling_correction is default
+    for value in (not default, default):
+        args = _trainer_args([f"trainer.vllm_importance_sampling_correction={str(value).lower()}"], vllm)
+        assert args.use_vllm and args.vllm_importance_sampling_correction is value
+    # transformers' generate has no sampling log-probabilities to correct for: the setting is not passed
+    hf = _trainer_args(["trainer.vllm_importance_sampling_correction=false"], Generation("hf", None, "test"))
+    assert not hf.use_vllm and hf.vllm_importance_sampling_correction is default

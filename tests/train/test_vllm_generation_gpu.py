@@ -4,8 +4,9 @@ TRL scores every vLLM sample again with the trained policy and logs how far the 
 apart (``sampling/sampling_logp_difference/mean``, grpoctl's ``vllm_logp_diff``). With the weights synced
 before each generation that gap is kernel noise; with a stale copy in vLLM it grows as the adapter moves away
 from it. The test trains the same run twice at a learning rate that moves the adapter within a few steps,
-once as grpoctl runs it and once with TRL's weight sync cut after the first step (a stale vLLM): the first
-must stay far below the second. Skipped where there is no CUDA GPU or no vLLM (every CPU machine).
+once as grpoctl runs it and once with a stale vLLM (TRL: its weight sync cut after the first step; Unsloth: its
+first adapter request handed back at every step): the first must stay far below the second. Skipped where
+there is no CUDA GPU or no vLLM (every CPU machine).
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ sys.argv = ["grpoctl", *sys.argv[1:]]
 runpy.run_module("grpoctl", run_name="__main__")
 """
 
+# Unsloth's generation asks model.load_lora(..., load_tensors=True) for the live LoRA tensors before each
+# generate, under a new request id (vLLM caches adapters by id). Handing back the first request every time
+# leaves vLLM on the adapter of step 0: the stale copy Unsloth's design exists to avoid.
+STALE_UNSLOTH = """
+import runpy, sys
+import grpoctl.train.run as run
+build = run._build_trainer
+def stale_build(cfg, loaded, *args, **kwargs):
+    real, first = loaded.model.load_lora, []
+    def first_request(*a, **k):
+        if not first:
+            first.append(real(*a, **k))
+        return first[0]
+    loaded.model.load_lora = first_request
+    return build(cfg, loaded, *args, **kwargs)
+run._build_trainer = stale_build
+sys.argv = ["grpoctl", *sys.argv[1:]]
+runpy.run_module("grpoctl", run_name="__main__")
+"""
+
 
 @pytest.fixture(scope="module")
 def vllm_model(tmp_path_factory) -> Path:
@@ -50,12 +71,13 @@ def vllm_model(tmp_path_factory) -> Path:
     return vllm_gpu.tiny_model()
 
 
-def _train(model: Path, out: Path, backend: str, stale: bool = False) -> list[dict]:
+def _train(model: Path, out: Path, backend: str, stale: bool = False, extra: tuple[str, ...] = ()) -> list[dict]:
     args = ["train", "-m", str(model), "-o", str(out), "--backend", backend, "--generation", "vllm",
             "--max-steps", "6", "--set", "trainer.learning_rate=5e-3", "--set", "trainer.max_completion_length=24",
             "--set", "data.max_samples=32", "--set", "model.gpu_memory_utilization=0.3",
-            "--set", "trainer.save_steps=1000"]
-    cmd = [sys.executable, "-c", STALE, *args] if stale else [sys.executable, "-m", "grpoctl", *args]
+            "--set", "trainer.save_steps=1000", *extra]
+    wrapper = STALE_UNSLOTH if backend == "unsloth" else STALE
+    cmd = [sys.executable, "-c", wrapper, *args] if stale else [sys.executable, "-m", "grpoctl", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
@@ -83,12 +105,12 @@ def test_trl_vllm_generates_with_the_weights_being_trained(vllm_model, synced_ga
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth")
-def test_unsloth_vllm_generates_with_the_weights_being_trained(vllm_model, synced_gap, tmp_path):
-    """Unsloth hands vLLM the LoRA tensors being trained (no copy to go stale): its gap stays at the level of
-    TRL's synced run, measured the same way."""
-    metrics = _train(vllm_model, tmp_path / "unsloth", "unsloth")
-    gaps = [m["vllm_logp_diff"] for m in metrics if "vllm_logp_diff" in m]
-    print(f"unsloth vllm_logp_diff per step: {gaps}; TRL synced: {synced_gap:.5f}")
-    assert len(metrics) == 6
-    if gaps:  # Unsloth's trainer logs TRL's metric where it keeps the importance-sampling correction
-        assert sum(gaps[-3:]) / 3 < 3 * max(synced_gap, 1e-3), (gaps, synced_gap)
+def test_unsloth_vllm_generates_with_the_weights_being_trained(vllm_model, tmp_path):
+    """Unsloth hands vLLM the LoRA tensors being trained (no copy to go stale): its gap stays far below a run
+    whose vLLM keeps the adapter of step 0. Unsloth computes the gap only with the importance-sampling
+    correction on (off by its default), so both runs turn it on."""
+    on = ("--set", "trainer.vllm_importance_sampling_correction=true")
+    synced = _late_gap(_train(vllm_model, tmp_path / "unsloth", "unsloth", extra=on))
+    stale = _late_gap(_train(vllm_model, tmp_path / "unsloth-stale", "unsloth", stale=True, extra=on))
+    print(f"late vllm_logp_diff with unsloth: synced {synced:.5f}, stale {stale:.5f}")
+    assert stale > 3 * synced, (synced, stale)
