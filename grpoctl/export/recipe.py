@@ -398,7 +398,6 @@ class _Payment:
     """A downgrade that may pay for an upgrade: part of a group (``parts``), one step lower."""
 
     part: Group
-    group: str
     types: dict[str, str]
     delta_bytes: int  # negative: the bytes it frees
     per_byte: float  # KL per byte freed its whole group cost when measured alone: the order payments are tried in
@@ -463,11 +462,13 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
             quantize_recipe(intermediate, donors[direction], type_name, matrix,
                             write_recipe(work / f"all-{direction}{RECIPE_SUFFIX}", moved), threads)
     variant = work / f"variant-{type_name}.gguf"
+    # the donor of a tensor's type: by the step taken, not by bits per weight (Q4_0 -> IQ4_NL is a step up of
+    # the same size)
+    higher = {n: t for m in moves if m.direction > 0 for n, t in m.types.items()}
 
     def measure(changes: dict[str, str]) -> Figures:
         """The starting file with ``changes`` (tensor -> type, each one step from its own) on the text."""
-        splice(base_file, {n: donors[1 if _bpw(t) > _bpw(base_types[n]) else -1] for n, t in changes.items()},
-               variant)
+        splice(base_file, {n: donors[1 if higher.get(n) == t else -1] for n, t in changes.items()}, variant)
         try:
             return calib.measure(variant)
         finally:
@@ -540,7 +541,7 @@ def _chosen(group: Group, base: dict[str, str], final: dict[str, str]) -> str:
     moved = [t for t in group.tensors if final[t.name] != base[t.name]]
     if not moved:
         return "base"
-    if _bpw(final[moved[0].name]) > _bpw(base[moved[0].name]):
+    if step(moved[0], 1) == final[moved[0].name]:
         return "higher"
     if len(moved) == len(group.tensors):
         return "lower"
@@ -567,7 +568,7 @@ def candidates(moves: list[_Move], base_kl: float, alignment: int = 32) -> tuple
             freed = sum(t.bytes(types[t.name], alignment) - t.bytes(alignment=alignment) for t in part.tensors
                         if t.name in types)
             if freed < 0:
-                payments.append(_Payment(part, m.group.name, types, freed, m.cost(base_kl) / -m.delta_bytes,
+                payments.append(_Payment(part, types, freed, m.cost(base_kl) / -m.delta_bytes,
                                          (m.kl - base_kl) * freed / m.delta_bytes))
     payments.sort(key=lambda p: (p.per_byte, p.delta_bytes))
     return sure + maybe, payments
