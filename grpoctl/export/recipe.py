@@ -156,6 +156,13 @@ def step(tensor: Tensor, direction: int) -> str | None:
     return steps[at] if 0 <= at < len(steps) else None
 
 
+def direction(tensor: Tensor, type_name: str) -> int:
+    """+1 when ``type_name`` is up the tensor's ladder from its own type, -1 when down: read off the ladder, not
+    from bits per weight (Q4_0 -> IQ4_NL is a step up of the same size)."""
+    steps = ladder(tensor)
+    return 1 if steps.index(type_name) > steps.index(tensor.type) else -1
+
+
 # --- groups ---------------------------------------------------------------------------------------------
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(attn|ffn)_")
@@ -462,13 +469,11 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
             quantize_recipe(intermediate, donors[direction], type_name, matrix,
                             write_recipe(work / f"all-{direction}{RECIPE_SUFFIX}", moved), threads)
     variant = work / f"variant-{type_name}.gguf"
-    # the donor of a tensor's type: by the step taken, not by bits per weight (Q4_0 -> IQ4_NL is a step up of
-    # the same size)
-    higher = {n: t for m in moves if m.direction > 0 for n, t in m.types.items()}
+    by_name = {t.name: t for t in tensors}
 
     def measure(changes: dict[str, str]) -> Figures:
         """The starting file with ``changes`` (tensor -> type, each one step from its own) on the text."""
-        splice(base_file, {n: donors[1 if higher.get(n) == t else -1] for n, t in changes.items()}, variant)
+        splice(base_file, {n: donors[direction(by_name[n], t)] for n, t in changes.items()}, variant)
         try:
             return calib.measure(variant)
         finally:
@@ -541,9 +546,9 @@ def _chosen(group: Group, base: dict[str, str], final: dict[str, str]) -> str:
     moved = [t for t in group.tensors if final[t.name] != base[t.name]]
     if not moved:
         return "base"
-    if step(moved[0], 1) == final[moved[0].name]:
+    if direction(moved[0], final[moved[0].name]) > 0:
         return "higher"
-    if len(moved) == len(group.tensors):
+    if len(moved) == sum(step(t, -1) is not None for t in group.tensors):  # all that can go lower
         return "lower"
     return "lower: " + ", ".join(dict.fromkeys(p.name.rsplit(".", 1)[1] for p in parts(group)
                                                if any(t in moved for t in p.tensors)))

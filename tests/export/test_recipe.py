@@ -42,6 +42,18 @@ def test_rows_not_a_multiple_of_256_step_through_32_wide_block_types_only():
     assert rc.ladder(_tensor("x", "q4_1")) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]
 
 
+def test_a_step_is_up_or_down_by_the_ladder_even_where_the_bytes_are_the_same():
+    """Q4_0 -> IQ4_NL is a step up of the same 4.5 bits per weight (Q3_K_M's 576-wide tensors): the search takes
+    such a tensor from the every-group-higher quant and records its group as moved higher."""
+    q40, q50 = _tensor("blk.0.attn_q.weight", "q4_0"), _tensor("blk.0.attn_k.weight", "q5_0")
+    assert rc.step(q40, 1) == "iq4_nl" and q40.bytes("iq4_nl") == q40.bytes()
+    assert rc.direction(q40, "iq4_nl") == 1 and rc.direction(q50, "iq4_nl") == -1 and rc.direction(q50, "q5_1") == 1
+    group = rc.Group("blk.0.attn", [q40, q50])
+    base = {q40.name: "q4_0", q50.name: "q5_0"}
+    assert rc._chosen(group, base, {q40.name: "iq4_nl", q50.name: "q5_1"}) == "higher"
+    assert rc._chosen(group, base, {q40.name: "q4_0", q50.name: "iq4_nl"}) == "lower"
+
+
 def test_groups_are_embedding_head_and_attention_and_mlp_of_bands_of_layers():
     tensors = [_tensor("token_embd.weight", "q8_0"), _tensor("output.weight", "q6_k", row=512)]
     for i in range(10):
