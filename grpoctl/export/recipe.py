@@ -447,10 +447,10 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
     found = groups(tensors, request.bands)
     moves: list[_Move] = []
     for g in found:
-        for direction in (1, -1):
-            if (moved := g.types(direction)) is not None:
+        for way in (1, -1):
+            if (moved := g.types(way)) is not None:
                 delta = sum(t.bytes(moved[t.name], alignment) - t.bytes(alignment=alignment) for t in g.tensors)
-                moves.append(_Move(g, direction, moved, delta))
+                moves.append(_Move(g, way, moved, delta))
     base = calib.measure(base_file)
     # the trades measure at most as many mixes again as there are single moves: the search costs at most twice
     # the single measurements
@@ -462,12 +462,12 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
     # variant or a mix is the importance-matrix quant with some tensors taken from them (per-tensor quantization
     # depends on nothing but the tensor and its matrix entry: the same bytes llama-quantize writes)
     donors: dict[int, Path] = {}
-    for direction in (1, -1):
-        if any(m.direction == direction for m in moves):
-            moved = {**base_types, **{k: v for m in moves if m.direction == direction for k, v in m.types.items()}}
-            donors[direction] = work / f"all-{'higher' if direction > 0 else 'lower'}-{type_name}.gguf"
-            quantize_recipe(intermediate, donors[direction], type_name, matrix,
-                            write_recipe(work / f"all-{direction}{RECIPE_SUFFIX}", moved), threads)
+    for way in (1, -1):
+        if any(m.direction == way for m in moves):
+            moved = {**base_types, **{k: v for m in moves if m.direction == way for k, v in m.types.items()}}
+            donors[way] = work / f"all-{'higher' if way > 0 else 'lower'}-{type_name}.gguf"
+            quantize_recipe(intermediate, donors[way], type_name, matrix,
+                            write_recipe(work / f"all-{way}{RECIPE_SUFFIX}", moved), threads)
     variant = work / f"variant-{type_name}.gguf"
     by_name = {t.name: t for t in tensors}
 
