@@ -1,7 +1,9 @@
-"""The searched per-tensor quant recipe: ladders and groups, the greedy allocation under a byte budget, and the
-search on a tiny fixture with llama.cpp's real llama-quantize: the file is no larger than the type's plain and
-importance-matrix quants, follows its recipe tensor by tensor, and the recipe file alone rebuilds it
-byte for byte through llama-quantize --tensor-type-file; a recipe that lies about the file is caught."""
+"""The searched per-tensor quant recipe: ladders and groups, the trades measured as whole mixes under a byte
+budget (a payment free alone but costly in the mix is refused), and the search on a tiny fixture with
+llama.cpp's real llama-quantize: the file is no larger than the type's plain and importance-matrix quants,
+follows its recipe tensor by tensor, a spliced mix is the file llama-quantize writes for it, and the recipe
+file alone rebuilds it byte for byte through llama-quantize --tensor-type-file; a recipe that lies about the
+file is caught."""
 
 from __future__ import annotations
 
