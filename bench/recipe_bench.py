@@ -149,6 +149,12 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
         print(f"{'':8} searched types: " + ", ".join(f"{k} {v}" for k, v in r["tensor_types"].items()))
         print(f"{'':8} groups moved: " + ", ".join(f"{g['name']} {g['chosen']}" for g in r["groups"]
                                                    if g["chosen"] != "base"))
+        for tr in r.get("trades", []):
+            after = f" -> {tr['kl_after']:.5f}" if tr.get("kl_after") is not None else ""
+            paid = f"; paid with {', '.join(tr['paid_with'])}" if tr["paid_with"] else ""
+            refused = f"; refused {', '.join(tr['refused'])}" if tr["refused"] else ""
+            print(f"{'':8} trade {tr['upgrade']} higher: {tr['kl_before']:.5f} -> {tr['kl_upgraded']:.5f}{after}"
+                  f"{paid}{refused}; {'taken' if tr['taken'] else 'not taken'} ({tr['why']})")
 
     print("\nratios")
     for t in types:
@@ -162,7 +168,7 @@ def bench(run_dir: Path, work: Path, types: list[str], completions: str, bands: 
         plain = by[f"quantize {t} plain, in-process"]
         imx = by[f"quantize {t} with the matrix"]
         r = records[t]["record"]
-        print(f"  {t}: the search ({r['variants']} files quantized and measured) / the plain quantization: "
+        print(f"  {t}: the search ({r['variants']} files measured) / the plain quantization: "
               f"{search['wall_s']:.1f} s / {plain['wall_s']:.1f} s = {search['wall_s'] / plain['wall_s']:.1f}x; "
               f"/ the importance-matrix quantization: {search['wall_s'] / imx['wall_s']:.1f}x; peak RSS "
               f"{search['peak_rss_mib']} MiB vs {plain['peak_rss_mib']} MiB")

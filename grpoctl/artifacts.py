@@ -341,13 +341,29 @@ class RecipeGroup:
     name: str  # token_embd | output | blk.<first>-<last>.attn | blk.<first>-<last>.ffn
     tensors: int
     bytes: int  # its tensors' bytes in the importance-matrix quant
-    chosen: str  # base | higher | lower
+    chosen: str  # base | higher | lower | lower: <the parts lowered, e.g. ffn_up, ffn_down>
     higher_bytes: int | None = None  # None: no higher type on its ladder
     higher_kl: float | None = None  # mean KL on the calibration text with only this group one step higher
     higher_se: float | None = None  # standard error of its change from the importance-matrix quant's KL
     lower_bytes: int | None = None
     lower_kl: float | None = None
     lower_se: float | None = None
+
+
+@dataclass
+class RecipeTrade:
+    """One trade of a searched recipe: an upgrade and the downgrades that paid for it, measured as the whole mix."""
+
+    upgrade: str  # the group moved one step higher
+    bytes: int  # what the upgrade adds
+    kl_before: float  # mean KL on the calibration text of the mix before the trade
+    kl_upgraded: float  # the same with the upgrade alone added to that mix
+    kl_after: float | None = None  # with the upgrade and the payments kept (None: the upgrade gained nothing)
+    se: float | None = None  # standard error of kl_after - kl_before, paired position by position
+    paid_with: list[str] = field(default_factory=list)  # the downgrades kept (parts of groups: blk.12-15.ffn_up)
+    refused: list[str] = field(default_factory=list)  # downgrades that cost more in the mix than they paid for
+    taken: bool = False
+    why: str = ""
 
 
 @dataclass
@@ -375,13 +391,14 @@ class RecipeType:
     bytes: int  # the searched file's size
     calibration_kl: float  # mean KL on the calibration positions, the searched file
     base_calibration_kl: float  # the same for the importance-matrix quant it started from
-    predicted_kl: float  # what the per-group measurements summed to
+    predicted_kl: float  # what the measurements one group at a time sum to for the recipe's changes
     tensor_types: dict[str, int]  # tensor types of the searched file, and how many of each
     changed: int  # tensors whose type differs from the importance-matrix quant
     groups: list[RecipeGroup]
-    variants: int  # files measured by the search, one group moved in each
+    variants: int  # files measured by the search: one group moved in each, then the mixes of the trades
     seconds: float
     rows: list[QuantRow] = field(default_factory=list)
+    trades: list[RecipeTrade] = field(default_factory=list)  # in the order tried
 
 
 @dataclass

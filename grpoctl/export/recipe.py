@@ -9,26 +9,32 @@
         importance-matrix quant by gguf-py
     each measurement paired with the importance-matrix quant's position by position: the change in mean KL and
     its standard error (over blocks of positions; the KL is heavy-tailed and a few positions move it)
-    greedy allocation: upgrade the group with the most KL saved per byte, paid for by downgrading the groups
-    that cost the least KL per byte saved, while the trade pays by more than the measurements' standard errors
-    and the tensor bytes stay within the budget; bytes left over go to the upgrades that measured a gain
+    trades, each measured as the whole mix it makes (one more llama.cpp pass per step): the upgrades, most KL
+    saved per byte first, each added to the current mix and measured there; when the bytes would pass the
+    budget, payments (downgrades split into parts: an MLP band's up, gate and down tensors apart) added one at
+    a time, cheapest per byte as measured alone first, each kept only while what it costs in the mix is less
+    than the upgrade saves for the bytes it covers; the trade taken when the whole mix beats the one before it
+    by more than a standard error
       -> <name>-<QUANT>.recipe.txt: one PATTERN=TYPE line per tensor (llama-quantize --tensor-type-file)
       -> the file made from it, checked tensor by tensor against the recipe, shipped as <name>-<QUANT>.gguf
-         when its calibration KL is lower than the importance-matrix quant's, it is no larger than the
-         plain or the importance-matrix quant of the type, and its KL on the held-out parity probes is
-         lower too (``confirm_held_out``: the probes never steer the search, they refuse a file that fitted
-         the calibration text)
+         when its calibration KL is lower than the importance-matrix quant's by more than a standard
+         error, it is no larger than the plain or the importance-matrix quant of the type, and its KL on the
+         held-out parity probes is lower too (``confirm_held_out``: the probes never steer the search, they
+         refuse a file that fitted the calibration text)
 
 A change smaller than its standard error is not taken as a gain: on 512 positions of SmolLM2 a downgrade
 "lowered" the KL by noise and an upgrade "saved" 23%, and a recipe built on those fitted the text it was
-measured on (probe KL 1.21x the importance-matrix quant's). Fewer bits are never counted as free.
+measured on (probe KL 1.21x the importance-matrix quant's). Fewer bits are never counted as free. Nor do single
+measurements add up: two MLP bands lowered measured free one at a time and cost 1.54x on the probes together
+with the upgrades they paid for; so a trade is judged by the mix it makes, never by a sum.
 
 Every step of a group is one step on the ladder of each of its tensors: the K-quants for rows that are a
 multiple of 256 wide, the 32-wide block types otherwise (llama.cpp would fall back to those anyway, so the
 types written are exactly the recipe's). Layers are banded (``RecipeRequest.bands`` bands) so that a search
 costs a bounded amount on a small CPU: three llama-quantize runs per type (every group higher, every group
 lower, the recipe found) and at most ``2 x (2 x bands + 2)`` llama.cpp passes over ``positions``
-calibration tokens, one per group and direction.
+calibration tokens for the single measurements (one per group and direction), and as many again at most for
+the trades' mixes.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpoctl.artifacts import ParityResult, QuantRecipeSection, QuantRow, RecipeGroup, RecipeType
+from grpoctl.artifacts import ParityResult, QuantRecipeSection, QuantRow, RecipeGroup, RecipeTrade, RecipeType
 from grpoctl.errors import ConversionError, UsageError
 from grpoctl.gguftypes import TYPES
 from grpoctl.threads import default_threads
@@ -150,6 +156,13 @@ def step(tensor: Tensor, direction: int) -> str | None:
     return steps[at] if 0 <= at < len(steps) else None
 
 
+def direction(tensor: Tensor, type_name: str) -> int:
+    """+1 when ``type_name`` is up the tensor's ladder from its own type, -1 when down: read off the ladder, not
+    from bits per weight (Q4_0 -> IQ4_NL is a step up of the same size)."""
+    steps = ladder(tensor)
+    return 1 if steps.index(type_name) > steps.index(tensor.type) else -1
+
+
 # --- groups ---------------------------------------------------------------------------------------------
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(attn|ffn)_")
@@ -187,6 +200,19 @@ def groups(tensors: list[Tensor], bands: int) -> list[Group]:
             continue
         found.setdefault(name, Group(name, [])).tensors.append(t)
     return list(found.values())
+
+
+def parts(group: Group) -> list[Group]:
+    """The payment units of a group: an MLP group's tensors split by kind (``blk.12-15.ffn_up``, ``_gate``,
+    ``_down``), any other group whole. On SmolLM2 two whole MLP bands lowered together cost far more in the mix
+    than each measured alone (bench/recipe.md); a smaller unit pays for less and is refused on its own."""
+    if not group.name.endswith(".ffn"):
+        return [group]
+    by_kind: dict[str, Group] = {}
+    for t in group.tensors:
+        kind = t.name.split(".")[2]  # blk.<i>.<kind>.weight
+        by_kind.setdefault(kind, Group(f"{group.name[:-len('.ffn')]}.{kind}", [])).tensors.append(t)
+    return list(by_kind.values())
 
 
 # --- the recipe file ------------------------------------------------------------------------------------
@@ -251,13 +277,13 @@ def quantize_recipe(src: Path, dst: Path, type_name: str, matrix: Path, recipe: 
                               f"{recipe.name} (exit {rc}): {last_error(lines)}")
 
 
-def splice(base: Path, donor: Path, names: set[str], dst: Path) -> None:
-    """``base`` with the tensors ``names`` (type and data) taken from ``donor``, another quant of the same model;
+def splice(base: Path, taken: dict[str, Path], dst: Path) -> None:
+    """``base`` with each tensor of ``taken`` (type and data) from its donor, another quant of the same model;
     written by llama.cpp's gguf-py, metadata copied as gguf-py's own gguf_new_metadata copies it."""
     import gguf
 
-    reader, other = gguf.GGUFReader(base), gguf.GGUFReader(donor)
-    theirs = {t.name: t for t in other.tensors}
+    reader = gguf.GGUFReader(base)
+    donors = {d: {t.name: t for t in gguf.GGUFReader(d).tensors} for d in set(taken.values())}
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
     if (align := reader.fields.get(gguf.Keys.General.ALIGNMENT)) is not None:
@@ -268,7 +294,7 @@ def splice(base: Path, donor: Path, names: set[str], dst: Path) -> None:
         kind = f.types[0]
         writer.add_key_value(f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY
                              else None)
-    tensors = [theirs[t.name] if t.name in names else t for t in reader.tensors]
+    tensors = [donors[taken[t.name]][t.name] if t.name in taken else t for t in reader.tensors]
     for t in tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -375,12 +401,35 @@ class _Move:
 
 
 @dataclass
+class _Payment:
+    """A downgrade that may pay for an upgrade: part of a group (``parts``), one step lower."""
+
+    part: Group
+    types: dict[str, str]
+    delta_bytes: int  # negative: the bytes it frees
+    per_byte: float  # KL per byte freed its whole group cost when measured alone: the order payments are tried in
+    alone: float  # its share of that measured change, by bytes (what the sum of measurements predicts)
+
+
+@dataclass
 class SearchResult:
     """What the search found for one type; ``path`` is the searched file in the work folder."""
 
     record: RecipeType
     path: Path
     recipe: Path
+
+
+class _Clock:
+    """The ETA of a run of llama.cpp passes, from the mean time of those done so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.began = total, 0, time.monotonic()
+
+    def tick(self) -> str:
+        self.done += 1
+        left = (time.monotonic() - self.began) / self.done * max(0, self.total - self.done)
+        return f"{self.done}/{self.total}, ETA {_clock(left)}"
 
 
 def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, calib: CalibrationKL, work: Path,
@@ -398,56 +447,73 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
     found = groups(tensors, request.bands)
     moves: list[_Move] = []
     for g in found:
-        for direction in (1, -1):
-            if (moved := g.types(direction)) is not None:
+        for way in (1, -1):
+            if (moved := g.types(way)) is not None:
                 delta = sum(t.bytes(moved[t.name], alignment) - t.bytes(alignment=alignment) for t in g.tensors)
-                moves.append(_Move(g, direction, moved, delta))
+                moves.append(_Move(g, way, moved, delta))
     base = calib.measure(base_file)
-    say(f"quant recipe {label}: {len(found)} tensor groups, {len(moves)} files to measure on {calib.positions} "
-        f"calibration positions (base mean KL {base.kl:.5f})")
+    # the trades measure at most as many mixes again as there are single moves: the search costs at most twice
+    # the single measurements
+    passes = len(moves)
+    say(f"quant recipe {label}: {len(found)} tensor groups, {len(moves)} files to measure one group at a time and "
+        f"at most {passes} mixes, on {calib.positions} calibration positions (base mean KL {base.kl:.5f})")
     work.mkdir(parents=True, exist_ok=True)
     # every group one step higher in one file and one step lower in another (llama-quantize, the matrix); a
-    # variant is the importance-matrix quant with one group's tensors taken from one of them (per-tensor
-    # quantization depends on nothing but the tensor and its matrix entry: the same bytes llama-quantize writes)
+    # variant or a mix is the importance-matrix quant with some tensors taken from them (per-tensor quantization
+    # depends on nothing but the tensor and its matrix entry: the same bytes llama-quantize writes)
     donors: dict[int, Path] = {}
-    for direction in (1, -1):
-        if any(m.direction == direction for m in moves):
-            moved = {**base_types, **{k: v for m in moves if m.direction == direction for k, v in m.types.items()}}
-            donors[direction] = work / f"all-{'higher' if direction > 0 else 'lower'}-{type_name}.gguf"
-            quantize_recipe(intermediate, donors[direction], type_name, matrix,
-                            write_recipe(work / f"all-{direction}{RECIPE_SUFFIX}", moved), threads)
+    for way in (1, -1):
+        if any(m.direction == way for m in moves):
+            moved = {**base_types, **{k: v for m in moves if m.direction == way for k, v in m.types.items()}}
+            donors[way] = work / f"all-{'higher' if way > 0 else 'lower'}-{type_name}.gguf"
+            quantize_recipe(intermediate, donors[way], type_name, matrix,
+                            write_recipe(work / f"all-{way}{RECIPE_SUFFIX}", moved), threads)
     variant = work / f"variant-{type_name}.gguf"
-    began = time.monotonic()
-    for i, move in enumerate(moves, 1):
-        splice(base_file, donors[move.direction], {t.name for t in move.group.tensors}, variant)
-        delta, move.se = paired(base, calib.measure(variant))
+    by_name = {t.name: t for t in tensors}
+
+    def measure(changes: dict[str, str]) -> Figures:
+        """The starting file with ``changes`` (tensor -> type, each one step from its own) on the text."""
+        splice(base_file, {n: donors[direction(by_name[n], t)] for n, t in changes.items()}, variant)
+        try:
+            return calib.measure(variant)
+        finally:
+            variant.unlink()
+
+    clock = _Clock(len(moves) + passes)
+    for move in moves:
+        delta, move.se = paired(base, measure({n: move.types[n] for n in move.types if move.types[n] !=
+                                               base_types[n]}))
         move.kl = base.kl + delta
-        variant.unlink()
-        left = (time.monotonic() - began) / i * (len(moves) - i)
-        say(f"  {i}/{len(moves)} {move.group.name} {'higher' if move.direction > 0 else 'lower'} "
+        say(f"  {move.group.name} {'higher' if move.direction > 0 else 'lower'} "
             f"({move.delta_bytes / 2**10:+.0f} KiB): mean KL {move.kl:.5f} ({delta:+.5f} +- {move.se:.5f}); "
-            f"ETA {_clock(left)}")
+            f"{clock.tick()}")
+
+    ups, payments = candidates(moves, base.kl, alignment)
+    changes, now, trades, used = trade(ups, payments, base, measure, room, passes, say, clock)
     for donor in donors.values():
         donor.unlink()
-
-    chosen, predicted = allocate(moves, base.kl, room)
-    final_types = dict(base_types)
-    for move in chosen.values():
-        final_types.update(move.types)
+    final_types = {**base_types, **changes}
     recipe = write_recipe(work / f"{name}-{label}{RECIPE_SUFFIX}", final_types)
     out = work / f"searched-{type_name}.gguf"
     quantize_recipe(intermediate, out, type_name, matrix, recipe, threads)
     check_file(out, recipe)
     mine = calib.measure(out)
     size = out.stat().st_size
+    delta, se = paired(base, mine)
     if size > budget:
         shipped, reason = False, f"the searched file is {size - budget} bytes larger than the budget"
-    elif mine.kl >= base.kl:
+    elif not changes:
+        shipped, reason = False, ("no trade lowered the calibration KL of the whole mix beyond its standard error: "
+                                  "the importance-matrix quant stays")
+    elif delta + MARGIN_SE * se >= 0:
         shipped, reason = False, (f"its calibration KL {mine.kl:.5f} is not below the importance-matrix quant's "
-                                  f"{base.kl:.5f}")
+                                  f"{base.kl:.5f} by more than {MARGIN_SE:g} standard error ({se:.5f})")
     else:
-        shipped, reason = True, (f"calibration KL {mine.kl:.5f} vs {base.kl:.5f} for the importance-matrix quant, "
-                                 f"{size} bytes within {budget}")
+        shipped, reason = True, (f"calibration KL {mine.kl:.5f} vs {base.kl:.5f} for the importance-matrix quant "
+                                 f"({delta:+.5f} +- {se:.5f}), {size} bytes within {budget}")
+    taken = [t for t in trades if t.taken]
+    predicted = base.kl + sum(m.kl - base.kl for m in ups if m.group.name in {t.upgrade for t in taken}) + sum(
+        p.alone for p in payments if p.part.name in {n for t in taken for n in t.paid_with})
     written: dict[str, int] = {}
     for t in final_types.values():
         written[t] = written.get(t, 0) + 1
@@ -455,69 +521,136 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
     for g in found:
         by_dir = {m.direction: m for m in moves if m.group is g}
         up, down = by_dir.get(1), by_dir.get(-1)
-        pick = chosen.get(g.name)
         records.append(RecipeGroup(
             name=g.name, tensors=len(g.tensors), bytes=sum(t.bytes(alignment=alignment) for t in g.tensors),
-            chosen="base" if pick is None else ("higher" if pick.direction > 0 else "lower"),
+            chosen=_chosen(g, base_types, final_types),
             higher_bytes=up.delta_bytes if up else None, higher_kl=_r(up.kl) if up else None,
             higher_se=_r(up.se) if up else None,
             lower_bytes=down.delta_bytes if down else None, lower_kl=_r(down.kl) if down else None,
             lower_se=_r(down.se) if down else None))
     seconds = round(time.monotonic() - start, 1)
-    say(f"quant recipe {label}: {sum(final_types[n] != base_types[n] for n in base_types)} tensors changed, "
-        f"calibration mean KL {mine.kl:.5f} (importance-matrix quant {base.kl:.5f}, predicted {predicted:.5f}), "
-        f"{size / 2**20:.2f} MiB (budget {budget / 2**20:.2f} MiB), {seconds:.0f} s; "
+    changed = sum(final_types[n] != base_types[n] for n in base_types)
+    say(f"quant recipe {label}: {len(taken)} of {len(trades)} trades taken, {changed} tensors changed, calibration "
+        f"mean KL {mine.kl:.5f} (importance-matrix quant {base.kl:.5f}, the measurements one group at a time "
+        f"predicted {predicted:.5f}), {size / 2**20:.2f} MiB (budget {budget / 2**20:.2f} MiB), {seconds:.0f} s; "
         f"{'shipped' if shipped else 'not shipped: ' + reason}")
     record = RecipeType(recipe=recipe.name, sha256="", shipped=shipped, reason=reason, budget_bytes=budget,
                         bytes=size, calibration_kl=_r(mine.kl), base_calibration_kl=_r(base.kl),
-                        predicted_kl=_r(predicted), tensor_types=dict(sorted(written.items())),
-                        changed=sum(final_types[n] != base_types[n] for n in base_types), groups=records,
-                        variants=len(moves), seconds=seconds)
+                        predicted_kl=_r(predicted), tensor_types=dict(sorted(written.items())), changed=changed,
+                        groups=records, variants=len(moves) + used, seconds=seconds, trades=trades)
     return SearchResult(record=record, path=out, recipe=recipe)
 
 
-def allocate(moves: list[_Move], base_kl: float, room: int) -> tuple[dict[str, _Move], float]:
-    """Greedy, on gains and costs net of their standard errors (``_Move.gain``, ``_Move.cost``): upgrades in order
-    of KL saved per byte, each paid for (when ``room`` does not cover it) by the downgrades that cost the least KL
-    per byte saved; an upgrade is taken only when it saves more than its downgrades cost. Bytes still left then go
-    to the remaining upgrades whose measured change is a gain at all, best per byte first (more bits do not cost
-    KL). Returns {group: move} and the KL the measurements predict, summed as if the groups were independent."""
+def _chosen(group: Group, base: dict[str, str], final: dict[str, str]) -> str:
+    """``base``, ``higher``, ``lower``, or the parts lowered (``lower: ffn_up, ffn_down``)."""
+    moved = [t for t in group.tensors if final[t.name] != base[t.name]]
+    if not moved:
+        return "base"
+    if direction(moved[0], final[moved[0].name]) > 0:
+        return "higher"
+    if len(moved) == sum(step(t, -1) is not None for t in group.tensors):  # all that can go lower
+        return "lower"
+    return "lower: " + ", ".join(dict.fromkeys(p.name.rsplit(".", 1)[1] for p in parts(group)
+                                               if any(t in moved for t in p.tensors)))
+
+
+def candidates(moves: list[_Move], base_kl: float, alignment: int = 32) -> tuple[list[_Move], list[_Payment]]:
+    """The upgrades worth trying, best first: those whose gain alone clears its standard error, by KL saved per
+    byte, then those that measured any gain (bytes left over may go to them). The payments, cheapest first:
+    each downgrade's parts (``parts``), by the KL per byte freed their group cost alone, charged one standard
+    error above the measurement; the larger part first among equals."""
     measured = [m for m in moves if m.kl is not None]
-    ups = sorted((m for m in measured if m.direction > 0 and m.gain(base_kl) > 0),
-                 key=lambda m: m.gain(base_kl) / max(m.delta_bytes, 1), reverse=True)
-    downs = sorted((m for m in measured if m.direction < 0 and m.delta_bytes < 0),
-                   key=lambda m: m.cost(base_kl) / -m.delta_bytes)
-    chosen: dict[str, _Move] = {}
-    kl = base_kl
-
-    def take(m: _Move) -> None:
-        nonlocal room, kl
-        chosen[m.group.name] = m
-        room -= m.delta_bytes
-        kl += m.kl - base_kl
-
-    for u in ups:
-        if u.group.name in chosen:
+    sure = sorted((m for m in measured if m.direction > 0 and m.gain(base_kl) > 0),
+                  key=lambda m: m.gain(base_kl) / max(m.delta_bytes, 1), reverse=True)
+    maybe = sorted((m for m in measured if m.direction > 0 and m.kl < base_kl and m not in sure),
+                   key=lambda m: (base_kl - m.kl) / max(m.delta_bytes, 1), reverse=True)
+    payments = []
+    for m in measured:
+        if m.direction > 0 or m.delta_bytes >= 0:
             continue
-        pay: list[_Move] = []
-        need = u.delta_bytes - room
-        for d in downs:
-            if need <= 0:
+        for part in parts(m.group):
+            types = {t.name: m.types[t.name] for t in part.tensors if m.types[t.name] != t.type}
+            freed = sum(t.bytes(types[t.name], alignment) - t.bytes(alignment=alignment) for t in part.tensors
+                        if t.name in types)
+            if freed < 0:
+                payments.append(_Payment(part, types, freed, m.cost(base_kl) / -m.delta_bytes,
+                                         (m.kl - base_kl) * freed / m.delta_bytes))
+    payments.sort(key=lambda p: (p.per_byte, p.delta_bytes))
+    return sure + maybe, payments
+
+
+def trade(ups: list[_Move], payments: list[_Payment], base: Figures, measure: Callable[[dict[str, str]], Figures],
+          room: int, passes: int, say: Say = print,
+          clock: _Clock | None = None) -> tuple[dict[str, str], Figures, list[RecipeTrade], int]:
+    """Trades, each measured as the whole mix it makes (``measure``: tensor -> type changes from the starting
+    file, to the figures of that file on the calibration text), never as a sum of single measurements.
+
+    For each upgrade, best first: the mix with it is measured; it counts only when the mix's KL falls beyond
+    ``MARGIN_SE`` standard errors (paired with the mix before). When the bytes would pass the budget, payments
+    are added one at a time, cheapest first, the mix measured after each: a payment is kept while what it costs
+    in the mix (one standard error above the measurement) is less than the upgrade saves for the bytes it must
+    cover; a payment refused once is not tried again. The trade is taken when the bytes fit and the whole mix
+    is below the mix before it by more than a standard error; otherwise the mix stays as it was and its kept
+    payments go back to the queue. At most ``passes`` mixes are measured. Returns the changes, the figures of
+    the final mix, a record of each trade and the passes used."""
+    mix: dict[str, str] = {}
+    now = base
+    queue = list(payments)
+    trades: list[RecipeTrade] = []
+    used = 0
+
+    def run(changes: dict[str, str], what: str) -> Figures:
+        nonlocal used
+        used += 1
+        got = measure(changes)
+        say(f"  mix {what}: mean KL {got.kl:.5f}" + (f"; {clock.tick()}" if clock else ""))
+        return got
+
+    for up in ups:
+        if used >= passes:
+            break
+        if any(n in mix for n in up.types):
+            continue
+        moved = {n: t for n, t in up.types.items() if t != next(x.type for x in up.group.tensors if x.name == n)}
+        trial = {**mix, **moved}
+        at = run(trial, f"+ {up.group.name} higher")
+        delta, se = paired(now, at)
+        gain = -delta - MARGIN_SE * se
+        record = RecipeTrade(upgrade=up.group.name, bytes=up.delta_bytes, kl_before=_r(now.kl), kl_upgraded=_r(at.kl))
+        trades.append(record)
+        if gain <= 0:
+            record.why = f"in the mix it saves {-delta:+.5f} +- {se:.5f}: no gain beyond the standard error"
+            continue
+        rate = gain / max(up.delta_bytes, 1)
+        need = up.delta_bytes - room
+        kept: list[_Payment] = []
+        for pay in list(queue):
+            if need <= 0 or used >= passes:
                 break
-            if d.group.name in chosen or d.group is u.group:
+            if any(n in trial for n in pay.types):
                 continue
-            pay.append(d)
-            need += d.delta_bytes
-        if need > 0 or sum(d.cost(base_kl) for d in pay) >= u.gain(base_kl):
+            queue.remove(pay)
+            after = run({**trial, **pay.types}, f"+ {up.group.name} higher, {pay.part.name} lower")
+            d, s = paired(at, after)
+            cost = max(0.0, d + MARGIN_SE * s)
+            if cost < rate * min(-pay.delta_bytes, need):
+                kept.append(pay)
+                trial, at, need = {**trial, **pay.types}, after, need + pay.delta_bytes
+                record.paid_with.append(pay.part.name)
+            else:
+                record.refused.append(pay.part.name)
+        delta, se = paired(now, at)
+        record.kl_after, record.se = _r(at.kl), _r(se)
+        if need > 0:
+            record.why = f"{need} bytes over the budget with every payment tried"
+        elif delta + MARGIN_SE * se >= 0:
+            record.why = f"the whole mix moves {delta:+.5f} +- {se:.5f}: no gain beyond the standard error"
+        else:
+            record.taken, record.why = True, f"the whole mix moves {delta:+.5f} +- {se:.5f}"
+            mix, now, room = trial, at, -need
             continue
-        for m in [u, *pay]:
-            take(m)
-    rest = sorted((m for m in measured if m.direction > 0 and m.kl < base_kl and m.group.name not in chosen),
-                  key=lambda m: (base_kl - m.kl) / max(m.delta_bytes, 1), reverse=True)
-    for u in rest:
-        if u.delta_bytes <= room:
-            take(u)
-    return chosen, kl
+        queue = sorted(queue + kept, key=lambda p: (p.per_byte, p.delta_bytes))
+    return mix, now, trades, used
 
 
 def confirm_held_out(record: RecipeType, searched_kl: float, matrix_kl: float) -> bool:
@@ -593,10 +726,11 @@ def row(variant: str, path: Path, figures: ParityResult, shipped: bool) -> Quant
 def section(results: dict[str, RecipeType], calib: CalibrationKL, calibration_name: str, reference: str,
             request: RecipeRequest) -> QuantRecipeSection:
     return QuantRecipeSection(
-        method=(f"greedy allocation over {request.bands} bands of layers (attention, MLP) + token embedding + "
-                "output head, each measured one type step higher and lower by llama-quantize --tensor-type-file "
-                "with the importance matrix; KL of llama.cpp's next-token distributions against the 16-bit GGUF, "
-                f"each change paired with the importance-matrix quant's and counted net of {MARGIN_SE:g} standard "
+        method=(f"trades over {request.bands} bands of layers (attention, MLP) + token embedding + output head, "
+                "each group measured one type step higher and lower by llama-quantize --tensor-type-file with the "
+                "importance matrix, then each upgrade and the downgrades paying for it (MLP tensors one kind at a "
+                "time) measured in the whole mix they make; KL of llama.cpp's next-token distributions against the "
+                f"16-bit GGUF, each change paired with the mix before it and counted net of {MARGIN_SE:g} standard "
                 f"error over blocks of {SE_BLOCK} positions"),
         calibration=calibration_name, positions=calib.positions, reference=reference, types=results)
 

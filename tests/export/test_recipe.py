@@ -1,7 +1,9 @@
-"""The searched per-tensor quant recipe: ladders and groups, the greedy allocation under a byte budget, and the
-search on a tiny fixture with llama.cpp's real llama-quantize: the file is no larger than the type's plain and
-importance-matrix quants, follows its recipe tensor by tensor, and the recipe file alone rebuilds it
-byte for byte through llama-quantize --tensor-type-file; a recipe that lies about the file is caught."""
+"""The searched per-tensor quant recipe: ladders and groups, the trades measured as whole mixes under a byte
+budget (a payment free alone but costly in the mix is refused), and the search on a tiny fixture with
+llama.cpp's real llama-quantize: the file is no larger than the type's plain and importance-matrix quants,
+follows its recipe tensor by tensor, a spliced mix is the file llama-quantize writes for it, and the recipe
+file alone rebuilds it byte for byte through llama-quantize --tensor-type-file; a recipe that lies about the
+file is caught."""
 
 from __future__ import annotations
 
@@ -42,6 +44,18 @@ def test_rows_not_a_multiple_of_256_step_through_32_wide_block_types_only():
     assert rc.ladder(_tensor("x", "q4_1")) == ["q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0"]
 
 
+def test_a_step_is_up_or_down_by_the_ladder_even_where_the_bytes_are_the_same():
+    """Q4_0 -> IQ4_NL is a step up of the same 4.5 bits per weight (Q3_K_M's 576-wide tensors): the search takes
+    such a tensor from the every-group-higher quant and records its group as moved higher."""
+    q40, q50 = _tensor("blk.0.attn_q.weight", "q4_0"), _tensor("blk.0.attn_k.weight", "q5_0")
+    assert rc.step(q40, 1) == "iq4_nl" and q40.bytes("iq4_nl") == q40.bytes()
+    assert rc.direction(q40, "iq4_nl") == 1 and rc.direction(q50, "iq4_nl") == -1 and rc.direction(q50, "q5_1") == 1
+    group = rc.Group("blk.0.attn", [q40, q50])
+    base = {q40.name: "q4_0", q50.name: "q5_0"}
+    assert rc._chosen(group, base, {q40.name: "iq4_nl", q50.name: "q5_1"}) == "higher"
+    assert rc._chosen(group, base, {q40.name: "q4_0", q50.name: "iq4_nl"}) == "lower"
+
+
 def test_groups_are_embedding_head_and_attention_and_mlp_of_bands_of_layers():
     tensors = [_tensor("token_embd.weight", "q8_0"), _tensor("output.weight", "q6_k", row=512)]
     for i in range(10):
@@ -55,41 +69,105 @@ def test_groups_are_embedding_head_and_attention_and_mlp_of_bands_of_layers():
     assert all(len(g.tensors) == 3 for g in rc.groups(tensors, bands=4)[2:8])  # norms are never moved
 
 
-def _move(name: str, direction: int, delta: int, kl: float, se: float = 0.0) -> rc._Move:
-    return rc._Move(group=rc.Group(name, []), direction=direction, types={}, delta_bytes=delta, kl=kl, se=se)
+def _move(name: str, direction: int, kl: float, se: float = 0.0) -> rc._Move:
+    """A measured move of a one-tensor group (576 x 576, Q5_0): one step up adds UP bytes (Q5_1), one step down
+    frees DOWN (IQ4_NL); ``kl``: the mean KL measured with it alone."""
+    t = _tensor(f"{name}.weight", "q5_0")
+    types = {t.name: rc.step(t, direction)}
+    return rc._Move(group=rc.Group(name, [t]), direction=direction, types=types,
+                    delta_bytes=t.bytes(types[t.name]) - t.bytes(), kl=kl, se=se)
 
 
-def test_allocation_pays_for_an_upgrade_with_the_cheapest_downgrades_and_never_exceeds_the_budget():
+UP, DOWN = 576 * 576 // 32 * 2, 576 * 576 // 32 * 4  # Q5_0 -> Q5_1: 2 bytes more per block; -> IQ4_NL 4 fewer
+
+
+def test_candidates_order_upgrades_by_gain_per_byte_and_payments_by_cost_per_byte_split_into_parts():
     base = 0.10
-    moves = [_move("a", 1, 300, 0.06), _move("b", -1, -200, 0.101), _move("c", -1, -100, 0.11),
-             _move("d", -1, -100, 0.15)]
-    for room, picked, kl in ((0, {"a": 1, "b": -1, "c": -1}, 0.071), (100, {"a": 1, "b": -1}, 0.061),
-                             (1000, {"a": 1}, 0.06)):
-        chosen, predicted = rc.allocate(moves, base, room)
-        assert {k: m.direction for k, m in chosen.items()} == picked, room
-        assert sum(m.delta_bytes for m in chosen.values()) <= room
-        assert predicted == pytest.approx(kl)
-    # an upgrade whose downgrades would cost more KL than it saves is not taken
-    chosen, _ = rc.allocate([_move("a", 1, 300, 0.06), _move("d", -1, -300, 0.15)], base, 0)
-    assert chosen == {}
+    mlp = [_tensor(f"blk.0.ffn_{k}.weight", "q5_0") for k in ("up", "gate")]
+    band = rc.Group("blk.0-3.ffn", mlp)
+    lower = rc._Move(band, -1, band.types(-1), -2 * DOWN, kl=0.104, se=0.001)
+    moves = [_move("a", 1, 0.06), _move("b", 1, 0.09), _move("n", 1, 0.099, se=0.005),
+             _move("w", 1, 0.101), _move("c", -1, 0.101), lower]
+    ups, payments = rc.candidates(moves, base)
+    assert _move("a", 1, 0.06).delta_bytes == UP and _move("c", -1, 0.101).delta_bytes == -DOWN
+    # a saves 0.04, b 0.01 for the same bytes; n's gain is within its standard error: tried last; w measured worse
+    assert [m.group.name for m in ups] == ["a", "b", "n"]
+    # c costs 0.001 for DOWN bytes; the MLP band 0.005 (one standard error above its 0.004) for 2 DOWN, in parts
+    assert [p.part.name for p in payments] == ["c", "blk.0-3.ffn_up", "blk.0-3.ffn_gate"]
+    assert payments[1].types == {"blk.0.ffn_up.weight": "iq4_nl"} and payments[1].delta_bytes < 0
+    assert payments[1].alone == pytest.approx(0.002, rel=0.01)  # half the band's bytes, half its change
 
 
-def test_a_downgrade_is_never_free_and_changes_within_their_standard_error_do_not_count():
-    """What fitted the calibration text on SmolLM2 (bench/recipe.md): downgrades whose 512-position KL came out
-    lower were taken for free, and upgrades chosen on gains of the size of the noise."""
-    base = 0.10
-    assert rc.allocate([_move("a", -1, -100, 0.099)], base, 0)[0] == {}  # fewer bits alone are not a gain
-    # the same trade, paying with its measured cost or with that cost plus one standard error
-    up, down = _move("u", 1, 100, 0.07, se=0.005), _move("d", -1, -100, 0.12)
-    assert set(rc.allocate([up, down], base, 0)[0]) == {"u", "d"}  # saves 0.025 net, costs 0.02
-    down.se = 0.01
-    assert rc.allocate([up, down], base, 0)[0] == {}  # costs up to 0.03
-    # a gain within one standard error is no reason to pay with a downgrade ...
-    noisy = _move("n", 1, 100, 0.095, se=0.01)
-    assert rc.allocate([noisy, _move("d", -1, -100, 0.1001)], base, 0)[0] == {}
-    # ... but bytes left over go to it: more bits do not cost KL
-    assert set(rc.allocate([noisy], base, 100)[0]) == {"n"} and rc.allocate([noisy], base, 99)[0] == {}
-    assert rc.allocate([_move("w", 1, 100, 0.101)], base, 1000)[0] == {}  # measured worse: not taken
+def _mix_kl(effects):
+    """A fake measurement of a whole mix on 256 positions: the KL of the starting file (0.10) plus, for each
+    changed tensor, its effect; an effect may depend on the rest of the mix (what the sum of single
+    measurements misses)."""
+    import numpy as np
+
+    def measure(changes: dict[str, str]) -> rc.Figures:
+        kl = 0.10 + sum(effects[n](changes) for n in changes)
+        return rc.Figures(kl=kl, kl_p99=0.0, top1=1.0, kls=np.full(256, kl))
+    return measure
+
+
+def test_a_payment_free_alone_but_costly_in_the_mix_is_refused_and_a_cheaper_one_pays():
+    """SmolLM2 at Q4_K_M (bench/recipe.md): two MLP bands lowered measured free one at a time and cost 1.54x
+    together with the upgrades they paid for. Every trade is measured as the whole mix it makes."""
+    import numpy as np
+
+    up, free, cheap = _move("u", 1, 0.06), _move("f", -1, 0.10), _move("c", -1, 0.102)
+    start = rc.Figures(kl=0.10, kl_p99=0.0, top1=1.0, kls=np.full(256, 0.10))
+    effects = {"u.weight": lambda m: -0.04, "f.weight": lambda m: 0.05 if "u.weight" in m else 0.0,
+               "c.weight": lambda m: 0.002}
+    ups, payments = rc.candidates([up, free, cheap], 0.10)
+    assert [p.part.name for p in payments] == ["f", "c"]  # alone, f looks free
+    changes, now, trades, used = rc.trade(ups, payments, start, _mix_kl(effects), room=0, passes=10,
+                                          say=lambda _line: None)
+    assert set(changes) == {"u.weight", "c.weight"} and now.kl == pytest.approx(0.062)
+    [t] = trades
+    assert t.taken and t.paid_with == ["c"] and t.refused == ["f"] and used == 3
+    assert t.kl_after == pytest.approx(0.062)
+    # the sum of single measurements would have taken f: 0.06 predicted, 0.11 measured in the mix
+    assert _mix_kl(effects)({"u.weight": "q5_1", "f.weight": "iq4_nl"}).kl == pytest.approx(0.11)
+
+
+def test_no_trade_is_taken_when_every_payment_costs_more_than_the_upgrade_saves_or_the_gain_is_noise():
+    import numpy as np
+
+    start = rc.Figures(kl=0.10, kl_p99=0.0, top1=1.0, kls=np.full(256, 0.10))
+    up, down = _move("u", 1, 0.06), _move("d", -1, 0.101)
+    dear = {"u.weight": lambda m: -0.04, "d.weight": lambda m: 0.045}
+    ups, payments = rc.candidates([up, down], 0.10)
+    changes, now, trades, _ = rc.trade(ups, payments, start, _mix_kl(dear), room=0, passes=10,
+                                       say=lambda _line: None)
+    assert changes == {} and now is start and not trades[0].taken and trades[0].refused == ["d"]
+    assert "over the budget" in trades[0].why
+    # within the budget no payment is needed; an upgrade that gains nothing in the mix is not taken
+    changes, _, trades, used = rc.trade(ups, payments, start, _mix_kl({"u.weight": lambda m: 0.0}), room=UP,
+                                        passes=10, say=lambda _line: None)
+    assert changes == {} and used == 1 and "no gain" in trades[0].why
+    # the passes are bounded
+    changes, _, _, used = rc.trade(ups, payments, start, _mix_kl(dear), room=0, passes=1, say=lambda _line: None)
+    assert used == 1 and changes == {}
+
+
+def test_the_bytes_never_pass_the_budget_and_a_payments_surplus_pays_for_the_next_upgrade():
+    import numpy as np
+
+    start = rc.Figures(kl=0.10, kl_p99=0.0, top1=1.0, kls=np.full(256, 0.10))
+    moves = [_move("a", 1, 0.07), _move("b", 1, 0.08), _move("c", 1, 0.09),
+             _move("d", -1, 0.1001)]
+    effects = {"a.weight": lambda m: -0.03, "b.weight": lambda m: -0.02, "c.weight": lambda m: -0.01,
+               "d.weight": lambda m: 0.001}
+    ups, payments = rc.candidates(moves, 0.10)
+    changes, now, trades, used = rc.trade(ups, payments, start, _mix_kl(effects), room=UP // 2, passes=20,
+                                          say=lambda _line: None)
+    # a needs UP / 2 more bytes: d frees DOWN = 2 UP; b fits in what is left; c finds no bytes and no payment
+    assert [t.taken for t in trades] == [True, True, False] and set(changes) == {"a.weight", "b.weight",
+                                                                               "d.weight"}
+    assert trades[1].paid_with == [] and trades[2].why.endswith("over the budget with every payment tried")
+    assert sum(m.delta_bytes for m in moves if m.group.name + ".weight" in changes) <= UP // 2
+    assert now.kl == pytest.approx(0.051)
 
 
 def test_paired_change_and_its_standard_error_over_blocks_of_positions():
@@ -198,13 +276,17 @@ def test_the_search_measures_every_group_both_ways_and_stays_within_the_budget(t
     blocks = [g for g in record.groups if g.name.startswith("blk.")]
     assert all(g.higher_kl is not None and g.lower_kl is not None for g in blocks)
     assert all(g.higher_kl is not None or g.lower_kl is not None for g in record.groups)
-    assert record.variants == sum((g.higher_kl is not None) + (g.lower_kl is not None) for g in record.groups)
+    singles = sum((g.higher_kl is not None) + (g.lower_kl is not None) for g in record.groups)
     assert all(g.higher_bytes > 0 > g.lower_bytes for g in record.groups if g.lower_bytes is not None
                and g.higher_bytes is not None)
     # the KL figures are measured, not copied: the searched file is measured again from scratch
     again = tiny_search["calib"].measure(found.path)
     assert again.kl == pytest.approx(record.calibration_kl, abs=1e-6)
-    assert record.shipped == (record.calibration_kl < record.base_calibration_kl)
+    delta, se = rc.paired(tiny_search["calib"].measure(tiny_search["imatrix"]), again)
+    assert record.shipped == (delta + rc.MARGIN_SE * se < 0), record.reason
+    # every mix a trade measured is counted, and what each trade kept is in the file
+    assert record.variants == singles + sum(1 + len(t.paid_with) + len(t.refused) for t in record.trades)
+    assert record.changed == 0 or any(t.taken for t in record.trades)
 
 
 def test_the_recipe_file_rebuilds_the_same_file_through_llama_quantize(tiny_search, tmp_path):
@@ -219,25 +301,36 @@ def test_the_recipe_file_rebuilds_the_same_file_through_llama_quantize(tiny_sear
     assert sha256_file(out) == sha256_file(found.path)
 
 
-def test_a_spliced_variant_is_the_file_llama_quantize_writes_for_its_recipe(tiny_search, tmp_path):
-    """The search measures a group moved by splicing its tensors from a quant with every group moved into the
-    importance-matrix quant; that is only sound if the result is what llama-quantize writes for the recipe with
-    that one group moved. Checked byte for byte, for a group of each direction."""
+def test_a_spliced_mix_is_the_file_llama_quantize_writes_for_its_recipe(tiny_search, tmp_path):
+    """The search measures a group moved, and a trade's mix (groups higher, parts of others lower), by splicing
+    tensors from a quant with every group higher and one with every group lower into the importance-matrix
+    quant; that is only sound if the result is what llama-quantize writes for that recipe. Checked byte for
+    byte for a group moved each way, and for a mix taken from both donors."""
     bf16, matrix, imx = tiny_search["bf16"], tiny_search["matrix"], tiny_search["imatrix"]
     tensors, _ = rc.read_tensors(imx)
     base = {t.name: t.type for t in tensors if rc._quantized(t.type)}
-    layer = [g for g in rc.groups(tensors, bands=2) if g.name.startswith("blk.")][0]
+    found = rc.groups(tensors, bands=2)
+    donors = {}
     for direction in (1, -1):
         every = dict(base)
-        for g in rc.groups(tensors, bands=2):
+        for g in found:
             every.update(g.types(direction) or {})
-        donor = tmp_path / f"every-{direction}.gguf"
-        rc.quantize_recipe(bf16, donor, "q4_k_m", matrix, rc.write_recipe(tmp_path / f"every-{direction}.txt", every))
-        spliced, direct = tmp_path / f"spliced-{direction}.gguf", tmp_path / f"direct-{direction}.gguf"
-        rc.splice(imx, donor, {t.name for t in layer.tensors}, spliced)
-        rc.quantize_recipe(bf16, direct, "q4_k_m", matrix,
-                           rc.write_recipe(tmp_path / f"one-{direction}.txt", {**base, **layer.types(direction)}))
-        assert sha256_file(spliced) == sha256_file(direct), direction
+        donors[direction] = tmp_path / f"every-{direction}.gguf"
+        rc.quantize_recipe(bf16, donors[direction], "q4_k_m", matrix,
+                           rc.write_recipe(tmp_path / f"every-{direction}.txt", every))
+    attn = next(g for g in found if g.name.endswith(".attn"))
+    up_part = next(p for g in found if g.name.endswith(".ffn") for p in rc.parts(g) if p.name.endswith("ffn_up"))
+    lowered = rc.Group("part", up_part.tensors).types(-1)
+    mixes = {"higher": {n: (t, donors[1]) for n, t in attn.types(1).items()},
+             "lower": {n: (t, donors[-1]) for n, t in attn.types(-1).items()},
+             "mix": {**{n: (t, donors[1]) for n, t in attn.types(1).items()},
+                     **{n: (t, donors[-1]) for n, t in lowered.items()}}}
+    for what, mix in mixes.items():
+        spliced, direct = tmp_path / f"spliced-{what}.gguf", tmp_path / f"direct-{what}.gguf"
+        rc.splice(imx, {n: d for n, (_, d) in mix.items()}, spliced)
+        rc.quantize_recipe(bf16, direct, "q4_k_m", matrix, rc.write_recipe(
+            tmp_path / f"one-{what}.txt", {**base, **{n: t for n, (t, _) in mix.items()}}))
+        assert sha256_file(spliced) == sha256_file(direct), what
         assert sha256_file(spliced) != sha256_file(imx)
 
 
