@@ -390,6 +390,12 @@ class _Move:
     kl: float | None = None
     se: float = 0.0  # standard error of the change in mean KL, paired with the importance-matrix quant
 
+    @property
+    def changes(self) -> dict[str, str]:
+        """tensor -> type for the tensors whose type the move changes (a tensor already at the end of its ladder
+        keeps its own)."""
+        return {t.name: self.types[t.name] for t in self.group.tensors if self.types[t.name] != t.type}
+
     def gain(self, base_kl: float) -> float:
         """KL an upgrade saves, counted only beyond ``MARGIN_SE`` standard errors (never negative)."""
         return max(0.0, base_kl - self.kl - MARGIN_SE * self.se)
@@ -481,8 +487,7 @@ def search(intermediate: Path, base_file: Path, type_name: str, matrix: Path, ca
 
     clock = _Clock(len(moves) + passes)
     for move in moves:
-        delta, move.se = paired(base, measure({n: move.types[n] for n in move.types if move.types[n] !=
-                                               base_types[n]}))
+        delta, move.se = paired(base, measure(move.changes))
         move.kl = base.kl + delta
         say(f"  {move.group.name} {'higher' if move.direction > 0 else 'lower'} "
             f"({move.delta_bytes / 2**10:+.0f} KiB): mean KL {move.kl:.5f} ({delta:+.5f} +- {move.se:.5f}); "
@@ -611,8 +616,7 @@ def trade(ups: list[_Move], payments: list[_Payment], base: Figures, measure: Ca
             break
         if any(n in mix for n in up.types):
             continue
-        moved = {n: t for n, t in up.types.items() if t != next(x.type for x in up.group.tensors if x.name == n)}
-        trial = {**mix, **moved}
+        trial = {**mix, **up.changes}
         at = run(trial, f"+ {up.group.name} higher")
         delta, se = paired(now, at)
         gain = -delta - MARGIN_SE * se

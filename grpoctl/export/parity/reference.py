@@ -345,26 +345,22 @@ def prepare_reference(model_dir: Path, adapter_dir: Path | None, tokenizer_dir: 
                                                                  "greedy_tokens": GREEDY_TOKENS})
     done = reference_cache.load(key)
     reused = done is not None
+    fresh: list[Any] = []  # the work's result when computed on the model loaded now
     if done is None:
-        result: list[Any] = []
         done = _compute_reference(model_dir, adapter_dir, tokenizer, probes, prompt_ids, eot_ids, device, stream,
-                                  None if work is None else lambda *a: result.append(work.compute(*a)))
+                                  None if work is None else lambda *a: fresh.append(work.compute(*a)))
         reference_cache.store(key, done)
-        if work is not None:
-            reference_cache.store_work(key, work, result[0])
-            work.use(result[0], tokenizer, False)
     else:
-        if work is not None:
-            kept = reference_cache.load_work(key, work)
-            if kept is None:
-                model = load_reference(model_dir, adapter_dir, device, stream)
-                kept = (work.compute(model, tokenizer, eot_ids, device),)
-                del model
-                reference_cache.store_work(key, work, kept[0])
-                work.use(kept[0], tokenizer, False)
-            else:
-                work.use(kept[0], tokenizer, True)
         done.description += " (kept from an earlier export of the same base, adapter and probes)"
+    if work is not None:
+        kept = None if fresh else reference_cache.load_work(key, work)
+        if kept is None:
+            if not fresh:  # the reference was kept, the work's result was not: the model is loaded for it alone
+                model = load_reference(model_dir, adapter_dir, device, stream)
+                fresh.append(work.compute(model, tokenizer, eot_ids, device))
+                del model
+            reference_cache.store_work(key, work, fresh[0])
+        work.use(fresh[0] if kept is None else kept[0], tokenizer, kept is not None)
     return ParityReference(probes=probes, ref32=done.ref32, noise=done.noise, confidence=done.confidence,
                            answer=done.answer, prompt_ids=prompt_ids, tokenizer=tokenizer, system_prompt=system_prompt,
                            eot_ids=eot_ids, description=done.description, reused=reused,
