@@ -32,3 +32,13 @@ def step_times(path: str, train_wall_s: float, steps: int) -> dict[str, float | 
     steady = statistics.median(gaps)
     return {"steady_s_per_step": round(steady, 3), "first_step_s": round(train_wall_s - (steps - 1) * steady, 2),
             "ticks": len(ticks)}
+
+
+def generation_times(path: str) -> dict[str, float | None]:
+    """Median seconds of generation per call after the first (the first includes engine warm-up), from the
+    ``start end`` lines bench/gentimer.py writes."""
+    import statistics
+
+    spans = [float(b) - float(a) for a, b in (line.split() for line in open(path))] if os.path.isfile(path) else []
+    return {"steady_generation_s": round(statistics.median(spans[1:]), 3) if len(spans) > 1 else None,
+            "generation_calls": len(spans)}

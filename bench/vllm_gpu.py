@@ -38,7 +38,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from gpulib import QWEN3_SHAPES, GpuSampler, log_tail, run_logged, versions, write_json  # noqa: E402
-from steptimer import step_times  # noqa: E402
+from steptimer import generation_times, step_times  # noqa: E402
 
 WORK = Path(os.environ.get("VLLM_BENCH_WORK", "/root/vw"))
 
@@ -294,6 +294,8 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
         shutil.rmtree(rundir, ignore_errors=True)
         ticks = out / f"{name}.ticks"
         ticks.unlink(missing_ok=True)
+        gens = out / f"{name}.gen"
+        gens.unlink(missing_ok=True)
         # completion 0: the tutorial's budget, max_seq_length minus the prompt budget (read back from run.json)
         length = ["--set", f"trainer.max_completion_length={completion}"] if completion else []
         cmd = grpoctl("train", "-m", model, "-o", rundir, "--backend", backend, "--generation", engine,
@@ -304,13 +306,14 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
                       "--set", "model.gpu_memory_utilization=" + ("0.7" if backend == "unsloth" else "0.5"),
                       "--set", 'rewards.functions=["format_exact","format_approx","answer","numbers","language",'
                                '"steptimer:tick"]')
+        cmd[1:3] = [str(HERE / "gentimer.py")]  # the same `grpoctl train`, each step's generation timed
         # every run starts cold, as a user's first run: its own HOME (vLLM's and Triton's caches), TMPDIR
         # (TorchInductor's) and working directory (Unsloth's generated modules)
         cold = WORK / "cold" / name
         shutil.rmtree(cold, ignore_errors=True)
         for d in ("home", "tmp", "cwd"):
             (cold / d).mkdir(parents=True)
-        run_env = env(BENCH_TICKS=str(ticks), HOME=str(cold / "home"), TMPDIR=str(cold / "tmp"))
+        run_env = env(BENCH_TICKS=str(ticks), BENCH_GEN=str(gens), HOME=str(cold / "home"), TMPDIR=str(cold / "tmp"))
         with GpuSampler() as gpu:
             row = run_logged(name, cmd, out, left - 20, env=run_env, cwd=cold / "cwd")
         row["gpu"] = gpu.summary()
@@ -326,8 +329,11 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
             s = json.loads(summary.read_text())
             row.update(trainer_wall_s=s["wall_time_s"], peak_allocated_mib=s["peak_gpu_memory_mb"])
             row.update(step_times(str(ticks), s["wall_time_s"], steps))
+            row.update(generation_times(str(gens)))
             if row.get("steady_s_per_step"):
                 row["generated_tokens_per_s"] = round(4 * tokens / row["steady_s_per_step"], 1)
+                if row.get("steady_generation_s"):
+                    row["steady_rest_s"] = round(row["steady_s_per_step"] - row["steady_generation_s"], 3)
         metrics = rundir / "metrics.jsonl"
         if metrics.is_file():
             row["metrics"] = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -357,9 +363,12 @@ def report(outs: list[Path]) -> dict:
             "process_wall_s": round(v["process_wall_s"] / h["process_wall_s"], 3),
             "peak_nvidia_smi_mib": round(max(v["gpu"]["peak_mib"].values()) / max(h["gpu"]["peak_mib"].values()), 3),
         }
+        if v.get("steady_generation_s") and h.get("steady_generation_s"):  # runs timed by bench/gentimer.py
+            ratios[backend]["steady_generation_s"] = round(v["steady_generation_s"] / h["steady_generation_s"], 3)
         print(f"{backend}: vLLM / HF generate: {json.dumps(ratios[backend])}")
     for name, r in runs.items():
-        print(f"{name}: steady {r.get('steady_s_per_step')} s/step, first step {r.get('first_step_s')} s, "
+        print(f"{name}: steady {r.get('steady_s_per_step')} s/step (generation {r.get('steady_generation_s')} s, "
+              f"the rest {r.get('steady_rest_s')} s), first step {r.get('first_step_s')} s, "
               f"{r.get('generated_tokens_per_s')} tok/s, peak {r.get('gpu', {}).get('peak_mib')} MiB (nvidia-smi), "
               f"{r.get('peak_allocated_mib')} MiB (torch), process {r.get('process_wall_s')} s, rc {r.get('rc')}")
     return ratios
