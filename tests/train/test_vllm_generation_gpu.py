@@ -4,9 +4,9 @@ TRL scores every vLLM sample again with the trained policy and logs how far the 
 apart (``sampling/sampling_logp_difference/mean``, grpoctl's ``vllm_logp_diff``). With the weights synced
 before each generation that gap is kernel noise; with a stale copy in vLLM it grows as the adapter moves away
 from it. The test trains the same run twice at a learning rate that moves the adapter within a few steps,
-once as grpoctl runs it and once with a stale vLLM (TRL: its weight sync cut after the first step; Unsloth: its
-first adapter request handed back at every step): the first must stay far below the second. Skipped where
-there is no CUDA GPU or no vLLM (every CPU machine).
+once as grpoctl runs it and once with a stale vLLM (TRL: its weight sync cut after the first step; Unsloth: the
+first generate's adapter put back in place during every generate): the first must stay far below the second.
+Skipped where there is no CUDA GPU or no vLLM (every CPU machine).
 """
 
 from __future__ import annotations
