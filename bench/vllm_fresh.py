@@ -39,7 +39,7 @@ def main() -> None:
     shutil.rmtree(run, ignore_errors=True)
     run.parent.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    extra = ("--set", "trainer.vllm_importance_sampling_correction=true") if a.backend == "unsloth" else ()
+    extra = t.UNSLOTH_GAP_ON if a.backend == "unsloth" else ()
     env_extra = t.UNSLOTH_ROLLOUTS[a.rollout][0] if a.backend == "unsloth" else {}
     try:
         metrics = t._train(model, run, a.backend, stale=a.stale, extra=extra, env_extra=env_extra)

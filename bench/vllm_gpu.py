@@ -298,15 +298,16 @@ def cmd_train(out: Path, backend: str, steps: int, completion: int, deadline: fl
         gens.unlink(missing_ok=True)
         # completion 0: the tutorial's budget, max_seq_length minus the prompt budget (read back from run.json)
         length = ["--set", f"trainer.max_completion_length={completion}"] if completion else []
-        cmd = grpoctl("train", "-m", model, "-o", rundir, "--backend", backend, "--generation", engine,
-                      "--max-steps", steps, *length,
-                      "--set", "trainer.save_steps=1000", "--set", "data.max_samples=64",
-                      "--set", "model.load_in_4bit=" + ("true" if backend == "unsloth" else "false"),
-                      # unsloth shares the weights with its vLLM engine; TRL's colocated vLLM holds a second copy
-                      "--set", "model.gpu_memory_utilization=" + ("0.7" if backend == "unsloth" else "0.5"),
-                      "--set", 'rewards.functions=["format_exact","format_approx","answer","numbers","language",'
-                               '"steptimer:tick"]')
-        cmd[1:3] = [str(HERE / "gentimer.py")]  # the same `grpoctl train`, each step's generation timed
+        args = ["train", "-m", model, "-o", rundir, "--backend", backend, "--generation", engine,
+                "--max-steps", steps, *length,
+                "--set", "trainer.save_steps=1000", "--set", "data.max_samples=64",
+                "--set", "model.load_in_4bit=" + ("true" if backend == "unsloth" else "false"),
+                # unsloth shares the weights with its vLLM engine; TRL's colocated vLLM holds a second copy
+                "--set", "model.gpu_memory_utilization=" + ("0.7" if backend == "unsloth" else "0.5"),
+                "--set", 'rewards.functions=["format_exact","format_approx","answer","numbers","language",'
+                         '"steptimer:tick"]']
+        # `grpoctl train` through bench/gentimer.py, which times each step's generation
+        cmd = [sys.executable, str(HERE / "gentimer.py"), *map(str, args)]
         # every run starts cold, as a user's first run: its own HOME (vLLM's and Triton's caches), TMPDIR
         # (TorchInductor's) and working directory (Unsloth's generated modules)
         cold = WORK / "cold" / name

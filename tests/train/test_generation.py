@@ -146,7 +146,6 @@ def test_a_server_that_dies_first_gives_its_reason_and_log(stub_command, tmp_pat
     assert str(log) in str(e.value)
 
 
-
 def _trainer_args(overrides: list[str], gen) -> object:
     """The GRPOConfig a run would build, made by TRL's own class from grpoctl's arguments."""
     from types import SimpleNamespace

@@ -79,6 +79,7 @@ finally:
     print(f"stale generate calls: {len(calls)}")
 """
 
+
 @pytest.fixture(scope="module")
 def vllm_model(tmp_path_factory) -> Path:
     sys.path.insert(0, str(ROOT / "bench"))
@@ -131,20 +132,21 @@ UNSLOTH_ROLLOUTS = {
     "fold": ({}, True),  # its automatic default for a 16-bit base on CUDA: the adapter folded into shared weights
     "vllm-lora": ({"UNSLOTH_VLLM_MERGED_ROLLOUT": "0"}, False),  # a 4-bit base's (the tutorial's) path
 }
+# Unsloth computes the gap only with the importance-sampling correction on (off by its default)
+UNSLOTH_GAP_ON = ("--set", "trainer.vllm_importance_sampling_correction=true")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth")
 @pytest.mark.parametrize("rollout", sorted(UNSLOTH_ROLLOUTS))
 def test_unsloth_vllm_generates_with_the_weights_being_trained(vllm_model, tmp_path, rollout):
     """Unsloth hands vLLM the LoRA tensors being trained (no copy to go stale): its gap stays far below a run
-    whose vLLM generates with the adapter of the first step. Unsloth computes the gap only with the
-    importance-sampling correction on (off by its default), so both runs turn it on."""
+    whose vLLM generates with the adapter of the first step; both runs turn on the correction that computes it."""
     env_extra, folds = UNSLOTH_ROLLOUTS[rollout]
-    on = ("--set", "trainer.vllm_importance_sampling_correction=true")
-    synced = _late_gap(_train(vllm_model, tmp_path / "unsloth", "unsloth", extra=on, env_extra=env_extra))
+    synced = _late_gap(_train(vllm_model, tmp_path / "unsloth", "unsloth", extra=UNSLOTH_GAP_ON,
+                              env_extra=env_extra))
     log = (tmp_path / "unsloth" / "train.log").read_text()
     assert ("Merged-weight rollouts on" in log) == folds, log[-3000:]
-    stale = _late_gap(_train(vllm_model, tmp_path / "unsloth-stale", "unsloth", stale=True, extra=on,
+    stale = _late_gap(_train(vllm_model, tmp_path / "unsloth-stale", "unsloth", stale=True, extra=UNSLOTH_GAP_ON,
                              env_extra=env_extra))
     print(f"late vllm_logp_diff with unsloth ({rollout}): synced {synced:.5f}, stale {stale:.5f}")
     assert stale > 3 * synced, (synced, stale)
